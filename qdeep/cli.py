@@ -1,0 +1,126 @@
+"""The `qdeep` command: parses arguments and calls the library, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from qdeep.errors import QdeepError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (either --data, or --labels with --images)")
+    g.add_argument("--data", metavar="DIR", help="Kaggle Planet layout: train_v2.csv, train-jpg/, test-jpg/")
+    g.add_argument("--labels", metavar="CSV", help="any CSV with columns image_name,tags")
+    g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in")
+
+
+def _add_bad_input_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="error: stop at the first bad file or CSV line (default); skip: skip, count and report")
+
+
+def _add_ray_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+
+
+def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic Planet-layout dataset", description=(
+        "Procedural tiles carrying the 17 Planet tags, visible in the pixels; deterministic for a seed."))
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--n-test", type=int, default=None, help="test images (default n/4)")
+    p.add_argument("--size", type=int, default=128, help="tile side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("baseline", help="colour-histogram Random Forest with K-fold F2 and thresholds",
+                       description="26-bin RGB histograms on Ray, one Random Forest per label, "
+                                   "K-fold out-of-fold F2, per-label thresholds, a final model and submission.")
+    _add_data_args(p)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--trees", type=int, default=200, help="trees per forest (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="OUT")
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
+    p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
+    p.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
+    p.add_argument("--data", metavar="DIR", help="a Planet-layout folder: predicts its test split")
+    p.add_argument("--out", required=True, metavar="CSV")
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def cmd_synth(args) -> None:
+    from qdeep.data.synth import write_synthetic_planet
+
+    summary = write_synthetic_planet(args.out, n=args.n, size=args.size, seed=args.seed, n_test=args.n_test,
+                                     progress=True)
+    print(f"wrote {summary['n_train']} training and {summary['n_test']} test images to {args.out}")
+
+
+def cmd_baseline(args) -> None:
+    from qdeep.report import summary_table
+    from qdeep.tracking import tracking_uri
+    from qdeep.workflows.baseline import run_baseline
+
+    m = run_baseline(args.out, data=args.data, labels=args.labels, images=args.images, folds=args.folds,
+                     seed=args.seed, trees=args.trees, on_bad_image=args.on_bad_image,
+                     tracking_uri=args.tracking_uri, address=args.address)
+    print(summary_table(m["f2_oof"], m["per_label_f2"], m["thresholds"], m["label_counts"]))
+    print(f"\n{m['n_images']} images, {m['n_skipped']} skipped; outputs in {args.out}")
+    if m["n_skipped"]:
+        print(f"skipped files are listed in {args.out}/metrics.json")
+    print(f"MLflow run {m['mlflow_run_id']} in {tracking_uri(args.tracking_uri)}")
+
+
+def cmd_predict(args) -> None:
+    from qdeep.workflows.predict import run_predict
+
+    r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,
+                    address=args.address)
+    print(f"wrote {r['n_predicted']} predictions to {r['out']} ({r['n_skipped']} skipped)")
+    if r["skipped"]:
+        print(json.dumps(r["skipped"], indent=1), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QdeepError as exc:
+        if args.debug:
+            raise
+        print(f"qdeep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdeep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"qdeep: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

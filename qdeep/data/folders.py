@@ -1,0 +1,30 @@
+"""Generic image folders: any tree of images, for prediction and clustering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdeep.data.images import IMAGE_EXTENSIONS, BadInputPolicy, is_image_file
+from qdeep.errors import QdeepError
+
+
+def image_id(path: Path, root: Path) -> str:
+    """The name a prediction row carries: path below the root, without extension ('test_0')."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def scan_images(root: str | Path, policy: BadInputPolicy, recursive: bool = True) -> list[Path]:
+    """All supported images under `root`, sorted; other files go through the bad-input policy."""
+    root = Path(root)
+    if not root.is_dir():
+        raise QdeepError(f"{root}: not a directory")
+    found = root.rglob("*") if recursive else root.iterdir()
+    images = []
+    for path in sorted(found):
+        if path.is_dir():
+            continue
+        if is_image_file(path):
+            images.append(path)
+        else:
+            policy.report(str(path), f"unsupported file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    return images

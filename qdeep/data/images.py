@@ -1,0 +1,76 @@
+"""Image decoding and the bad-input policy shared by every command that reads images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from qdeep.errors import BadInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+# Truncated JPEGs must fail loudly, never decode as grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(BadInputError):
+    """A corrupt, truncated or unreadable image; keeps path and reason apart for skip reports."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any supported image to 8-bit RGB; corrupt or truncated files raise BadInputError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(path, f"cannot decode image ({exc})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images all become 8-bit RGB."""
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+@dataclass
+class BadInputPolicy:
+    """What to do with an unusable file or CSV line: stop with an error (default) or skip and count.
+
+    Skips are kept (file and reason) so commands can report them in metrics.json and MLflow.
+    """
+
+    mode: str = "error"
+    skipped: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("error", "skip"):
+            raise ValueError(f"on-bad-image must be 'error' or 'skip', not {self.mode!r}")
+
+    def report(self, where: str, reason: str) -> None:
+        """`where` is a file path, or `file:line` for a CSV row."""
+        if self.mode == "error":
+            raise BadInputError(f"{where}: {reason} (--on-bad-image skip skips and counts such inputs)")
+        self.skipped.append({"file": str(where), "reason": reason})
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)

@@ -1,0 +1,147 @@
+"""The Kaggle Planet layout (train_v2.csv + train-jpg/ + test-jpg/), and any labels CSV + folder.
+
+Every CSV row and every file in the image folders is accounted for: used, or passed to the
+bad-input policy (error naming file and line, or a counted skip).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qdeep.data.folders import image_id, scan_images
+from qdeep.data.images import BadInputPolicy
+from qdeep.errors import QdeepError
+
+HEADER = ["image_name", "tags"]
+TRAIN_CSVS = ("train_v2.csv", "train.csv")
+TRAIN_DIR = "train-jpg"
+TEST_DIRS = ("test-jpg", "test-jpg-additional")
+SAMPLE_SUBMISSION = "sample_submission_v2.csv"
+
+
+@dataclass
+class ImageSet:
+    """Images with their names (the CSV's image_name) and, for training data, their tags."""
+
+    names: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    tags: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def vocabulary(self) -> list[str]:
+        """The sorted set of tags seen: the label order every model saves and predicts in."""
+        return sorted({t for tags in self.tags or [] for t in tags})
+
+    def subset(self, keep: list[bool]) -> "ImageSet":
+        pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
+        return ImageSet(pick(self.names), pick(self.paths), pick(self.tags) if self.tags is not None else None)
+
+
+@dataclass
+class Dataset:
+    train: ImageSet
+    test: ImageSet
+    source: str
+
+
+def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
+    """`DIR/train_v2.csv` (or train.csv) + `DIR/train-jpg/`, and test images when present."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise QdeepError(f"{data_dir}: data directory not found")
+    csv_path = next((data_dir / n for n in TRAIN_CSVS if (data_dir / n).exists()), None)
+    if csv_path is None:
+        raise QdeepError(f"{data_dir}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet layout)")
+    train = read_labeled(csv_path, data_dir / TRAIN_DIR, policy, recursive=False)
+    return Dataset(train=train, test=read_test(data_dir, policy), source=str(data_dir))
+
+
+def load_labeled_folder(labels_csv: str | Path, images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
+    """Any labels CSV (image_name,tags) over any image folder; no test split."""
+    train = read_labeled(Path(labels_csv), Path(images_dir), policy, recursive=True)
+    return Dataset(train=train, test=ImageSet(tags=None), source=str(labels_csv))
+
+
+def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recursive: bool) -> ImageSet:
+    """Rows of `csv_path` matched to files of `images_dir`; unmatched files are reported too."""
+    rows = _read_rows(csv_path, policy)
+    if not images_dir.is_dir():
+        raise QdeepError(f"{images_dir}: image directory not found")
+    on_disk = scan_images(images_dir, policy, recursive=recursive)
+    lookup = {p.relative_to(images_dir).as_posix(): p for p in on_disk}
+    lookup.update({image_id(p, images_dir): p for p in on_disk if image_id(p, images_dir) not in lookup})
+    out = ImageSet(tags=[])
+    used = set()
+    for line, name, tags in rows:
+        path = lookup.get(name)
+        if path is None:
+            policy.report(f"{csv_path}:{line}", f"image {name!r} not found in {images_dir}")
+            continue
+        used.add(path)
+        out.names.append(name)
+        out.paths.append(path)
+        out.tags.append(tags)
+    for path in on_disk:
+        if path not in used:
+            policy.report(str(path), f"image has no row in {csv_path}")
+    if not out.names:
+        raise QdeepError(f"{csv_path}: no usable rows")
+    return out
+
+
+def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
+    """Test images from test-jpg/ and test-jpg-additional/, in sample-submission order if given."""
+    dirs = [data_dir / d for d in TEST_DIRS if (data_dir / d).is_dir()]
+    by_name: dict[str, Path] = {}
+    for d in dirs:
+        for path in scan_images(d, policy, recursive=False):
+            by_name[image_id(path, d)] = path
+    sample = data_dir / SAMPLE_SUBMISSION
+    if not sample.exists():
+        names = sorted(by_name)
+        return ImageSet(names=names, paths=[by_name[n] for n in names])
+    out = ImageSet()
+    for line, name, _ in _read_rows(sample, policy):
+        if name not in by_name:
+            policy.report(f"{sample}:{line}", f"image {name!r} not found in {' or '.join(map(str, dirs)) or TEST_DIRS[0]}")
+            continue
+        out.names.append(name)
+        out.paths.append(by_name.pop(name))
+    for path in by_name.values():
+        policy.report(str(path), f"test image has no row in {sample}")
+    return out
+
+
+def _read_rows(csv_path: Path, policy: BadInputPolicy) -> list[tuple[int, str, list[str]]]:
+    """(line, image_name, tags) for each well-formed, first-seen row; the rest go to the policy."""
+    if not csv_path.is_file():
+        raise QdeepError(f"{csv_path}: file not found")
+    rows, first_line, n_data_rows = [], {}, 0
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise QdeepError(f"{csv_path}: empty CSV (expected header 'image_name,tags' and rows)")
+        if [h.strip() for h in header] != HEADER:
+            raise QdeepError(f"{csv_path}:1: expected header 'image_name,tags', got {','.join(header)!r}")
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            n_data_rows += 1
+            if len(row) != 2 or not row[0].strip():
+                policy.report(f"{csv_path}:{line}", f"malformed row {','.join(row)!r} (expected image_name,tags)")
+                continue
+            name, tags = row[0].strip(), sorted(set(row[1].split()))
+            if name in first_line:
+                policy.report(f"{csv_path}:{line}", f"duplicate image_name {name!r} (first on line {first_line[name]})")
+                continue
+            first_line[name] = line
+            rows.append((line, name, tags))
+    if n_data_rows == 0:
+        raise QdeepError(f"{csv_path}: empty CSV (header only, no rows)")
+    return rows

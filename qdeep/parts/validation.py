@@ -1,0 +1,73 @@
+"""Validation: how rows are split into folds, and how out-of-fold predictions are scored.
+
+Scores are honest: each fold is binarised with thresholds tuned on the *other* folds'
+out-of-fold predictions, so no threshold is scored on the rows it was tuned on. The thresholds
+kept for prediction are tuned on all out-of-fold rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
+
+
+@dataclass
+class ValidationResult:
+    oof_proba: np.ndarray  # (n, L) out-of-fold probabilities
+    folds: np.ndarray  # (n,) fold index of each row
+    thresholds: np.ndarray  # (L,) tuned on all out-of-fold rows, for prediction
+    f2: float  # cross-fitted: each fold scored with thresholds tuned on the other folds
+    per_label_f2: np.ndarray  # (L,) cross-fitted
+    fold_f2: list[float]
+
+
+class KFoldValidation:
+    """K folds stratified over all labels at once (iterative stratification), seeded."""
+
+    def __init__(self, n_folds: int = 5, seed: int = 0):
+        if n_folds < 2:
+            raise ValueError(f"need at least 2 folds, got {n_folds}")
+        self.n_folds, self.seed = n_folds, seed
+
+    def split(self, y: np.ndarray) -> np.ndarray:
+        """Fold index per row."""
+        if len(y) < self.n_folds:
+            raise ValueError(f"{len(y)} images cannot be split into {self.n_folds} folds")
+        folds = np.empty(len(y), dtype=np.int64)
+        kfold = MultilabelStratifiedKFold(n_splits=self.n_folds, shuffle=True, random_state=self.seed)
+        for k, (_, test) in enumerate(kfold.split(np.zeros((len(y), 1)), y)):
+            folds[test] = k
+        return folds
+
+    def run(self, make_estimator: Callable[[], object], x: np.ndarray, y: np.ndarray, progress=None) -> ValidationResult:
+        """Fit one estimator per fold (scikit-learn fit/predict_proba) and score the OOF predictions."""
+        folds = self.split(y)
+        oof = np.zeros(y.shape, dtype=np.float64)
+        for k in range(self.n_folds):
+            train, held = folds != k, folds == k
+            oof[held] = make_estimator().fit(x[train], y[train]).predict_proba(x[held])
+            if progress is not None:
+                progress.update(1)
+        return self.score(y, oof, folds)
+
+    def score(self, y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
+        pred = np.zeros(y.shape, dtype=bool)
+        fold_f2 = []
+        for k in np.unique(folds):
+            held = folds == k
+            thresholds = tune_thresholds(y[~held], oof[~held])
+            pred[held] = binarize(oof[held], thresholds)
+            fold_f2.append(f2_score(y[held], pred[held]))
+        return ValidationResult(
+            oof_proba=oof,
+            folds=folds,
+            thresholds=tune_thresholds(y, oof),
+            f2=f2_score(y, pred),
+            per_label_f2=per_label_f2(y, pred),
+            fold_f2=fold_f2,
+        )

@@ -1,0 +1,90 @@
+"""`qdeep baseline`: colour histograms on Ray -> K-fold OOF forests -> thresholds -> final model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qdeep import io, tracking
+from qdeep.baseline import HistogramForest, color_histogram
+from qdeep.data import BadInputPolicy
+from qdeep.parts.formatters import write_kaggle_submission
+from qdeep.parts.targets import MultiLabelTargets
+from qdeep.metrics import binarize
+from qdeep.parts.validation import KFoldValidation
+from qdeep.report import per_label_bar_chart
+from qdeep.runtime import ray_session
+from qdeep.workflows.common import image_features, load_dataset
+
+
+def run_baseline(
+    out: str | Path,
+    data: str | Path | None = None,
+    labels: str | Path | None = None,
+    images: str | Path | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    trees: int = 200,
+    on_bad_image: str = "error",
+    tracking_uri: str | None = None,
+    address: str | None = None,
+) -> dict:
+    """Fit and evaluate the histogram Random Forest; write OUT/metrics.json, OUT/model/, submission."""
+    started = time.time()
+    out = Path(out)
+    policy = BadInputPolicy(on_bad_image)
+    dataset = load_dataset(policy, data=data, labels=labels, images=images)
+    with ray_session(address):
+        x, train = image_features(color_histogram, dataset.train, policy, "histograms (train)")
+        x_test, test = image_features(color_histogram, dataset.test, policy, "histograms (test)")
+
+    targets = MultiLabelTargets.from_tags(train.tags)
+    y = targets.encode(train.tags)
+    make_forest = lambda: HistogramForest(n_estimators=trees, random_state=seed)  # noqa: E731
+    params = {"model": "histogram_rf", "source": dataset.source, "folds": folds, "seed": seed, "trees": trees,
+              "n_bins": 26, "on_bad_image": on_bad_image}
+    with tracking.mlflow_run("baseline", params, uri=tracking_uri) as run:
+        with tqdm(total=folds + 1, desc="forests (folds + final)", unit="fit") as bar:
+            result = KFoldValidation(folds, seed).run(make_forest, x, y, progress=bar)
+            final = make_forest().fit(x, y)
+            bar.update(1)
+
+        vocab = targets.vocabulary
+        thresholds = dict(zip(vocab, result.thresholds.round(4).tolist()))
+        per_label = dict(zip(vocab, result.per_label_f2.round(6).tolist()))
+        metrics = {
+            "f2_oof": round(result.f2, 6),
+            "per_label_f2": per_label,
+            "thresholds": thresholds,
+            "fold_f2": [round(f, 6) for f in result.fold_f2],
+            "n_images": len(train),
+            "n_test": len(test),
+            "n_skipped": policy.n_skipped,
+            "skipped": policy.skipped,
+            "label_counts": dict(zip(vocab, y.sum(0).tolist())),
+            "mlflow_run_id": run.info.run_id,
+        }
+
+        with io.atomic_dir(out / "model") as model_dir:
+            final.save(model_dir)
+            targets.save(model_dir / "labels.json")
+            io.write_json(model_dir / "thresholds.json", thresholds)
+        artifacts = [out / "thresholds.json", out / "per_label_f2.png"]
+        io.write_json(out / "thresholds.json", thresholds)
+        per_label_bar_chart(per_label, out / "per_label_f2.png", f"histogram RF, OOF F2 = {result.f2:.3f}")
+        if len(test):
+            submission = targets.decode(binarize(final.predict_proba(x_test), result.thresholds))
+            write_kaggle_submission(out / "submission.csv", test.names, submission)
+            artifacts.append(out / "submission.csv")
+        metrics["seconds"] = round(time.time() - started, 2)
+        io.write_json(out / "metrics.json", metrics)
+
+        tracking.log_metrics({"f2_oof": result.f2, "n_images": len(train), "n_skipped": policy.n_skipped,
+                              **{f"f2_{t}": v for t, v in per_label.items()}})
+        for k, f in enumerate(result.fold_f2):
+            tracking.log_metrics({"fold_f2": f}, step=k)
+        tracking.log_artifacts(out / "metrics.json", *artifacts)
+    return metrics

@@ -1,0 +1,34 @@
+"""Pieces every workflow shares: where the data comes from, image features under the policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qdeep.data import BadInputPolicy, Dataset, ImageSet, load_labeled_folder, load_planet
+from qdeep.errors import QdeepError
+from qdeep.parallel import map_images
+
+
+def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
+                 images: str | Path | None = None) -> Dataset:
+    """`--data DIR` (Kaggle Planet layout) or `--labels CSV --images DIR`."""
+    if data and not (labels or images):
+        return load_planet(data, policy)
+    if labels and images and not data:
+        return load_labeled_folder(labels, images, policy)
+    raise QdeepError("give either --data DIR, or both --labels CSV and --images DIR")
+
+
+def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:
+    """Features of every decodable image; undecodable ones go to the policy and are left out."""
+    x, errors = map_images(fn, images.paths, desc=desc)
+    keep = np.ones(len(images), dtype=bool)
+    for i, reason in errors:
+        policy.report(str(images.paths[i]), reason)
+        keep[i] = False
+    if keep.all():
+        return x, images
+    return x[keep], images.subset(keep.tolist())
