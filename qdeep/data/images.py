@@ -32,16 +32,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Decode any supported image to 8-bit RGB; corrupt or truncated files raise BadInputError."""
     try:
         with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+            img.load()  # decodes and releases the file; the pixels outlive the `with`
+            return img if img.mode == "RGB" else to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(path, f"cannot decode image ({exc})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Grayscale, palette, RGBA, CMYK and 16-bit images all become 8-bit RGB."""
-    if img.mode == "RGB":
-        return img.copy()
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         hi = float(arr.max()) or 1.0
