@@ -57,11 +57,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_arg(p)
     p.set_defaults(func=cmd_baseline)
 
+    p = sub.add_parser("train", help="train a CNN data-parallel on Ray Train",
+                       description="A CNN (from scratch, or pretrained with a frozen backbone or the last N blocks "
+                                   "fine-tuned) trained with DDP on Ray Train workers; validated every epoch; "
+                                   "checkpointed; the best epoch exported to OUT/model.")
+    _add_data_args(p)
+    p.add_argument("--arch", default="resnet18", help="model name (see qdeep.models.list_archs); default resnet18")
+    p.add_argument("--weights", default="none", help="none | imagenet | bundled | PATH to a state_dict")
+    p.add_argument("--freeze", default="none", help="head | last:N | none (default)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when the cluster has them)")
+    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
+    p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
+    p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
+    p.add_argument("--pos-weight", action="store_true", help="weigh positives of rare labels up in the loss")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--loader-workers", type=int, default=2, help="JPEG-decoding processes per worker")
+    p.add_argument("--seed", type=int, default=0)
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
     p.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
     p.add_argument("--data", metavar="DIR", help="a Planet-layout folder: predicts its test split")
     p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--tta", action="store_true", help="CNN models: average the 8 flips/rotations")
     _add_bad_input_arg(p)
     _add_ray_arg(p)
     p.set_defaults(func=cmd_predict)
@@ -91,11 +122,30 @@ def cmd_baseline(args) -> None:
     print(f"MLflow run {m['mlflow_run_id']} in {tracking_uri(args.tracking_uri)}")
 
 
+def cmd_train(args) -> None:
+    from qdeep.train.config import TrainConfig
+    from qdeep.workflows.train import run_train
+
+    config = TrainConfig(arch=args.arch, weights=args.weights, freeze=args.freeze, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+                         warmup_steps=args.warmup_steps, image_size=args.image_size, crop=args.crop,
+                         pos_weight=args.pos_weight, val_fraction=args.val_fraction, seed=args.seed,
+                         loader_workers=args.loader_workers)
+    m = run_train(args.out, config, data=args.data, labels=args.labels, images=args.images, workers=args.workers,
+                  name=args.name, storage_path=args.storage_path, max_failures=args.max_failures,
+                  on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
+    for h in m["history"]:
+        print(f"epoch {h['epoch']}: train_loss {h['train_loss']:.4f}  val_loss {h['val_loss']:.4f}  "
+              f"val_f2 {h['val_f2']:.4f}  {h['images_per_s']:.0f} img/s")
+    print(f"best val F2 {m['val_f2']:.4f} (epoch {m['best_epoch']}), {m['restarts']} restarts; "
+          f"model in {args.out}/model")
+
+
 def cmd_predict(args) -> None:
     from qdeep.workflows.predict import run_predict
 
     r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,
-                    address=args.address)
+                    address=args.address, tta=args.tta)
     print(f"wrote {r['n_predicted']} predictions to {r['out']} ({r['n_skipped']} skipped)")
     if r["skipped"]:
         print(json.dumps(r["skipped"], indent=1), file=sys.stderr)

@@ -56,18 +56,23 @@ class KFoldValidation:
         return self.score(y, oof, folds)
 
     def score(self, y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
-        pred = np.zeros(y.shape, dtype=bool)
-        fold_f2 = []
-        for k in np.unique(folds):
-            held = folds == k
-            thresholds = tune_thresholds(y[~held], oof[~held])
-            pred[held] = binarize(oof[held], thresholds)
-            fold_f2.append(f2_score(y[held], pred[held]))
-        return ValidationResult(
-            oof_proba=oof,
-            folds=folds,
-            thresholds=tune_thresholds(y, oof),
-            f2=f2_score(y, pred),
-            per_label_f2=per_label_f2(y, pred),
-            fold_f2=fold_f2,
-        )
+        return cross_fitted_score(y, oof, folds)
+
+
+def cross_fitted_score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
+    """Each fold binarised with thresholds tuned on the other folds; kept thresholds use all rows."""
+    pred = np.zeros(y.shape, dtype=bool)
+    fold_f2 = []
+    for k in np.unique(folds):
+        held = folds == k
+        thresholds = tune_thresholds(y[~held], oof[~held])
+        pred[held] = binarize(oof[held], thresholds)
+        fold_f2.append(f2_score(y[held], pred[held]))
+    return ValidationResult(
+        oof_proba=oof,
+        folds=folds,
+        thresholds=tune_thresholds(y, oof),
+        f2=f2_score(y, pred),
+        per_label_f2=per_label_f2(y, pred),
+        fold_f2=fold_f2,
+    )

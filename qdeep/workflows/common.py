@@ -32,3 +32,12 @@ def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc:
     if keep.all():
         return x, images
     return x[keep], images.subset(keep.tolist())
+
+
+def _decode_only(image) -> np.ndarray:
+    return np.zeros(0, dtype=np.float32)
+
+
+def check_images(images: ImageSet, policy: BadInputPolicy, desc: str = "checking images") -> ImageSet:
+    """Decode every image once on Ray so bad files meet the policy before training starts."""
+    return image_features(_decode_only, images, policy, desc)[1]

@@ -32,10 +32,16 @@ class HistogramPredictor:
         return self.model.predict_proba(x), kept
 
 
-PREDICTORS = {HISTOGRAM_RF: HistogramPredictor}
+def _cnn_predictor(model_dir: Path, tta: bool = False):
+    from qdeep.train.predict import CNNPredictor
+
+    return CNNPredictor(model_dir, tta=tta)
 
 
-def load_predictor(model_dir: str | Path):
+PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), "cnn": _cnn_predictor}
+
+
+def load_predictor(model_dir: str | Path, tta: bool = False):
     model_dir = Path(model_dir)
     config = model_dir / "config.json"
     if not config.is_file():
@@ -43,7 +49,7 @@ def load_predictor(model_dir: str | Path):
     kind = json.loads(config.read_text()).get("kind")
     if kind not in PREDICTORS:
         raise QdeepError(f"{config}: unknown model kind {kind!r} (known: {', '.join(PREDICTORS)})")
-    return PREDICTORS[kind](model_dir)
+    return PREDICTORS[kind](model_dir, tta=tta)
 
 
 def run_predict(
@@ -54,11 +60,12 @@ def run_predict(
     on_bad_image: str = "error",
     address: str | None = None,
     output_format: str = "kaggle",
+    tta: bool = False,
 ) -> dict:
     """Predict tags for `--images DIR` (recursive) or the test split of `--data DIR`."""
     model = Path(model)
     policy = BadInputPolicy(on_bad_image)
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, tta=tta)
     targets = MultiLabelTargets.load(model / "labels.json")
     thresholds = json.loads((model / "thresholds.json").read_text())
     if bool(images) == bool(data):

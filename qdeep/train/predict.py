@@ -1,0 +1,92 @@
+"""Batch inference of an exported CNN with Ray Data: an actor pool (GPU actors when present)
+loads the model once per actor and decodes its own batches of images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdeep.data import BadInputPolicy, ImageSet
+from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.data.transforms import to_tensor
+
+
+def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """The exported model (OUT/model), rebuilt from its arch and loaded with weights_only=True."""
+    from qdeep.models import build_model
+
+    config = json.loads((model_dir / "config.json").read_text())
+    model = build_model(config["arch"], config["num_labels"], "none", "none")
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=device, weights_only=True))
+    return model.to(device).eval()
+
+
+class CNNInference:
+    """Ray Data callable class: one model per actor; rows that fail to decode carry the reason."""
+
+    def __init__(self, model_dir: str, tta: bool = False):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_exported(Path(model_dir), self.device)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        spec = self.model.qdeep_arch
+        self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
+        self.tta, self.num_labels = tta, config["num_labels"]
+
+    def __call__(self, batch: dict) -> dict:
+        tensors, ok, errors = [], [], []
+        for path in batch["path"]:
+            try:
+                tensors.append(to_tensor(load_rgb(path), self.size, self.mean, self.std))
+                ok.append(True)
+                errors.append("")
+            except ImageDecodeError as exc:
+                ok.append(False)
+                errors.append(exc.reason)
+        proba = np.full((len(ok), self.num_labels), np.nan, dtype=np.float32)
+        if tensors:
+            proba[np.array(ok)] = self._predict(torch.stack(tensors).to(self.device))
+        return {"index": batch["index"], "proba": proba, "error": np.array(errors)}
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> np.ndarray:
+        """Sigmoid outputs; with TTA, averaged over the 8 flips/rotations of the square."""
+        with torch.autocast(x.device.type, enabled=x.device.type == "cuda"):
+            views = [x]
+            if self.tta:
+                views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+            return torch.stack([torch.sigmoid(self.model(v).float()) for v in views]).mean(0).cpu().numpy()
+
+
+class CNNPredictor:
+    """`qdeep predict` for models exported by `qdeep train`."""
+
+    def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64, concurrency: int | None = None):
+        self.model_dir, self.tta, self.batch_size, self.concurrency = model_dir, tta, batch_size, concurrency
+
+    def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        concurrency = self.concurrency or max(1, int(gpus) if gpus else min(2, int(ray.cluster_resources()["CPU"])))
+        items = [{"index": i, "path": str(p)} for i, p in enumerate(images.paths)]
+        ds = ray.data.from_items(items).map_batches(
+            CNNInference,
+            fn_constructor_kwargs={"model_dir": str(self.model_dir), "tta": self.tta},
+            batch_size=self.batch_size,
+            concurrency=concurrency,
+            num_gpus=1 if gpus else 0,
+        )
+        proba = np.zeros((len(items), 0), dtype=np.float32)
+        keep = np.ones(len(items), dtype=bool)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if proba.shape[1] == 0:
+                proba = np.zeros((len(items), batch["proba"].shape[1]), dtype=np.float32)
+            proba[batch["index"]] = batch["proba"]
+            for i, error in zip(batch["index"], batch["error"]):
+                if error:
+                    policy.report(str(images.paths[i]), error)
+                    keep[i] = False
+        return proba[keep], images.subset(keep.tolist())
