@@ -23,13 +23,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        start_local_ray(num_cpus)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A single-machine Ray whose services, workers and DDP rendezvous listen on 127.0.0.1 only.
+
+    Ray maps 127.0.0.1 to the machine's outward address unless multi-node support is off; its
+    switch for that is named after Windows/macOS, where it is off by default.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by raylet and workers
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING)

@@ -10,7 +10,6 @@ Usage: python scripts/bench_baseline.py [--n 1500] [--size 256]
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -55,8 +54,9 @@ def main() -> None:
         import ray
 
         from qdeep.parallel import map_images
+        from qdeep.runtime import start_local_ray
 
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        start_local_ray()
         try:
             map_images(color_histogram, paths[:256], desc="warm-up")
             rates = {}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from qdeep.data.synth import write_synthetic_planet
+from qdeep.runtime import start_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +13,8 @@ def ray_cluster():
     """A real local Ray bound to 127.0.0.1, started once and shut down at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    start_local_ray(num_cpus=2)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray
     ray.shutdown()
 

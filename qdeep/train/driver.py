@@ -34,8 +34,8 @@ def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if os.environ.get(CRASH_ENV):
-        loop_config = {**loop_config, "crash": os.environ[CRASH_ENV]}
+    if os.environ.get(CRASH_ENV):  # fault-injection tests only
+        loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     trainer = TorchTrainer(
         train_func,

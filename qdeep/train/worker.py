@@ -70,7 +70,7 @@ def train_func(config: dict) -> None:
         restarts = state["restarts"] + (1 if state["launch_id"] == config["launch_id"] else 0)
 
     for epoch in range(start_epoch, config["epochs"]):
-        _maybe_crash(config.get("crash"), rank, epoch)
+        _maybe_crash(config.get("crash"), rank, epoch, config.get("run_dir"))
         started = time.time()
         train_set.epoch = epoch
         train_loader.sampler.set_epoch(epoch)
@@ -218,11 +218,26 @@ def _log_mlflow(config: dict, rank: int, metrics: dict) -> None:
             client.log_metric(config["mlflow_run_id"], key, float(value), step=step)
 
 
-def _maybe_crash(spec: str | None, rank: int, epoch: int) -> None:
+def _maybe_crash(spec: str | None, rank: int, epoch: int, run_dir: str | None) -> None:
     """Fault injection for tests: the named rank dies hard (no cleanup) once, in the named epoch."""
     if not spec:
         return
     crash_rank, crash_epoch, marker = spec.split(":", 2)
     if rank == int(crash_rank) and epoch == int(crash_epoch) and not os.path.exists(marker):
+        if run_dir:
+            _wait_until_checkpoint_registered(Path(run_dir))
         Path(marker).write_text(f"rank {rank} crashed in epoch {epoch}\n")
         os._exit(1)
+
+
+def _wait_until_checkpoint_registered(run_dir: Path, timeout: float = 120.0) -> None:
+    """Ray's controller registers reports asynchronously (it polls workers); a worker that dies
+    first takes its unpolled reports with it. The fault test waits for the newest checkpoint on
+    storage to appear in Ray's checkpoint-manager snapshot, so it tests our resume, not the poll."""
+    newest = max((p.name for p in run_dir.glob("checkpoint_*")), default=None)
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while newest and time.time() < deadline:
+        if snapshot.exists() and newest in snapshot.read_text():
+            return
+        time.sleep(0.05)

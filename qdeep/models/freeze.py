@@ -1,0 +1,70 @@
+"""Freeze depth: one meaning for every architecture.
+
+Fine-tuning on a few thousand Planet chips works best when only the top of a pretrained
+network moves. Each architecture declares its ordered blocks (see ``ArchSpec.blocks``), so
+``head`` / ``last:N`` / ``none`` mean the same thing whatever the backbone. Frozen BatchNorm
+layers must also stay in eval mode, or their running statistics drift although their
+weights are frozen; ``set_train_mode`` takes care of that at every epoch start.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qdeep.errors import QdeepError
+
+FREEZE_HELP = "head (only the new head trains), last:N (head + last N blocks, N >= 1) or none (everything trains)"
+
+
+def parse_freeze(freeze: str) -> tuple[str, int]:
+    """``"head"`` -> ("head", 0), ``"last:N"`` -> ("last", N), ``"none"`` -> ("none", 0)."""
+    text = str(freeze).strip().lower()
+    if text in ("head", "none"):
+        return text, 0
+    kind, sep, count = text.partition(":")
+    if kind == "last" and sep:
+        try:
+            n = int(count)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return "last", n
+    raise QdeepError(f"bad freeze value {freeze!r}: expected {FREEZE_HELP}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The qdeep model inside DDP/DataParallel wrappers (they keep it as ``.module``)."""
+    while not hasattr(model, "qdeep_arch") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def apply_freeze(model: nn.Module, freeze: str) -> None:
+    """Set ``requires_grad`` for ``freeze``; the stem stays frozen for ``head`` and ``last:N``."""
+    kind, n = parse_freeze(freeze)
+    model = unwrap(model)
+    spec = model.qdeep_arch
+    blocks = spec.blocks(model)
+    if n > len(blocks):
+        raise QdeepError(f"freeze last:{n}: {spec.name} has only {len(blocks)} blocks (use last:1..last:{len(blocks)})")
+    model.requires_grad_(kind == "none")
+    if kind == "none":
+        return
+    spec.head(model).requires_grad_(True)
+    for block in blocks[len(blocks) - n:]:
+        for module in block:
+            module.requires_grad_(True)
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, then frozen BatchNorm layers back to eval so their statistics stay put."""
+    model.train()
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _is_frozen(module):
+            module.eval()
+    return model
