@@ -96,7 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bad_input_arg(p)
     _add_ray_arg(p)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("compare", help="compare runs' F2, overall and per label",
+                       description="Reads OUT/metrics.json of baseline and train runs and prints one table.")
+    p.add_argument("runs", nargs="+", metavar="OUT", help="output directories of baseline/train runs")
+    p.set_defaults(func=cmd_compare)
     return parser
+
+
+def cmd_compare(args) -> None:
+    from pathlib import Path
+
+    from qdeep.errors import QdeepError
+    from qdeep.report import comparison_table
+
+    runs = {}
+    for out in args.runs:
+        path = Path(out) / "metrics.json"
+        if not path.is_file():
+            raise QdeepError(f"{path}: not found (is {out} the output of qdeep baseline or train?)")
+        runs[Path(out).name] = json.loads(path.read_text())
+    print(comparison_table(runs))
 
 
 def cmd_synth(args) -> None:

@@ -33,3 +33,25 @@ def per_label_bar_chart(per_label: dict[str, float], path: str | Path, title: st
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def headline_f2(metrics: dict) -> float:
+    """The one F2 a run is judged by: out-of-fold for the baseline, validation for a CNN."""
+    return metrics["f2_oof"] if "f2_oof" in metrics else metrics["val_f2"]
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """Labels down, runs across: F2 overall and per label, the best run per label marked with *."""
+    names = list(runs)
+    labels = sorted({t for m in runs.values() for t in m["per_label_f2"]})
+    width = max(len("label"), *(len(t) for t in labels))
+    cols = [max(len(n), 7) for n in names]
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{c}}" for n, c in zip(names, cols))]
+    lines.append(f"{'F2':<{width}}  " + "  ".join(f"{headline_f2(runs[n]):>{c}.4f}" for n, c in zip(names, cols)))
+    lines.append("")
+    for tag in labels:
+        values = [runs[n]["per_label_f2"].get(tag, float("nan")) for n in names]
+        best = max(values)
+        cells = [f"{v:.3f}{'*' if v == best else ' '}" for v in values]
+        lines.append(f"{tag:<{width}}  " + "  ".join(f"{cell:>{c}}" for cell, c in zip(cells, cols)))
+    return "\n".join(lines)

@@ -82,3 +82,16 @@ def test_rerun_with_the_same_name_resumes(planet_dir, ray_cluster, tmp_path, sql
     assert [h["epoch"] for h in m["history"]] == [0, 1, 2] and m["restarts"] == 0
     # The second launch trained only the epochs the first one had not finished.
     assert _metric_steps(sqlite_uri, m["mlflow_run_id"], "val_f2") == [1, 2]
+
+
+def test_a_name_cannot_be_resumed_with_other_settings(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
+    from qdeep.train.driver import claim_run
+
+    claim_run(str(tmp_path / "runs"), "r", {"arch": "resnet18", "lr": 0.001})
+    claim_run(str(tmp_path / "runs"), "r", {"arch": "resnet18", "lr": 0.001})  # same settings: resume
+    out = tmp_path / "out"
+    code = _train(planet_dir, out, sqlite_uri, "--epochs", "1", "--storage-path", str(tmp_path / "runs"),
+                  "--name", "r")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "run 'r'" in err and "different settings (" in err
+    assert "lr" in err and "arch" not in err  # names what changed, only that

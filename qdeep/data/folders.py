@@ -14,8 +14,8 @@ def image_id(path: Path, root: Path) -> str:
 
 
 def scan_images(root: str | Path, policy: BadInputPolicy, recursive: bool = True) -> list[Path]:
-    """All supported images under `root`, sorted; other files go through the bad-input policy."""
-    root = Path(root)
+    """All supported images under `root` (absolute paths, sorted); other files go to the policy."""
+    root = Path(root).resolve()
     if not root.is_dir():
         raise QdeepError(f"{root}: not a directory")
     found = root.rglob("*") if recursive else root.iterdir()

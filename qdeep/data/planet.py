@@ -50,7 +50,7 @@ class Dataset:
 
 def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
     """`DIR/train_v2.csv` (or train.csv) + `DIR/train-jpg/`, and test images when present."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).resolve()  # workers on other processes and nodes need absolute paths
     if not data_dir.is_dir():
         raise QdeepError(f"{data_dir}: data directory not found")
     csv_path = next((data_dir / n for n in TRAIN_CSVS if (data_dir / n).exists()), None)
@@ -62,7 +62,7 @@ def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
 
 def load_labeled_folder(labels_csv: str | Path, images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
     """Any labels CSV (image_name,tags) over any image folder; no test split."""
-    train = read_labeled(Path(labels_csv), Path(images_dir), policy, recursive=True)
+    train = read_labeled(Path(labels_csv).resolve(), Path(images_dir).resolve(), policy, recursive=True)
     return Dataset(train=train, test=ImageSet(tags=None), source=str(labels_csv))
 
 

@@ -27,8 +27,18 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def cpus_per_worker(workers: int, use_gpu: bool) -> int:
+    """CPU-only clusters: share the CPUs out, so each worker's torch gets as many threads as it has
+    cores (Ray sets OMP_NUM_THREADS from this). GPU workers compute on the GPU: one CPU each."""
+    import ray
+
+    if use_gpu:
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
+
+
 def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
-        use_gpu: bool | None = None, keep_checkpoints: int = 2) -> TrainOutcome:
+        use_gpu: bool | None = None, cpus: int | None = None, keep_checkpoints: int = 2) -> TrainOutcome:
     """Run `train_func` data-parallel on `workers` Ray workers; rerunning the same (storage_path,
     name) resumes from the last checkpoint instead of starting over."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -37,10 +47,11 @@ def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failu
     if os.environ.get(CRASH_ENV):  # fault-injection tests only
         loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    resources = {"CPU": cpus or cpus_per_worker(workers, use_gpu), **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -58,6 +69,36 @@ def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failu
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_f2", -1))[0] if result.best_checkpoints \
         else result.checkpoint
     return TrainOutcome(best=_load(best), latest=_load(result.checkpoint), path=result.path)
+
+
+RUN_FILE = "qdeep_run.json"
+
+
+def claim_run(storage_path: str, name: str, fingerprint: dict) -> None:
+    """Rerunning a name resumes it, so the same name must mean the same training: the first launch
+    records its configuration beside Ray's files, later launches must match it."""
+    import json
+
+    import pyarrow.fs
+
+    from qdeep.errors import QdeepError
+
+    if "://" in storage_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
+    path = f"{root}/{name}/{RUN_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            recorded = json.loads(f.read())
+        changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+        if changed:
+            raise QdeepError(f"run {name!r} in {storage_path} was started with different settings "
+                             f"({', '.join(changed)}); rerun with those settings to resume, or use another --name")
+        return
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(fingerprint, indent=1, sort_keys=True).encode())
 
 
 def _load(checkpoint) -> dict:

@@ -74,19 +74,7 @@ def train_func(config: dict) -> None:
         started = time.time()
         train_set.epoch = epoch
         train_loader.sampler.set_epoch(epoch)
-        set_train_mode(model)
-        loss_sum, seen = 0.0, 0
-        for _, x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.item() * len(x)
-            seen += len(x)
+        loss_sum, seen = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device)
         loss_total, seen_total, images_per_s = _sum_across_workers([loss_sum, seen, seen / (time.time() - started)], device)
         val = validate(model, val_loader, loss_fn, device, y_val, use_amp)
         metrics = {
@@ -121,6 +109,25 @@ def train_func(config: dict) -> None:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device) -> tuple[float, int]:
+    """One pass over this worker's shard; returns (summed loss, images seen). AMP on CUDA."""
+    set_train_mode(model)
+    use_amp = device.type == "cuda"
+    loss_sum, seen = 0.0, 0
+    for _, x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(x)
+        seen += len(x)
+    return loss_sum, seen
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:

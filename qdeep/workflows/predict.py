@@ -72,7 +72,7 @@ def run_predict(
         raise QdeepError("give exactly one of --images DIR or --data DIR")
     if images:
         paths = scan_images(images, policy)
-        todo = ImageSet(names=[image_id(p, Path(images)) for p in paths], paths=paths)
+        todo = ImageSet(names=[image_id(p, Path(images).resolve()) for p in paths], paths=paths)
     else:
         todo = read_test(Path(data), policy)
     if not len(todo):

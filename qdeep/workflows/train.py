@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from qdeep import io, tracking
 from qdeep.data import BadInputPolicy
-from qdeep.models import parse_freeze
+from qdeep.models import build_model, parse_freeze
 from qdeep.parts.targets import MultiLabelTargets
 from qdeep.parts.validation import KFoldValidation
 from qdeep.report import per_label_bar_chart
@@ -40,6 +41,8 @@ def run_train(
     """Train, then write OUT/metrics.json and OUT/model/ (best epoch by val F2)."""
     started = time.time()
     out = Path(out).resolve()
+    if config.weights not in ("none", "imagenet", "bundled"):
+        config = replace(config, weights=str(Path(config.weights).resolve()))
     parse_freeze(config.freeze)
     policy = BadInputPolicy(on_bad_image)
     dataset = load_dataset(policy, data=data, labels=labels, images=images)
@@ -50,10 +53,14 @@ def run_train(
         train = check_images(dataset.train, policy)
         targets = MultiLabelTargets.from_tags(train.tags)
         y = targets.encode(train.tags)
+        # Fail here, in one line, on a bad arch, freeze depth or weights, not in every worker.
+        build_model(config.arch, len(targets), config.weights, config.freeze)
         n_folds = max(2, round(1 / config.val_fraction))
         is_val = KFoldValidation(n_folds, config.seed).split(y) == 0
         paths = np.array([str(p) for p in train.paths])
         sizes = {"n_train": int((~is_val).sum()), "n_val": int(is_val.sum())}
+        driver.claim_run(storage_path, name, {**config.as_dict(), **sizes, "labels": targets.vocabulary,
+                                              "workers": workers})
         params = {**config.as_dict(), "workers": workers, "source": dataset.source, "name": name,
                   "max_failures": max_failures, **sizes}
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:

@@ -1,0 +1,1 @@
+"""DeepCluster: feature store, k-means stage, the loop."""
