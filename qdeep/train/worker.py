@@ -241,10 +241,12 @@ def _wait_until_checkpoint_registered(run_dir: Path, timeout: float = 120.0) -> 
     """Ray's controller registers reports asynchronously (it polls workers); a worker that dies
     first takes its unpolled reports with it. The fault test waits for the newest checkpoint on
     storage to appear in Ray's checkpoint-manager snapshot, so it tests our resume, not the poll."""
-    newest = max((p.name for p in run_dir.glob("checkpoint_*")), default=None)
+    newest = max((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()), default=None)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while newest and time.time() < deadline:
         if snapshot.exists() and newest in snapshot.read_text():
             return
         time.sleep(0.05)
+    if newest:
+        raise RuntimeError(f"fault test: checkpoint {newest} was not registered within {timeout:.0f} s")
