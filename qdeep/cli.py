@@ -30,6 +30,34 @@ def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
+def _add_train_knobs(p: argparse.ArgumentParser) -> None:
+    """Settings every CNN run shares (train, tune, ladder)."""
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
+    p.add_argument("--pos-weight", action="store_true", help="weigh positives of rare labels up in the loss")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--loader-workers", type=int, default=2, help="JPEG-decoding processes per worker")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _train_config(args, **swept):
+    from qdeep.train.config import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                       schedule=args.schedule, warmup_steps=args.warmup_steps, image_size=args.image_size,
+                       crop=args.crop, pos_weight=args.pos_weight, val_fraction=args.val_fraction, seed=args.seed,
+                       loader_workers=args.loader_workers, **swept)
+
+
+def _csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -65,27 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="resnet18", help="model name (see qdeep.models.list_archs); default resnet18")
     p.add_argument("--weights", default="none", help="none | imagenet | bundled | PATH to a state_dict")
     p.add_argument("--freeze", default="none", help="head | last:N | none (default)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when the cluster has them)")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
-    p.add_argument("--pos-weight", action="store_true", help="weigh positives of rare labels up in the loss")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--loader-workers", type=int, default=2, help="JPEG-decoding processes per worker")
-    p.add_argument("--seed", type=int, default=0)
+    _add_train_knobs(p)
     _add_bad_input_arg(p)
     _add_ray_arg(p)
     _add_tracking_arg(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over architecture x weights x freeze depth x lr",
+                       description="Each trial is a full Ray Train run; ASHA stops weak trials early; rerunning "
+                                   "the same --name resumes. Writes OUT/results.csv, report.md, ladder.png, "
+                                   "per_label.png; one MLflow parent run with a child per trial.")
+    _add_data_args(p)
+    p.add_argument("--archs", type=_csv(str), default=["resnet18"], help="comma-separated, e.g. resnet18,alexnet")
+    p.add_argument("--weights", type=_csv(str), default=["none"], help="comma-separated: none,imagenet,bundled,PATH")
+    p.add_argument("--freeze", type=_csv(str), default=["none"], help="comma-separated, e.g. head,last:1,none")
+    p.add_argument("--lr", type=_csv(float), default=[1e-3], help="comma-separated, e.g. 1e-3,3e-4")
+    p.add_argument("--space", metavar="YAML", help="the sweep as YAML (same keys; lists are grids, "
+                                                   "{choice: [...]} / {loguniform: [lo, hi]} are sampled)")
+    p.add_argument("--num-samples", type=int, default=1, help="repeats of the grid (or samples of a random space)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/R at each rung")
+    p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: what the cluster fits)")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--name", default="sweep", help="rerunning the same name resumes unfinished trials")
+    p.add_argument("--storage-path", help="where trials and checkpoints live (default: OUT/ray_results)")
+    _add_train_knobs(p)
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
@@ -142,14 +187,9 @@ def cmd_baseline(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from qdeep.train.config import TrainConfig
     from qdeep.workflows.train import run_train
 
-    config = TrainConfig(arch=args.arch, weights=args.weights, freeze=args.freeze, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-                         warmup_steps=args.warmup_steps, image_size=args.image_size, crop=args.crop,
-                         pos_weight=args.pos_weight, val_fraction=args.val_fraction, seed=args.seed,
-                         loader_workers=args.loader_workers)
+    config = _train_config(args, arch=args.arch, weights=args.weights, freeze=args.freeze, lr=args.lr)
     m = run_train(args.out, config, data=args.data, labels=args.labels, images=args.images, workers=args.workers,
                   name=args.name, storage_path=args.storage_path, max_failures=args.max_failures,
                   on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
@@ -158,6 +198,24 @@ def cmd_train(args) -> None:
               f"val_f2 {h['val_f2']:.4f}  {h['images_per_s']:.0f} img/s")
     print(f"best val F2 {m['val_f2']:.4f} (epoch {m['best_epoch']}), {m['restarts']} restarts; "
           f"model in {args.out}/model")
+
+
+def cmd_tune(args) -> None:
+    from qdeep.tune import Sweep, run_tune
+
+    knobs = dict(num_samples=args.num_samples, scheduler=args.scheduler, grace_period=args.grace_period,
+                 reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
+                 workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial)
+    if args.space:
+        sweep = Sweep.from_yaml(args.space, **knobs)
+    else:
+        space = {"arch": args.archs, "weights": args.weights, "freeze": args.freeze, "lr": args.lr}
+        sweep = Sweep(space=space, base=_train_config(args), **knobs)
+    rows = run_tune(args.out, sweep, data=args.data, labels=args.labels, images=args.images, name=args.name,
+                    storage_path=args.storage_path, on_bad_image=args.on_bad_image,
+                    tracking_uri=args.tracking_uri, address=args.address)
+    print(open(f"{args.out}/report.md").read())
+    print(f"{len(rows)} trials; results in {args.out}/results.csv")
 
 
 def cmd_predict(args) -> None:

@@ -55,3 +55,56 @@ def comparison_table(runs: dict[str, dict]) -> str:
         cells = [f"{v:.3f}{'*' if v == best else ' '}" for v in values]
         lines.append(f"{tag:<{width}}  " + "  ".join(f"{cell:>{c}}" for cell, c in zip(cells, cols)))
     return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    plt = _pyplot()
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def ladder_plot(rows: list[dict], path: str | Path) -> None:
+    """Best val F2 per architecture (groups) and freeze depth (bars): does unfreezing pay?"""
+    plt = _pyplot()
+    archs = sorted({r["arch"] for r in rows})
+    freezes = sorted({r["freeze"] for r in rows})
+    best = {}
+    for r in rows:
+        key = (r["arch"], r["freeze"])
+        best[key] = max(best.get(key, 0.0), r["val_f2"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(archs) * max(len(freezes), 1) / 2), 3.5))
+    width = 0.8 / max(len(freezes), 1)
+    for i, freeze in enumerate(freezes):
+        xs = [a + i * width for a in range(len(archs))]
+        ax.bar(xs, [best.get((arch, freeze), 0.0) for arch in archs], width, label=f"freeze {freeze}")
+    ax.set_xticks([a + width * (len(freezes) - 1) / 2 for a in range(len(archs))], archs)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("val F2")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def per_label_heatmap(rows: list[dict], vocab: list[str], path: str | Path, name_key: str = "trial_id") -> None:
+    """Per-label F2 of every configuration: which one wins which label."""
+    import numpy as np
+
+    plt = _pyplot()
+    grid = np.array([[r.get(f"f2_{t}", 0.0) for t in vocab] for r in rows]) if rows else np.zeros((0, len(vocab)))
+    names = [r[name_key] if name_key != "trial_id" else f"{r['arch']}/{r['freeze']}/{r['lr']:g}" for r in rows]
+    fig, ax = plt.subplots(figsize=(0.45 * len(vocab) + 3, 0.35 * len(rows) + 2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(vocab)), vocab, rotation=70, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label="F2")
+    _save(fig, path)

@@ -41,5 +41,6 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # The dashboard serves Ray's state API, which Ray Train uses to clean up after finished runs.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING)

@@ -43,10 +43,59 @@ def mlflow_run(
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(mlflow, experiment, uri)
+    nested = nested or mlflow.active_run() is not None  # inside a sweep or ladder: a child run
     with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested) as run:
         if params:
             mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in params.items()})
         yield run
+
+
+@contextmanager
+def resume_run(run_id: str, uri: str | None = None) -> Iterator[object]:
+    """Reopen a run (a sweep's parent, on resume) so its children stay under it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def child_run(uri: str, parent_run_id: str, key: str, name: str, params: dict) -> str:
+    """The one child run of `parent_run_id` tagged `key`, created on first use: a trial that is
+    resumed or restarted logs into the same run, never a duplicate."""
+    from mlflow.tracking import MlflowClient
+
+    found = find_child(uri, parent_run_id, key)
+    if found:
+        return found
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": parent_run_id, "qdeep_key": key})
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, "" if v is None else str(v))
+    return run.info.run_id
+
+
+def find_child(uri: str, parent_run_id: str, key: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.qdeep_key = '{key}'",
+    )
+    return found[0].info.run_id if found else None
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+    """Close a run created with `child_run` (FINISHED, KILLED or FAILED)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

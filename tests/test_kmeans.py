@@ -54,10 +54,26 @@ def test_refine_repairs_a_bad_seeding():
 
 def test_subsampled_fit_labels_every_row():
     x, truth = blobs(n=3000)
-    km = KMeans(10, sample_size=300, seed=2).fit(x)
+    km = KMeans(10, sample_size=300, max_points_per_centroid=100, seed=2).fit(x)
     assert km.n_train_ == 300
     assert km.labels_.shape == (3000,)
     assert nmi(km.labels_, truth) > 0.95
+    assert KMeans(10, seed=2).fit(x).n_train_ == 10 * 16  # the default cap: 16 rows per centroid
+
+
+@pytest.mark.parametrize("sep, polish", [(8.0, "auto"), (8.0, 1), (0.3, "auto"), (0.3, 2)])
+def test_polish_labels_are_exact_nearest_centroids(sep, polish):
+    """The polish relabels only rows Hamerly's bound cannot settle; labels must still be exact."""
+    x, _ = blobs(n=4000, k=20, d=16, sep=sep, seed=4)
+    km = KMeans(20, max_points_per_centroid=20, polish=polish, seed=0).fit(x)
+    assert km.n_train_ == 400
+    np.testing.assert_array_equal(km.labels_, km.predict(x))
+    if polish != "auto":
+        assert km.n_polish_ == polish
+    elif sep > 1:
+        assert km.n_polish_ == 1  # separated blobs: the bound settles nearly every row
+    plain = KMeans(20, max_points_per_centroid=20, polish=0, seed=0).fit(x)
+    assert km.inertia_ <= plain.inertia_ * (1 + 1e-6)
 
 
 def test_deterministic_for_a_seed():
@@ -118,6 +134,8 @@ def test_whitening_dim_and_unit_norm():
     auto, _ = preprocess_features(x)
     assert auto.shape == (500, 16)
     assert fit_pca_whitening(x, 8, sample_size=200).d_out == 8
+    with pytest.raises(ValueError):
+        fit_pca_whitening(x[:10], 20)  # more dims than the 10 rows can span
 
 
 def test_choose_pca_dim():

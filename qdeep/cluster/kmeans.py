@@ -6,10 +6,11 @@ facebookresearch/deepcluster's `clustering.py`:
 - `preprocess_features`: PCA-whitening (eigen_power -0.5) then row-wise L2 normalisation; the
   PCA dimension is chosen from the data size (`choose_pca_dim`) instead of the reference's fixed
   256, which was measured to hurt NMI badly on a few thousand images.
-- `KMeans`: faiss Lloyd iterations (flat L2 index on CPU, or on all visible GPUs: the same code
-  path, only the index differs) started from a greedy k-means++ seeding, followed by a few
-  split/merge rounds that repair what Lloyd cannot (two centroids sharing one true cluster while
-  another centroid straddles two). Benchmarks in `scripts/bench_kmeans.py`.
+- `KMeans`: greedy k-means++ seeding, faiss Lloyd iterations on a subsample (flat L2 index on
+  CPU, or on all visible GPUs: the same code path, only the index differs), split/merge rounds
+  that repair what Lloyd cannot (two centroids sharing one true cluster while another straddles
+  two), then labels for every row, with one Lloyd update on all rows when it is cheap. Measured
+  against faiss' defaults and scikit-learn's MiniBatchKMeans in `scripts/bench_kmeans.py`.
 - Scores: the seed article's clustering score, cluster sizes, imbalance factor, empty clusters,
   NMI/ARI/purity against ground truth.
 """
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 INIT_METHODS = ("kmeans++", "afkmc2", "random")
+AUTO_POLISH_MAX_UNSURE = 0.25  # polish="auto" skips the update when more rows than this need a new search
 _NO_SUBSAMPLING = 10_000_000  # as the reference: faiss must not subsample again (we already did)
 
 
@@ -83,8 +85,8 @@ def fit_pca_whitening(x: np.ndarray, dim: int, sample_size: int | None = None, s
     n, d = x.shape
     if sample_size is not None and n > sample_size:
         x = x[_sample_rows(n, sample_size, np.random.default_rng(seed))]
-    if not 1 <= dim <= d:
-        raise ValueError(f"PCA output dim must be in [1, {d}], got {dim}")
+    if not 1 <= dim <= min(d, n - 1):
+        raise ValueError(f"PCA output dim must be in [1, min(dim, rows - 1) = {min(d, n - 1)}], got {dim}")
     pca = faiss.PCAMatrix(d, int(dim), -0.5)  # eigen_power is positional in faiss' Python API
     pca.train(x)
     return pca
@@ -93,6 +95,8 @@ def fit_pca_whitening(x: np.ndarray, dim: int, sample_size: int | None = None, s
 def preprocess(x: np.ndarray, pca: faiss.PCAMatrix) -> np.ndarray:
     """Apply a trained PCA-whitening, then L2-normalise each row (float32; zero rows stay zero)."""
     out = np.ascontiguousarray(pca.apply(_as_f32(x)), dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise ValueError("PCA-whitening gave non-finite values: the PCA dim exceeds the data's rank (choose_pca_dim)")
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, norms, out=out, where=norms > 0)
     return out
@@ -157,25 +161,28 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: 
     return centers
 
 
-def _two_means(pts: np.ndarray, niter: int = 8) -> tuple[np.ndarray, float]:
-    """Split one cluster's points in two (deterministic far-apart seeds); returns (2 centres, SSE)."""
-    mean = pts.mean(axis=0)
-    a = pts[np.argmax(((pts - mean) ** 2).sum(1))]
-    b = pts[np.argmax(((pts - a) ** 2).sum(1))]
-    cent = np.stack([a, b]).astype(np.float64)
+def _two_means(pts: np.ndarray, niter: int = 8, max_fit: int = 2048) -> tuple[np.ndarray, float]:
+    """Split one cluster's rows in two; returns (2 centres, SSE of all `pts` under the split).
+
+    Deterministic seeds (the row farthest from the mean, then the row farthest from it); the
+    2-means runs on at most `max_fit` evenly spaced rows, the SSE is exact on all rows.
+    """
     p64 = pts.astype(np.float64)
+    fit = p64[:: max(1, -(-len(p64) // max_fit))]
+    a = fit[np.argmax(((fit - fit.mean(axis=0)) ** 2).sum(1))]
+    b = fit[np.argmax(((fit - a) ** 2).sum(1))]
+    cent = np.stack([a, b])
+
+    def sq_dist(rows: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return np.maximum((rows**2).sum(1)[:, None] - 2.0 * rows @ c.T + (c**2).sum(1)[None, :], 0.0)
+
     for _ in range(niter):
-        dist = ((p64[:, None, :] - cent[None, :, :]) ** 2).sum(-1)
-        lab = dist.argmin(1)
-        new = cent.copy()
-        for j in (0, 1):
-            if np.any(lab == j):
-                new[j] = p64[lab == j].mean(0)
+        lab = sq_dist(fit, cent).argmin(1)
+        new = np.stack([fit[lab == j].mean(0) if np.any(lab == j) else cent[j] for j in (0, 1)])
         if np.allclose(new, cent):
             break
         cent = new
-    sse = float(((p64[:, None, :] - cent[None, :, :]) ** 2).sum(-1).min(1).sum())
-    return cent.astype(np.float32), sse
+    return cent.astype(np.float32), float(sq_dist(p64, cent).min(1).sum())
 
 
 def _sum_sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> float:
@@ -210,27 +217,43 @@ class KMeans:
     niter: Lloyd iterations of the main run at most.
     tol: stop Lloyd once an iteration lowers the objective by less than this fraction (faiss'
         `early_stop_threshold`; 0 runs until the objective is unchanged or `niter` is reached).
+        The split/merge rounds gain far more than the last Lloyd iterations, hence 3e-3.
     seed: seeds every random choice (subsamples, k-means++ draws, faiss' own RNG); on CPU the same
         seed gives the same centroids and labels. DeepCluster passes a new seed every epoch.
     init: "kmeans++" (greedy k-means++ on `init_size` rows, computed here), "afkmc2" or "random"
         (faiss' own initialisations; "random" is faiss' default and the reference's).
     nredo: independent runs with seeds seed, seed+1, ...; the lowest training objective wins.
-    max_points_per_centroid: faiss' training-set cap: at most k * this many rows are used to
-        learn the centroids (faiss default 256; the reference turns it off with 10,000,000).
+    max_points_per_centroid: training-set cap: at most k * this many rows (a seeded subsample)
+        learn the centroids. The default 16 is chosen for throughput (faiss' own default is 256;
+        the reference code uses all rows, 10,000,000). Measured on 200k x 256 overlapping blobs,
+        k=1000 (`scripts/bench_kmeans.py --box 1`): NMI vs the true blobs 0.82 at 10, 0.96 at
+        16, 0.98 at 32, 0.99 at 64, imbalance 2.3, 1.5, 1.3, 1.1 (time grows with the training
+        set); 16 with polish=1: NMI 0.98, imbalance 1.3 for about one more pass over the data.
+        On separated blobs all of them find the true clusters. Raise it (or set polish=1) when
+        the clusters matter more than the seconds, as in DeepCluster on real features.
     sample_size: optional further cap on training rows (a seeded subsample). The final labels are
         always computed on every row of `x` (`predict_stream` does it chunk by chunk for data that
         does not fit in memory).
-    init_size: rows the k-means++ seeding looks at (default ``min(n_train, max(4 * k, 2048))``).
+    init_size: rows the k-means++ seeding looks at (default ``min(n_train, max(2 * k, 1024))``;
+        its cost grows as init_size * k, so about k^2: for k >= ~20,000 prefer init="afkmc2").
     refine: maximum split/merge rounds after Lloyd (0 turns them off). A round finds clusters
         whose two-way split lowers the objective more than merging some other cluster into its
         nearest neighbour raises it, applies the best disjoint swaps, and runs `refine_niter` more
-        Lloyd iterations. Every swap lowers the objective, so the result is never worse.
+        Lloyd iterations. Every swap lowers the objective on the training rows. On separated
+        blobs this is what takes random or k-means++ seeding to the true clusters.
     refine_niter: Lloyd iterations after each refine round.
-    polish: Lloyd iterations on every row of `x` after training on a subsample (each costs one
-        extra pass over `x`); they remove most of the error of estimating centroids from
-        `max_points_per_centroid` rows each. Skipped when the training set is all of `x`.
+    polish: Lloyd updates on every row of `x` after training on a subsample: they remove most of
+        the error of estimating centroids from `max_points_per_centroid` rows each. An int runs
+        that many (each costs up to two passes over `x`); "auto" runs one when Hamerly's bound
+        settles at least 75% of the rows (then it costs little more than the labelling pass
+        needed anyway: separated clusters) and skips it otherwise. Not run when the training set
+        is all of `x`.
     use_gpu: "auto" (all visible GPUs if faiss has GPU support), True (require GPUs) or False.
+        GPU runs are not bit-for-bit reproducible.
     verbose: let faiss print its per-iteration log.
+
+    The reference code's k-means is ``KMeans(k, init="random", tol=0, refine=0, polish=0,
+    max_points_per_centroid=10_000_000)``.
 
     Attributes after `fit`
     ----------------------
@@ -238,23 +261,24 @@ class KMeans:
     distances of all rows to their centroid); obj_ (faiss' per-iteration objective on the training
     rows, main run then refine rounds, from `iteration_stats`); imbalance_factor_ (of labels_);
     n_split_ (empty clusters faiss had to split during Lloyd); n_empty_ (clusters without any row
-    in labels_); n_swaps_ (split/merge swaps applied); n_train_ (training rows); gpu_ (bool).
+    in labels_); n_swaps_ (split/merge swaps applied); n_train_ (training rows); n_polish_
+    (Lloyd updates applied on all rows); gpu_ (bool).
     """
 
     def __init__(
         self,
         k: int,
         niter: int = 20,
-        tol: float = 1e-3,
+        tol: float = 3e-3,
         seed: int = 0,
         init: str = "kmeans++",
         nredo: int = 1,
-        max_points_per_centroid: int = 32,
+        max_points_per_centroid: int = 16,
         sample_size: int | None = None,
         init_size: int | None = None,
         refine: int = 3,
-        refine_niter: int = 5,
-        polish: int = 1,
+        refine_niter: int = 3,
+        polish: int | str = "auto",
         use_gpu: bool | str = "auto",
         verbose: bool = False,
     ):
@@ -262,6 +286,8 @@ class KMeans:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
         if k < 1 or niter < 1 or nredo < 1 or max_points_per_centroid < 1:
             raise ValueError("k, niter, nredo and max_points_per_centroid must be >= 1")
+        if not 0.0 <= tol <= 1.0:
+            raise ValueError(f"tol must be in [0, 1], got {tol}")
         if use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
         self.k = int(k)
@@ -275,7 +301,9 @@ class KMeans:
         self.init_size = init_size
         self.refine = int(refine)
         self.refine_niter = int(refine_niter)
-        self.polish = int(polish)
+        if polish != "auto" and not (isinstance(polish, int) and polish >= 0):
+            raise ValueError(f"polish must be 'auto' or an int >= 0, got {polish!r}")
+        self.polish = polish
         self.use_gpu = use_gpu
         self.verbose = verbose
 
@@ -286,17 +314,23 @@ class KMeans:
             raise RuntimeError("use_gpu=True but this faiss build has no GPU support or sees no GPU")
         return bool(self.use_gpu) and gpu_available()
 
-    def _index(self, d: int):
-        """A flat L2 index: on CPU, or replicated on all visible GPUs (queries split between them)."""
+    def _new_index(self, d: int):
+        """A flat L2 index: on CPU, or replicated on all visible GPUs (queries split between them).
+
+        One index serves a whole `fit` (reset between uses), so GPU resources are set up once.
+        """
         index = faiss.IndexFlatL2(d)
         if self.gpu_:
             index = faiss.index_cpu_to_all_gpus(index)
         return index
 
-    # -- building blocks
+    # -- building blocks (all take the index to use)
 
-    def _lloyd(self, x: np.ndarray, centroids: np.ndarray | None, niter: int, seed: int):
-        """faiss Lloyd iterations on all rows of `x` from `centroids` (or faiss' own init if None)."""
+    def _lloyd(self, index, x: np.ndarray, centroids: np.ndarray | None, niter: int, seed: int):
+        """faiss Lloyd iterations on all rows of `x` from `centroids` (or faiss' own init if None).
+
+        Returns (centroids, per-iteration objective, empty clusters split).
+        """
         n, d = x.shape
         cp = faiss.ClusteringParameters()
         cp.niter = niter
@@ -304,109 +338,138 @@ class KMeans:
         cp.early_stop_threshold = self.tol
         cp.verbose = bool(self.verbose)
         cp.max_points_per_centroid = _NO_SUBSAMPLING  # x is already the training set
-        cp.min_points_per_centroid = 1  # small sets are legitimate here; no warning spam
+        cp.min_points_per_centroid = 1  # small training sets are deliberate here: no warning
         if centroids is None:
-            cp.init_method = {
-                "random": faiss.ClusteringInitMethod_RANDOM,
-                "afkmc2": faiss.ClusteringInitMethod_AFK_MC2,
-            }[self.init]
+            methods = {"random": faiss.ClusteringInitMethod_RANDOM, "afkmc2": faiss.ClusteringInitMethod_AFK_MC2}
+            cp.init_method = methods[self.init]
         clus = faiss.Clustering(d, self.k, cp)
         if centroids is not None:
             faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), clus.centroids)
-        index = self._index(d)
+        index.reset()
         clus.train(x, index)
         cent = faiss.vector_to_array(clus.centroids).reshape(self.k, d).astype(np.float32)
         stats = [clus.iteration_stats.at(i) for i in range(clus.iteration_stats.size())]
         return cent, [float(s.obj) for s in stats], sum(int(s.nsplit) for s in stats)
 
-    def _assign(self, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = self._index(x.shape[1])
+    @staticmethod
+    def _search(index, x: np.ndarray, centroids: np.ndarray, nn: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances, ids) of the `nn` nearest centroids of each row of `x`."""
+        index.reset()
         index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        dist, lab = index.search(x, 1)
-        return np.maximum(dist[:, 0], 0.0), lab[:, 0]
+        dist, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), nn)
+        return np.maximum(dist, 0.0), ids.astype(np.int64)
 
-    def _swap_round(self, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, int]:
+    def _swap_round(self, index, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, int]:
         """One split/merge round on the training rows; returns (new centroids, swaps applied).
 
         Merge cost of cluster j into its nearest centroid j2 (exact, assignments fixed):
         n_j n_j2 / (n_j + n_j2) * |c_j - c_j2|^2 (zero for an empty cluster). Split gain of
-        cluster s: its SSE minus the SSE of a 2-means on its rows. A swap merges j into j2 and
-        reuses centroid j for one half of s; it is applied when gain > cost, each cluster taking
-        part in at most one swap per round.
+        cluster s: its SSE minus its SSE under a 2-means split. A swap merges j into j2 and
+        reuses centroid j for one half of s; it is applied when gain > cost, so the objective on
+        the training rows drops by gain - cost; each cluster takes part in one swap per round.
+        The clusters with the largest SSE (a tenth of k, at least 8) are the split candidates.
         """
         k = self.k
-        dist, lab = self._assign(x, centroids)
+        if k < 3:
+            return centroids, 0
+        dist, lab = self._search(index, x, centroids)
+        dist, lab = dist[:, 0].astype(np.float64), lab[:, 0]
         sizes = np.bincount(lab, minlength=k).astype(np.float64)
         sse = np.bincount(lab, weights=dist, minlength=k)
         total = float(sse.sum())
-        if k < 3 or total <= 0:
+        if total <= 0:
             return centroids, 0
-        # nearest other centroid (2-NN among centroids; skip self, robust to duplicates)
-        cdist, cnn = self._knn_centroids(centroids)
-        other = np.where(cnn[:, 0] == np.arange(k), cnn[:, 1], cnn[:, 0])
-        odist = np.where(cnn[:, 0] == np.arange(k), cdist[:, 1], cdist[:, 0])
+        # nearest other centroid (2-NN among the centroids, skipping self; robust to duplicates)
+        cdist, cnn = self._search(index, centroids, centroids, nn=2)
+        is_self = cnn[:, 0] == np.arange(k)
+        other = np.where(is_self, cnn[:, 1], cnn[:, 0])
+        odist = np.where(is_self, cdist[:, 1], cdist[:, 0]).astype(np.float64)
         pair = sizes + sizes[other]
-        cost = np.divide(sizes * sizes[other], pair, out=np.zeros(k), where=pair > 0) * np.maximum(odist, 0.0)
-        # split gains for the clusters with the largest SSE
-        n_cand = min(k, max(8, k // 10))
-        cands = [int(j) for j in np.argsort(-sse, kind="stable")[:n_cand] if sizes[j] >= 2]
+        cost = np.divide(sizes * sizes[other], pair, out=np.zeros(k), where=pair > 0) * odist
+        # split gains of the clusters with the largest SSE
         order = np.argsort(lab, kind="stable")
         starts = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])
         splits = []
-        for j in cands:
-            halves, split_sse = _two_means(x[order[starts[j] : starts[j + 1]]])
-            splits.append((sse[j] - split_sse, j, halves))
-        splits.sort(key=lambda t: -t[0])
-        merges = sorted(range(k), key=lambda j: (cost[j], j))
+        for j in np.argsort(-sse, kind="stable")[: min(k, max(8, k // 10))]:
+            if sizes[j] >= 2:
+                halves, split_sse = _two_means(x[order[starts[j] : starts[j + 1]]])
+                splits.append((sse[j] - split_sse, int(j), halves))
+        splits.sort(key=lambda t: (-t[0], t[1]))
+        merges = [(int(j), int(other[j])) for j in np.argsort(cost, kind="stable")]
         eps = 1e-7 * total
         used: set[int] = set()
         new = centroids.copy()
         swaps = 0
-        mi = 0
+        first = 0  # merges before this index involve a used cluster (used only grows)
         for gain, s, halves in splits:
             if s in used:
                 continue
-            while mi < k and (merges[mi] in used or other[merges[mi]] in used or s in (merges[mi], other[merges[mi]])):
-                mi += 1
-            if mi >= k:
-                break
-            j = merges[mi]
-            if gain <= cost[j] + eps:
-                break
+            while first < k and (merges[first][0] in used or merges[first][1] in used):
+                first += 1
+            j = next((a for a, b in merges[first:] if s not in (a, b) and a not in used and b not in used), None)
+            if j is None or gain <= cost[j] + eps:
+                continue
             j2 = int(other[j])
             if pair[j] > 0:
                 new[j2] = (sizes[j] * centroids[j] + sizes[j2] * centroids[j2]) / pair[j]
             new[s], new[j] = halves[0], halves[1]
             used.update((s, j, j2))
             swaps += 1
-            mi += 1
         return new, swaps
 
-    def _knn_centroids(self, centroids: np.ndarray):
-        index = self._index(centroids.shape[1])
-        index.add(centroids)
-        return index.search(centroids, 2)
-
-    def _fit_once(self, xt: np.ndarray, seed: int):
+    def _fit_once(self, index, xt: np.ndarray, seed: int):
+        """Seed, Lloyd, split/merge rounds on the training rows `xt`: (centroids, obj, nsplit, swaps)."""
         rng = np.random.default_rng(seed)
         n = xt.shape[0]
+        init = None
         if self.init == "kmeans++":
-            m = min(n, self.init_size or max(4 * self.k, 2048))
-            xi = xt if m == n else xt[_sample_rows(n, m, rng)]
-            init = _kmeans_plusplus(xi, self.k, rng)
-        else:
-            init = None
-        cent, obj, nsplit = self._lloyd(xt, init, self.niter, seed)
+            m = min(n, self.init_size or max(2 * self.k, 1024))
+            init = _kmeans_plusplus(xt if m == n else xt[_sample_rows(n, m, rng)], self.k, rng)
+        cent, obj, nsplit = self._lloyd(index, xt, init, self.niter, seed)
         swaps = 0
         for r in range(self.refine):
-            cent2, n_sw = self._swap_round(xt, cent)
+            cent2, n_sw = self._swap_round(index, xt, cent)
             if n_sw == 0:
                 break
             swaps += n_sw
-            cent, obj2, ns2 = self._lloyd(xt, cent2, self.refine_niter, seed + 7919 * (r + 1))
+            cent, obj2, ns2 = self._lloyd(index, xt, cent2, self.refine_niter, seed + 7919 * (r + 1))
             obj += obj2
             nsplit += ns2
         return cent, obj, nsplit, swaps
+
+    def _polish_and_label(self, index, x: np.ndarray, cent: np.ndarray, polish: int | str):
+        """Lloyd updates on all rows (`polish` of them), then the nearest-centroid label of every row.
+
+        Returns (centroids, labels, updates applied). After the last update a row keeps its label
+        without a new search when its distance to its own centroid plus that centroid's shift
+        stays below its distance to the second nearest minus the largest shift (Hamerly's bound,
+        with a margin for float32 round-off); only the other rows are searched again. On separated
+        data the polish is then nearly free (one pass over `x`, which labelling needs anyway); on
+        overlapping data most rows need a second search, and "auto" then keeps the trained
+        centroids and the labels of the first pass instead.
+        """
+        n = len(x)
+        if polish == 0 or self.k < 2:
+            return cent, self._search(index, x, cent)[1][:, 0], 0
+        updates = 1 if polish == "auto" else int(polish)
+        for it in range(updates):
+            sq, nn = self._search(index, x, cent, nn=2)
+            lab = nn[:, 0].copy()
+            new = _centroid_means(x, lab, cent)
+            if it + 1 < updates:
+                cent = new
+        shift = np.sqrt(((new.astype(np.float64) - cent) ** 2).sum(1))
+        d1 = np.sqrt(sq[:, 0].astype(np.float64))
+        d2 = np.sqrt(sq[:, 1].astype(np.float64))
+        # faiss computes |x|^2 + |c|^2 - 2 x.c in float32: allow an error of 1e-5 of the norms
+        norms = np.einsum("ij,ij->i", x, x, dtype=np.float64) + float((cent.astype(np.float64) ** 2).sum(1).max())
+        margin = 2.0 * np.sqrt(1e-5 * norms)
+        unsure = np.flatnonzero(d1 + shift[lab] + margin >= d2 - shift.max())
+        if polish == "auto" and len(unsure) > AUTO_POLISH_MAX_UNSURE * n:
+            return cent, lab, 0  # exact labels of the trained centroids
+        if len(unsure):
+            lab[unsure] = self._search(index, x[unsure], new)[1][:, 0]
+        return new, lab, updates
 
     # -- public API
 
@@ -417,53 +480,24 @@ class KMeans:
         if n < self.k:
             raise ValueError(f"k-means needs at least k={self.k} rows, got {n}")
         self.gpu_ = self._want_gpu()
-        rng = np.random.default_rng(self.seed)
-        n_train = min(n, self.k * self.max_points_per_centroid, self.sample_size or n)
-        n_train = max(n_train, self.k)
-        xt = x if n_train == n else x[_sample_rows(n, n_train, rng)]
+        index = self._new_index(d)
+        n_train = max(self.k, min(n, self.k * self.max_points_per_centroid, self.sample_size or n))
+        xt = x if n_train == n else x[_sample_rows(n, n_train, np.random.default_rng(self.seed))]
         best = None
         for r in range(self.nredo):
-            run = self._fit_once(xt, self.seed + r)
+            run = self._fit_once(index, xt, self.seed + r)
             if best is None or run[1][-1] < best[1][-1]:
                 best = run
-        self.centroids_, obj, self.n_split_, self.n_swaps_ = best
+        centroids, obj, self.n_split_, self.n_swaps_ = best
         self.obj_ = np.asarray(obj, dtype=np.float64)
         self.n_train_ = n_train
-        self.centroids_, self.labels_ = self._polish_and_label(x, self.centroids_, self.polish if n_train < n else 0)
+        polish = self.polish if n_train < n else 0
+        self.centroids_, self.labels_, self.n_polish_ = self._polish_and_label(index, x, centroids, polish)
         self.inertia_ = _sum_sq_dist(x, self.centroids_, self.labels_)
         sizes = cluster_sizes(self.labels_, self.k)
         self.imbalance_factor_ = imbalance_factor(sizes)
         self.n_empty_ = n_empty_clusters(sizes)
         return self
-
-    def _polish_and_label(self, x: np.ndarray, cent: np.ndarray, polish: int) -> tuple[np.ndarray, np.ndarray]:
-        """`polish` Lloyd updates on all rows, then the nearest-centroid label of every row.
-
-        The last update moves each centroid by a small shift; a row keeps its label without a new
-        search when its distance to its own centroid plus that shift stays below its distance to
-        the second nearest minus the largest shift (Hamerly's bound). Only the other rows are
-        searched again, so the polish costs about one pass over `x` instead of two.
-        """
-        if polish == 0:
-            return cent, self._assign(x, cent)[1].astype(np.int64)
-        index = self._index(x.shape[1])
-        for it in range(polish):
-            index.reset()
-            index.add(cent)
-            sq, nn = index.search(x, 2)
-            lab = nn[:, 0].astype(np.int64)
-            new = _centroid_means(x, lab, cent)
-            shift = np.sqrt(((new.astype(np.float64) - cent) ** 2).sum(1))
-            cent = new
-        d1 = np.sqrt(np.maximum(sq[:, 0], 0.0).astype(np.float64))
-        d2 = np.sqrt(np.maximum(sq[:, 1], 0.0).astype(np.float64))
-        upper = d1 + shift[lab]
-        lower = d2 - shift.max()
-        margin = 1e-3 * (d2 + shift.max()) + 1e-6  # float32 distances: keep near-ties for a real search
-        unsure = np.flatnonzero(upper + margin >= lower)
-        if len(unsure):
-            lab[unsure] = self._assign(np.ascontiguousarray(x[unsure]), cent)[1]
-        return cent, lab
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "centroids_"):
@@ -471,8 +505,7 @@ class KMeans:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Index of the nearest centroid (L2) for each row of `x`."""
-        self._check_fitted()
-        return self._assign(_as_f32(x), self.centroids_)[1].astype(np.int64)
+        return self.predict_stream([x])
 
     def predict_stream(self, chunks: Iterable[np.ndarray]) -> np.ndarray:
         """`predict` over an iterable of (n_i, d) arrays, one chunk in memory at a time.
@@ -480,7 +513,7 @@ class KMeans:
         For features stored in shards: only the labels (8 bytes a row) are kept.
         """
         self._check_fitted()
-        index = self._index(self.centroids_.shape[1])
+        index = self._new_index(self.centroids_.shape[1])
         index.add(self.centroids_)
         out = [np.empty(0, dtype=np.int64)]
         for chunk in chunks:

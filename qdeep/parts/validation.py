@@ -59,6 +59,11 @@ class KFoldValidation:
         return cross_fitted_score(y, oof, folds)
 
 
+def holdout_mask(y: np.ndarray, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """True for the held-out rows: one fold of a stratified split, the same for a given seed."""
+    return KFoldValidation(max(2, round(1 / fraction)), seed).split(y) == 0
+
+
 def cross_fitted_score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
     """Each fold binarised with thresholds tuned on the other folds; kept thresholds use all rows."""
     pred = np.zeros(y.shape, dtype=bool)

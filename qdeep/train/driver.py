@@ -37,18 +37,19 @@ def cpus_per_worker(workers: int, use_gpu: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
 
 
-def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
-        use_gpu: bool | None = None, cpus: int | None = None, keep_checkpoints: int = 2) -> TrainOutcome:
-    """Run `train_func` data-parallel on `workers` Ray workers; rerunning the same (storage_path,
-    name) resumes from the last checkpoint instead of starting over."""
+def make_trainer(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
+                 use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
+                 keep_checkpoints: int = 2, callbacks: list | None = None):
+    """A TorchTrainer for `train_func`: `workers` data-parallel workers, checkpoints kept by
+    val_f2, restarts after worker failures. Same (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if os.environ.get(CRASH_ENV):  # fault-injection tests only
         loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
-    resources = {"CPU": cpus or cpus_per_worker(workers, use_gpu), **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
+    resources = {"CPU": cpus or cpus_per_worker(workers, use_gpu), **({"GPU": gpus} if use_gpu else {})}
+    return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -61,9 +62,19 @@ def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failu
                 checkpoint_score_attribute="val_f2",
                 checkpoint_score_order="max",
             ),
+            callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+
+
+def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
+        use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
+    """Run training to the end (or resume it) and load its best and latest checkpoints."""
+    trainer = make_trainer(loop_config, workers, name, storage_path, max_failures, use_gpu, cpus)
+    return outcome_of(trainer.fit(), name)
+
+
+def outcome_of(result, name: str) -> TrainOutcome:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint ({result.error})")
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_f2", -1))[0] if result.best_checkpoints \

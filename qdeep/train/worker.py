@@ -87,6 +87,7 @@ def train_func(config: dict) -> None:
             "epoch_seconds": time.time() - started,
             "restarts": restarts,
             "ranks_in_sync": float(len(set(_gather(_weights_digest(bare)))) == 1),
+            **{f"f2_{tag}": float(v) for tag, v in zip(config["labels"], val["per_label_f2"])},
         }
         history.append(metrics)
         state = {

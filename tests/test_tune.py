@@ -1,0 +1,100 @@
+"""Ray Tune sweeps and the experiment ladder on a real local Ray, with a real MLflow store."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from qdeep.cli import main
+
+QDEEP = str(Path(sys.executable).with_name("qdeep"))
+SMALL = ["--image-size", "32", "--batch-size", "16", "--loader-workers", "0", "--warmup-steps", "2"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _children(uri, parent_id):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["qdeep"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _parents(uri):
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["qdeep"], output_format="list")
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
+def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+    out = tmp_path / "out"
+    assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18,efficientnet_lite0", "--freeze", "head,none",
+                 "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--out", str(out),
+                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 4
+    archs = ("resnet18", "efficientnet_lite0")
+    assert {(r["arch"], r["freeze"]) for r in rows} == {(a, f) for a in archs for f in ("head", "none")}
+    assert all(r["status"] == "completed" and 0 < float(r["val_f2"]) <= 1 and r["epochs"] == "1" for r in rows)
+    assert [float(r["val_f2"]) for r in rows] == sorted((float(r["val_f2"]) for r in rows), reverse=True)
+    assert "Best:" in (out / "report.md").read_text()
+    assert (out / "ladder.png").stat().st_size > 0 and (out / "per_label.png").stat().st_size > 0
+    parents = _parents(sqlite_uri)
+    assert len(parents) == 1
+    children = _children(sqlite_uri, parents[0].info.run_id)
+    assert len(children) == 4  # exactly one per trial, none from workers
+    assert all(c.info.status == "FINISHED" and "val_f2" in c.data.metrics for c in children)
+    assert {c.data.params["arch"] for c in children} == set(archs)
+
+
+def test_asha_stops_clearly_worse_trials_early(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+    out = tmp_path / "out"
+    # lr 0 cannot learn: those trials sit at their initial F2 and fall below the good ones.
+    assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "none",
+                 "--lr", "3e-3,0,0", "--epochs", "3", "--grace-period", "1",
+                 "--reduction-factor", "2", "--max-concurrent", "1", "--out", str(out),
+                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    rows = _rows(out / "results.csv")
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert len(rows) == 3 and stopped and all(int(r["epochs"]) < 3 for r in stopped)
+    statuses = {c.data.tags["qdeep_status"]: c.info.status for c in _children(sqlite_uri, _parents(sqlite_uri)[0].info.run_id)}
+    assert statuses["stopped"] == "KILLED"
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+    out = tmp_path / "out"
+    argv = ["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "head,none", "--lr", "3e-3",
+            "--epochs", "1", "--scheduler", "none", "--max-concurrent", "1", "--out", str(out), "--name", "again",
+            "--tracking-uri", sqlite_uri, "--address", ray_cluster.get_runtime_context().gcs_address, *SMALL]
+    proc = subprocess.Popen([QDEEP, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    runs = out / "ray_results"
+    try:  # interrupt (Ctrl+C) as soon as the first trial has its checkpoint, i.e. has finished
+        deadline = time.time() + 300
+        while not list(runs.glob("again-*/checkpoint_*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished_before = {p.parent.name: sorted(c.name for c in p.parent.glob("checkpoint_*"))
+                       for p in runs.glob("again-*/checkpoint_*")}
+    assert len(finished_before) == 1 and not (out / "results.csv").exists()
+
+    assert main(argv[:-len(SMALL) - 2] + SMALL) == 0  # same name, in-process this time
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    for trial_dir, checkpoints in finished_before.items():  # finished trials were not trained again
+        assert sorted(c.name for c in (runs / trial_dir).glob("checkpoint_*")) == checkpoints
+    parents = _parents(sqlite_uri)
+    assert len(parents) == 1 and len(_children(sqlite_uri, parents[0].info.run_id)) == 2
