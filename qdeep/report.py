@@ -18,21 +18,14 @@ def summary_table(f2: float, per_label: dict[str, float], thresholds: dict[str, 
 
 def per_label_bar_chart(per_label: dict[str, float], path: str | Path, title: str) -> None:
     """Horizontal bars of per-label F2, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tags = sorted(per_label, key=per_label.get)
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(tags) + 1.2))
     ax.barh(tags, [per_label[t] for t in tags], color="#3a7d44")
     ax.set_xlim(0, 1)
     ax.set_xlabel("F2")
     ax.set_title(title)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def headline_f2(metrics: dict) -> float:
@@ -107,4 +100,16 @@ def per_label_heatmap(rows: list[dict], vocab: list[str], path: str | Path, name
     ax.set_xticks(range(len(vocab)), vocab, rotation=70, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), names, fontsize=8)
     fig.colorbar(im, ax=ax, label="F2")
+    _save(fig, path)
+
+
+def rung_chart(f2: dict[str, float], path: str | Path) -> None:
+    """One bar per rung of the ladder."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(list(f2), list(f2.values()), color=["#8c8c8c", "#c47f2c", "#3a7d44", "#2c5fc4"][: len(f2)])
+    for i, v in enumerate(f2.values()):
+        ax.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F2 (held-out split)")
     _save(fig, path)

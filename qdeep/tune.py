@@ -46,14 +46,15 @@ class Sweep:
     gpus_per_trial: float = 0
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "Sweep":
+    def from_yaml(cls, path: str | Path, **defaults) -> "Sweep":
+        """The sweep file's keys win over `defaults` (the command line's sweep options)."""
         spec = yaml.safe_load(Path(path).read_text()) or {}
         space = {k: spec.pop(k) for k in SWEPT if k in spec}
         base = TrainConfig(**{k: spec.pop(k) for k in list(spec) if k in TrainConfig.__dataclass_fields__})
         unknown = set(spec) - set(cls.__dataclass_fields__)
         if unknown:
             raise QdeepError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(space=space, base=base, **{**spec, **overrides})
+        return cls(space=space, base=base, **{**defaults, **spec})
 
 
 def param_space(space: dict) -> dict:

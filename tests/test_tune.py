@@ -98,3 +98,45 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, r
         assert sorted(c.name for c in (runs / trial_dir).glob("checkpoint_*")) == checkpoints
     parents = _parents(sqlite_uri)
     assert len(parents) == 1 and len(_children(sqlite_uri, parents[0].info.run_id)) == 2
+
+
+def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
+    out = tmp_path / "ladder"
+    assert main(["ladder", "--data", str(planet_dir), "--out", str(out), "--arch", "efficientnet_lite0",
+                 "--scratch-arch", "resnet18", "--epochs", "1", "--trees", "20", "--lr", "3e-3",
+                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    rows = _rows(out / "ladder.csv")
+    assert [r["name"] for r in rows] == ["histogram_rf", "scratch", "frozen", "finetune"]
+    header = list(rows[0])
+    assert header[:2] == ["name", "f2"] and len(header) == 2 + 17 and "cloudy" in header
+    assert all(0 < float(r["f2"]) <= 1 for r in rows)
+    md = (out / "ladder.md").read_text()
+    assert "| winner |" in md and md.count("\n| ") >= 4 + 17
+    assert (out / "ladder.png").stat().st_size > 0
+    # The fine-tuning rung started from the frozen rung's model (two-stage), and MLflow has the tree.
+    assert '"freeze": "last:2"' in (out / "finetune" / "model" / "config.json").read_text()
+    parents = _parents(sqlite_uri)
+    assert [p.info.run_name for p in parents] == ["ladder"]
+    assert sorted(c.info.run_name for c in _children(sqlite_uri, parents[0].info.run_id)) == [
+        "histogram_rf", "train-efficientnet_lite0", "train-efficientnet_lite0", "train-resnet18"]
+    assert "histogram_rf" in capsys.readouterr().out
+
+
+def test_sweep_file_grids_samplers_and_fixed_settings(tmp_path):
+    from ray import tune
+
+    from qdeep.tune import Sweep, expected_trials, param_space
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("arch: [resnet18, alexnet]\nfreeze: [head, 'last:1', none]\nlr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                    "epochs: 4\nimage_size: 64\nnum_samples: 2\nscheduler: none\n")
+    sweep = Sweep.from_yaml(path, num_samples=1, scheduler="asha")
+    assert sweep.base.epochs == 4 and sweep.base.image_size == 64
+    assert sweep.num_samples == 2 and sweep.scheduler == "none"
+    assert expected_trials(sweep) == 2 * 2 * 3
+    space = param_space(sweep.space)
+    assert space["arch"] == tune.grid_search(["resnet18", "alexnet"])
+    assert 1e-4 <= space["lr"].sample() <= 1e-2
+    path.write_text("arch: [resnet18]\nbogus: 1\n")
+    with pytest.raises(Exception, match="unknown keys"):
+        Sweep.from_yaml(path)

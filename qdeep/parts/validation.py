@@ -64,6 +64,12 @@ def holdout_mask(y: np.ndarray, fraction: float = 0.2, seed: int = 0) -> np.ndar
     return KFoldValidation(max(2, round(1 / fraction)), seed).split(y) == 0
 
 
+def score_holdout(y: np.ndarray, proba: np.ndarray, n_folds: int = 5) -> ValidationResult:
+    """How every model is scored on a held-out split: thresholds tuned on all its rows for later
+    use, F2 cross-fitted over `n_folds` interleaved folds of it, so none is scored on its own rows."""
+    return cross_fitted_score(y, proba, np.arange(len(y)) % n_folds)
+
+
 def cross_fitted_score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
     """Each fold binarised with thresholds tuned on the other folds; kept thresholds use all rows."""
     pred = np.zeros(y.shape, dtype=bool)

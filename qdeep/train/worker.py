@@ -17,7 +17,7 @@ import torch
 
 from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
 from qdeep.models import build_model, set_train_mode
-from qdeep.parts.validation import cross_fitted_score
+from qdeep.parts.validation import score_holdout
 from qdeep.train.data import ImageDataset, make_loader
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -170,18 +170,9 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, use_amp: bool) -
     for idx, p, _ in shards:  # DistributedSampler pads with repeats; rows land on their own index
         proba[idx] = p
     n_seen = sum(len(idx) for idx, _, _ in shards)
-    result = _score_validation(y_val, proba)
-    result["loss"] = sum(s[2] for s in shards) / max(n_seen, 1)
-    return result
-
-
-def _score_validation(y: np.ndarray, proba: np.ndarray) -> dict:
-    """Thresholds tuned on all validation rows; the F2 reported is cross-fitted over 5 folds
-    of the validation set, so no threshold is scored on the rows it was tuned on."""
-    folds = np.arange(len(y)) % 5
-    result = cross_fitted_score(y, proba, folds)
-    return {"f2": result.f2, "per_label_f2": result.per_label_f2, "thresholds": result.thresholds,
-            "proba": proba}
+    scored = score_holdout(y_val, proba)
+    return {"f2": scored.f2, "per_label_f2": scored.per_label_f2, "thresholds": scored.thresholds,
+            "loss": sum(s[2] for s in shards) / max(n_seen, 1)}
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
