@@ -56,7 +56,7 @@ def _read_csv(path):
         return list(csv.reader(f))
 
 
-def test_baseline_end_to_end_then_predict(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
+def test_baseline_end_to_end_then_predict(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = ["baseline", "--data", str(planet_dir), "--folds", "3", "--trees", "40", "--out", str(out),
             "--tracking-uri", sqlite_uri]
@@ -105,6 +105,10 @@ def test_baseline_end_to_end_then_predict(planet_dir, ray_cluster, tmp_path, sql
     pred_rows = _read_csv(predicted)
     assert pred_rows[0] == ["image_name", "tags"]
     assert sorted(pred_rows[1:]) == sorted(rows[1:])
+    # ... and over the Planet test split given as a relative path, in sample-submission order.
+    monkeypatch.chdir(planet_dir.parent)
+    assert main(["predict", "--model", str(out / "model"), "--data", planet_dir.name, "--out", "pred2.csv"]) == 0
+    assert _read_csv(planet_dir.parent / "pred2.csv") == rows
 
 
 def _copy_with_bad_inputs(planet_dir, tmp_path):

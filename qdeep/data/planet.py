@@ -95,6 +95,7 @@ def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recur
 
 def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
     """Test images from test-jpg/ and test-jpg-additional/, in sample-submission order if given."""
+    data_dir = Path(data_dir).resolve()
     dirs = [data_dir / d for d in TEST_DIRS if (data_dir / d).is_dir()]
     by_name: dict[str, Path] = {}
     for d in dirs:
