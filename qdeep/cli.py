@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_arg(p)
     p.set_defaults(func=cmd_ladder)
 
+    p = sub.add_parser("features", help="descriptors of every image into a sharded Parquet feature store",
+                       description="Penultimate-layer, globally pooled CNN features of every image under --images, "
+                                   "computed with Ray Data (GPU actors when present) into Parquet shards + manifest.")
+    p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--weights", default="bundled", help="none | imagenet | bundled | PATH (default bundled)")
+    p.add_argument("--out", required=True, metavar="STORE")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--rows-per-shard", type=int, default=50_000)
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    p.set_defaults(func=cmd_features)
+
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
     p.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
@@ -244,6 +258,15 @@ def cmd_ladder(args) -> None:
                trees=args.trees, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri,
                address=args.address)
     print(open(f"{args.out}/ladder.md").read())
+
+
+def cmd_features(args) -> None:
+    from qdeep.cluster.features import extract_features
+
+    store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,
+                             image_size=args.image_size, rows_per_shard=args.rows_per_shard,
+                             on_bad_image=args.on_bad_image, address=args.address)
+    print(f"wrote {store.total_rows} descriptors of dim {store.dim} in {len(store.shards)} shard(s) to {args.out}")
 
 
 def cmd_predict(args) -> None:

@@ -1,0 +1,93 @@
+"""Descriptors of every image (penultimate, globally pooled CNN features) into a feature store.
+
+A Ray Data pipeline: decode and resize on CPU tasks, then embed in an actor pool (one model per
+actor; GPU actors when the cluster has GPUs), then Parquet shards written in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdeep.data import BadInputPolicy, ImageSet, scan_images
+from qdeep.data.images import load_rgb
+from qdeep.data.transforms import to_tensor
+from qdeep.models import build_model, embed
+from qdeep.runtime import ray_session
+from qdeep.workflows.common import check_images
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Identity of a network's weights, recorded in the store's manifest."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_backbone(arch: str, weights: str) -> torch.nn.Module:
+    """The network whose penultimate layer describes images (its ImageNet head is not used)."""
+    return build_model(arch, None, weights, "none").eval()
+
+
+class Decode:
+    """CPU stage: paths -> normalised pixel arrays of the architecture's input size."""
+
+    def __init__(self, size: int, mean, std):
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = np.stack([to_tensor(load_rgb(p), self.size, self.mean, self.std).numpy() for p in batch["path"]])
+        return {"image": batch["image"], "pixels": pixels}
+
+
+class Embedder:
+    """Actor stage: one backbone per actor, pixels -> descriptors (float32)."""
+
+    def __init__(self, arch: str, weights: str):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_backbone(arch, weights).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        x = torch.from_numpy(batch["pixels"]).to(self.device)
+        with torch.autocast(self.device, enabled=self.device == "cuda"):
+            features = embed(self.model, x).float().cpu().numpy()
+        return {"image": batch["image"], "features": features}
+
+
+def extract_features(images: str | Path, arch: str, weights: str, out: str | Path, batch_size: int = 64,
+                     image_size: int | None = None, rows_per_shard: int = 50_000, on_bad_image: str = "error",
+                     address: str | None = None):
+    """Build the store at `out` from every image under `images` (ids relative to `images`)."""
+    import ray
+
+    from qdeep.cluster.store import write_store_from_dataset
+
+    root = Path(images).resolve()
+    policy = BadInputPolicy(on_bad_image)
+    model = load_backbone(arch, weights)
+    spec = model.qdeep_arch
+    size = image_size or spec.input_size
+    with torch.no_grad():
+        dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
+    identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
+    with ray_session(address):
+        found = scan_images(root, policy)
+        good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        actors = int(gpus) if gpus else 1
+        rows = [{"image": p.relative_to(root).as_posix(), "path": str(p)} for p in good.paths]
+        ds = (ray.data.from_items(rows)
+              .map_batches(Decode, fn_constructor_kwargs={"size": size, "mean": spec.mean, "std": spec.std},
+                           batch_size=batch_size, concurrency=1)
+              .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
+                           batch_size=batch_size, concurrency=actors, num_gpus=1 if gpus else 0))
+        store = write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
+                                         extra={"image_root": str(root), "n_skipped": policy.n_skipped,
+                                                "skipped": policy.skipped})
+    return store
