@@ -1,0 +1,33 @@
+"""The DeepCluster step as plain functions: pseudo-labels, class weights, the uniform sampler."""
+
+import numpy as np
+from sklearn.datasets import make_blobs
+
+from qdeep.cluster.deepcluster import balanced_class_weights, pseudo_labels, uniform_cluster_sample
+from qdeep.cluster.kmeans import nmi
+
+
+def test_pseudo_labels_recover_separated_groups():
+    x, truth = make_blobs(n_samples=600, centers=5, n_features=64, cluster_std=1.0, random_state=0)
+    # Whitening gives every kept direction unit variance: keep the k-1 directions the groups span.
+    result = pseudo_labels(x.astype(np.float32), k=5, pca_dim=4, seed=0)
+    assert result.labels.shape == (600,) and nmi(result.labels, truth) > 0.95
+    assert result.sizes.sum() == 600 and result.n_empty == 0 and result.score < 0
+    again = pseudo_labels(x.astype(np.float32), k=5, pca_dim=4, seed=0)
+    assert (again.labels == result.labels).all()  # seeded, deterministic
+
+
+def test_balanced_weights_favour_small_clusters_and_zero_empty_ones():
+    labels = np.array([0] * 90 + [1] * 10)
+    w = balanced_class_weights(labels, k=3)
+    assert w[2] == 0 and w[1] > w[0] > 0
+    assert np.isclose((w[labels]).sum(), len(labels))  # balanced: mean weight per image is 1
+
+
+def test_uniform_sampler_draws_clusters_equally():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    idx = uniform_cluster_sample(labels, seed=0)
+    assert len(idx) == 1000
+    counts = np.bincount(labels[idx], minlength=3)
+    assert counts.min() >= 300 and counts.max() <= 340
+    assert len(set(idx[labels[idx] == 0])) == counts[0]  # the big cluster is drawn without replacement
