@@ -6,7 +6,6 @@ actor; GPU actors when the cluster has GPUs), then Parquet shards written in par
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,9 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import load_rgb
 from qdeep.data.transforms import to_tensor
-from qdeep.models import build_model, embed
+from qdeep.models import build_model, embed, weights_sha256
 from qdeep.runtime import ray_session
 from qdeep.workflows.common import check_images
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Identity of a network's weights, recorded in the store's manifest."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def load_backbone(arch: str, weights: str) -> torch.nn.Module:

@@ -229,3 +229,15 @@ def load_strict(model: nn.Module, state: dict, origin: str) -> None:
     except RuntimeError as err:
         detail = " ".join(str(err).split())
         raise QdeepError(f"weights file {origin} does not fit this model: {detail[:400]}") from err
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Identity of a network's weights (every parameter and buffer, by name): equal on all DDP
+    ranks iff they are in sync, and recorded with feature stores built from the network."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
-from qdeep.models import build_model, set_train_mode
+from qdeep.models import build_model, set_train_mode, weights_sha256
 from qdeep.parts.validation import score_holdout
 from qdeep.train.data import ImageDataset, make_loader
 
@@ -86,7 +86,7 @@ def train_func(config: dict) -> None:
             "images_per_s": images_per_s,
             "epoch_seconds": time.time() - started,
             "restarts": restarts,
-            "ranks_in_sync": float(len(set(_gather(_weights_digest(bare)))) == 1),
+            "ranks_in_sync": float(len(set(_gather(weights_sha256(bare)))) == 1),
             **{f"f2_{tag}": float(v) for tag, v in zip(config["labels"], val["per_label_f2"])},
         }
         history.append(metrics)
@@ -173,16 +173,6 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, use_amp: bool) -
     scored = score_holdout(y_val, proba)
     return {"f2": scored.f2, "per_label_f2": scored.per_label_f2, "thresholds": scored.thresholds,
             "loss": sum(s[2] for s in shards) / max(n_seen, 1)}
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer: equal on all ranks iff DDP kept them in sync."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _gather(obj) -> list:
