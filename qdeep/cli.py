@@ -279,6 +279,17 @@ def cmd_predict(args) -> None:
         print(json.dumps(r["skipped"], indent=1), file=sys.stderr)
 
 
+def one_line(exc: BaseException) -> str:
+    """The line that says what went wrong. Ray wraps a worker's exception in a multi-line report
+    whose first line is only "Training failed due to worker errors:"; the cause is its last
+    `SomeError: message` line."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): \S", line)]
+    return causes[-1] if causes else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -294,8 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"qdeep: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 

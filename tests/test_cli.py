@@ -45,3 +45,12 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_predict_rejects_a_folder_that_is_not_a_model(tmp_path):
     r = _run("predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "s.csv"))
     assert r.returncode == 2 and "not a qdeep model directory" in r.stderr
+
+
+def test_one_line_finds_the_cause_inside_a_ray_worker_report():
+    from qdeep.cli import one_line
+
+    report = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent"
+                          " call last):\n  File \"w.py\", line 3\nqdeep.errors.QdeepError: weights file not found: x.pt\n")
+    assert one_line(report) == "qdeep.errors.QdeepError: weights file not found: x.pt"
+    assert one_line(ValueError("plain message\nmore")) == "ValueError: plain message"
