@@ -30,6 +30,13 @@ def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Bad-input policy, Ray cluster and MLflow store: every command that fits something."""
+    _add_bad_input_arg(p)
+    _add_ray_arg(p)
+    _add_tracking_arg(p)
+
+
 def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     """Settings every CNN run shares (train, tune, ladder)."""
     p.add_argument("--epochs", type=int, default=5)
@@ -80,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trees", type=int, default=200, help="trees per forest (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="OUT")
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
-    _add_tracking_arg(p)
+    _add_run_args(p)
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("train", help="train a CNN data-parallel on Ray Train",
@@ -100,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
     _add_train_knobs(p)
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
-    _add_tracking_arg(p)
+    _add_run_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over architecture x weights x freeze depth x lr",
@@ -127,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="sweep", help="rerunning the same name resumes unfinished trials")
     p.add_argument("--storage-path", help="where trials and checkpoints live (default: OUT/ray_results)")
     _add_train_knobs(p)
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
-    _add_tracking_arg(p)
+    _add_run_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ladder", help="the four-way experiment: histogram RF, scratch, frozen, fine-tuned CNN",
@@ -145,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", required=True, metavar="OUT")
     _add_train_knobs(p)
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
-    _add_tracking_arg(p)
+    _add_run_args(p)
     p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("features", help="descriptors of every image into a sharded Parquet feature store",

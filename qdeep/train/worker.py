@@ -76,7 +76,7 @@ def train_func(config: dict) -> None:
         train_loader.sampler.set_epoch(epoch)
         loss_sum, seen = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device)
         loss_total, seen_total, images_per_s = _sum_across_workers([loss_sum, seen, seen / (time.time() - started)], device)
-        val = validate(model, val_loader, loss_fn, device, y_val, use_amp)
+        val = validate(model, val_loader, loss_fn, device, y_val)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_total / max(seen_total, 1),
@@ -153,9 +153,10 @@ def lr_factor(config: dict, total_steps: int):
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, y_val: np.ndarray, use_amp: bool) -> dict:
+def validate(model, loader, loss_fn, device, y_val: np.ndarray) -> dict:
     """Scores the whole validation set: every worker's shard is gathered before thresholds."""
     model.eval()
+    use_amp = device.type == "cuda"
     indices, probas, loss_sum = [], [], 0.0
     for idx, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -18,6 +18,7 @@ from qdeep.metrics import binarize
 from qdeep.parts.formatters import FORMATTERS
 from qdeep.parts.targets import MultiLabelTargets
 from qdeep.runtime import ray_session
+from qdeep.train import CNN_KIND
 from qdeep.workflows.common import image_features
 
 
@@ -38,7 +39,7 @@ def _cnn_predictor(model_dir: Path, tta: bool = False):
     return CNNPredictor(model_dir, tta=tta)
 
 
-PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), "cnn": _cnn_predictor}
+PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), CNN_KIND: _cnn_predictor}
 
 
 def load_predictor(model_dir: str | Path, tta: bool = False):

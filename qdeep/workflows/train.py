@@ -17,11 +17,10 @@ from qdeep.parts.targets import MultiLabelTargets
 from qdeep.parts.validation import holdout_mask
 from qdeep.report import per_label_bar_chart
 from qdeep.runtime import ray_session
-from qdeep.train import driver
+from qdeep.train import CNN_KIND, driver
 from qdeep.train.config import TrainConfig
 from qdeep.workflows.common import check_images, load_dataset
 
-CNN_KIND = "cnn"
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")
 
 
@@ -65,7 +64,6 @@ def check_model(config: TrainConfig, num_labels: int) -> None:
     """Fail on the driver, in one line, on a bad arch, freeze depth or weights, not in every worker."""
     from qdeep.errors import QdeepError
 
-    parse_freeze(config.freeze)
     model = build_model(config.arch, num_labels, config.weights, config.freeze).eval()
     size = config.image_size or model.qdeep_arch.input_size
     try:
