@@ -11,10 +11,11 @@ from qdeep.errors import QdeepError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (either --data, or --labels with --images)")
+    g = p.add_argument_group("data (--data, or --labels with --images, or --images alone: a folder per class)")
     g.add_argument("--data", metavar="DIR", help="Kaggle Planet layout: train_v2.csv, train-jpg/, test-jpg/")
     g.add_argument("--labels", metavar="CSV", help="any CSV with columns image_name,tags")
-    g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in")
+    g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in; alone, one "
+                                                   "sub-folder per class")
 
 
 def _add_bad_input_arg(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_tracking_arg(p)
 
 
+def _add_task_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="multilabel | multiclass | a plugin's (default: multilabel for --data or --labels, "
+                                  "multiclass for --images DIR alone, one sub-folder per class)")
+
+
 def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     """Settings every CNN run shares (train, tune, ladder)."""
+    _add_task_arg(p)
+    p.add_argument("--validation", help="f2 | accuracy | a plugin's (default: the task's own)")
+    p.add_argument("--fit-strategy", default="single",
+                   help="single (default) | two-stage: head only on a frozen backbone for --head-epochs, then "
+                        "--freeze's blocks too at --finetune-lr-factor x --lr")
+    p.add_argument("--head-epochs", type=int, default=1, help="two-stage: head-only epochs first (default 1)")
+    p.add_argument("--finetune-lr-factor", type=float, default=0.1, help="two-stage: second stage's lr factor")
+    p.add_argument("--discriminative-lr", type=float, default=1.0,
+                   help="each block below the head trains at this factor of the lr above it (default 1: off)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
     p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
@@ -46,10 +61,18 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
-    p.add_argument("--pos-weight", action="store_true", help="weigh positives of rare labels up in the loss")
+    p.add_argument("--balance", choices=["none", "weights", "uniform"], default="none",
+                   help="weights: rare tags/classes weigh more in the loss; uniform: sample classes uniformly "
+                        "(one-class tasks)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--loader-workers", type=int, default=2, help="JPEG-decoding processes per worker")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _task(args) -> str:
+    from qdeep.parts import infer_task
+
+    return args.task or infer_task(args.data, args.labels, args.images)
 
 
 def _train_config(args, **swept):
@@ -57,8 +80,11 @@ def _train_config(args, **swept):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                        schedule=args.schedule, warmup_steps=args.warmup_steps, image_size=args.image_size,
-                       crop=args.crop, pos_weight=args.pos_weight, val_fraction=args.val_fraction, seed=args.seed,
-                       loader_workers=args.loader_workers, **swept)
+                       crop=args.crop, balance=args.balance, val_fraction=args.val_fraction, seed=args.seed,
+                       loader_workers=args.loader_workers, task=_task(args), validation=args.validation,
+                       fit_strategy=args.fit_strategy, head_epochs=args.head_epochs,
+                       finetune_lr_factor=args.finetune_lr_factor, discriminative_lr=args.discriminative_lr,
+                       **swept)
 
 
 def _csv(kind):
@@ -68,6 +94,9 @@ def _csv(kind):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: it may register tasks, validations, fit strategies, formats "
+                             "(repeatable; also QDEEP_PLUGINS=mod1,mod2)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic Planet-layout dataset", description=(
@@ -99,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="none", help="none | imagenet | bundled | PATH to a state_dict")
     p.add_argument("--freeze", default="none", help="head | last:N | none (default)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (GPUs when the cluster has them)")
+    p.add_argument("--workers", default="2", metavar="N|MIN-MAX",
+                   help="Ray Train workers (GPUs when the cluster has them); MIN-MAX is elastic: start with the "
+                        "workers the cluster holds (at least MIN), grow towards MAX as nodes join (default 2)")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
@@ -169,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="a Planet-layout folder: predicts its test split")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--tta", action="store_true", help="CNN models: average the 8 flips/rotations")
+    p.add_argument("--format", dest="output_format",
+                   help="kaggle-planet | csv | jsonl | a plugin's (default: kaggle-planet for tags, csv for classes)")
     _add_bad_input_arg(p)
     _add_ray_arg(p)
     p.set_defaults(func=cmd_predict)
@@ -223,11 +256,13 @@ def cmd_train(args) -> None:
     config = _train_config(args, arch=args.arch, weights=args.weights, freeze=args.freeze, lr=args.lr)
     m = run_train(args.out, config, data=args.data, labels=args.labels, images=args.images, workers=args.workers,
                   name=args.name, storage_path=args.storage_path, max_failures=args.max_failures,
-                  on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
+                  on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address,
+                  plugins=args.plugins)
+    metric = m["score_metric"]
     for h in m["history"]:
         print(f"epoch {h['epoch']}: train_loss {h['train_loss']:.4f}  val_loss {h['val_loss']:.4f}  "
-              f"val_f2 {h['val_f2']:.4f}  {h['images_per_s']:.0f} img/s")
-    print(f"best val F2 {m['val_f2']:.4f} (epoch {m['best_epoch']}), {m['restarts']} restarts; "
+              f"{metric} {h[metric]:.4f}  {h['images_per_s']:.0f} img/s")
+    print(f"best {metric} {m[metric]:.4f} (epoch {m['best_epoch']}), {m['restarts']} restarts; "
           f"model in {args.out}/model")
 
 
@@ -244,7 +279,7 @@ def cmd_tune(args) -> None:
         sweep = Sweep(space=space, base=_train_config(args), **knobs)
     rows = run_tune(args.out, sweep, data=args.data, labels=args.labels, images=args.images, name=args.name,
                     storage_path=args.storage_path, on_bad_image=args.on_bad_image,
-                    tracking_uri=args.tracking_uri, address=args.address)
+                    tracking_uri=args.tracking_uri, address=args.address, plugins=args.plugins)
     print(open(f"{args.out}/report.md").read())
     print(f"{len(rows)} trials; results in {args.out}/results.csv")
 
@@ -255,7 +290,7 @@ def cmd_ladder(args) -> None:
     run_ladder(args.out, _train_config(args, lr=args.lr), data=args.data, labels=args.labels, images=args.images,
                arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights, workers=args.workers,
                trees=args.trees, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri,
-               address=args.address)
+               address=args.address, plugins=args.plugins)
     print(open(f"{args.out}/ladder.md").read())
 
 
@@ -272,7 +307,7 @@ def cmd_predict(args) -> None:
     from qdeep.workflows.predict import run_predict
 
     r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,
-                    address=args.address, tta=args.tta)
+                    address=args.address, tta=args.tta, output_format=args.output_format, plugins=args.plugins)
     print(f"wrote {r['n_predicted']} predictions to {r['out']} ({r['n_skipped']} skipped)")
     if r["skipped"]:
         print(json.dumps(r["skipped"], indent=1), file=sys.stderr)
@@ -290,8 +325,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    args.plugins = [*filter(None, os.environ.get("QDEEP_PLUGINS", "").split(",")), *args.plugin]
     try:
+        from qdeep.parts import load_plugins
+
+        load_plugins(args.plugins)
         args.func(args)
     except QdeepError as exc:
         if args.debug:

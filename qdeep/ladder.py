@@ -15,15 +15,17 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import ImageSet
-from qdeep.parts.validation import score_holdout
+from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_heatmap, rung_chart
 from qdeep.runtime import ray_session
 from qdeep.train.config import TrainConfig
 from qdeep.workflows.common import image_features
-from qdeep.workflows.train import TrainingData, prepare_data, run_train
+from qdeep.workflows.train import TrainingData, prepare_data, run_train, task_parts
 
 RUNGS = ("histogram_rf", "scratch", "frozen", "finetune")
 
@@ -34,68 +36,77 @@ def default_weights(arch: str) -> str:
 
 
 def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
-    """The baseline on the ladder's split, scored exactly as the CNNs' validation is."""
+    """The baseline on the ladder's split, scored exactly as the CNNs' validation is. One forest per
+    label; a one-class-per-image task gets one forest per class (its one-hot columns)."""
     images = ImageSet(names=data.paths, paths=[Path(p) for p in data.paths])
     x, _ = image_features(color_histogram, images, data.policy, "histograms")
     train, val = ~data.is_val, data.is_val
-    forest = HistogramForest(n_estimators=trees, random_state=seed).fit(x[train], data.y[train])
-    scored = score_holdout(data.y[val], forest.predict_proba(x[val]))
-    vocab = data.targets.vocabulary
-    return {"f2": scored.f2, "per_label_f2": dict(zip(vocab, scored.per_label_f2.tolist()))}
+    columns = data.y if data.y.ndim == 2 else np.eye(len(data.targets), dtype=np.uint8)[data.y]
+    forest = HistogramForest(n_estimators=trees, random_state=seed).fit(x[train], columns[train])
+    validation = VALIDATIONS.get(data.validation)()
+    scored = validation.score(data.y[val], forest.predict_proba(x[val]))
+    return {"score": scored.metrics[validation.metric],
+            "per_label": dict(zip(data.targets.vocabulary, scored.per_label.tolist()))}
 
 
 def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, images=None,
                arch: str = "efficientnet_lite0", scratch_arch: str = "alexnet", weights: str | None = None,
                workers: int = 2, trees: int = 200, on_bad_image: str = "error", tracking_uri: str | None = None,
-               address: str | None = None) -> dict[str, dict]:
+               address: str | None = None, plugins: list[str] | None = None) -> dict[str, dict]:
     """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png."""
+    load_plugins(plugins)
     out = Path(out).resolve()
     weights = weights or default_weights(arch)
+    base = task_parts(base)
     with ray_session(address):
-        prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed)
+        prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
+                                base.validation)
+        validation = VALIDATIONS.get(prepared.validation)
+        metric, prefix = validation.metric, validation.per_label_metric
         params = {**base.as_dict(), "arch": arch, "scratch_arch": scratch_arch, "weights": weights,
                   "workers": workers, "trees": trees, "source": prepared.source, **prepared.sizes}
         with tracking.mlflow_run("ladder", params, uri=tracking_uri):
             results = {}
             with tracking.mlflow_run("histogram_rf", {"trees": trees, **prepared.sizes}, uri=tracking_uri):
                 results["histogram_rf"] = histogram_rung(prepared, trees, base.seed)
-                tracking.log_metrics({"val_f2": results["histogram_rf"]["f2"]})
+                tracking.log_metrics({prepared.score_metric: results["histogram_rf"]["score"]})
             configs = {
-                "scratch": replace(base, arch=scratch_arch, weights="none", freeze="none"),
-                "frozen": replace(base, arch=arch, weights=weights, freeze="head"),
+                "scratch": replace(base, arch=scratch_arch, weights="none", freeze="none", fit_strategy="single"),
+                "frozen": replace(base, arch=arch, weights=weights, freeze="head", fit_strategy="single"),
                 "finetune": replace(base, arch=arch, weights=str(out / "frozen" / "model" / "model.pt"),
-                                    freeze="last:2"),
+                                    freeze="last:2", fit_strategy="single"),
             }
             for rung, config in configs.items():
                 m = run_train(out / rung, config, workers=workers, name=rung, tracking_uri=tracking_uri,
-                              prepared=prepared)
-                results[rung] = {"f2": m["val_f2"], "per_label_f2": m["per_label_f2"]}
-            write_ladder(out, results, prepared.targets.vocabulary)
-            tracking.log_metrics({f"f2_{rung}": r["f2"] for rung, r in results.items()})
+                              prepared=prepared, plugins=plugins)
+                results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
+            write_ladder(out, results, prepared.targets.vocabulary, metric, prefix)
+            tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
             tracking.log_artifacts(*(out / n for n in ("ladder.csv", "ladder.md", "ladder.png", "per_label.png")))
     return results
 
 
 def winners(results: dict[str, dict], vocab: list[str]) -> dict[str, str]:
-    """The rung with the best F2 on each label (ties: the simpler, earlier rung)."""
-    return {t: max(results, key=lambda r: (results[r]["per_label_f2"].get(t, 0.0), -RUNGS.index(r))) for t in vocab}
+    """The rung with the best per-label score on each label (ties: the simpler, earlier rung)."""
+    return {t: max(results, key=lambda r: (results[r]["per_label"].get(t, 0.0), -RUNGS.index(r))) for t in vocab}
 
 
-def write_ladder(out: Path, results: dict[str, dict], vocab: list[str]) -> None:
+def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str = "f2",
+                 prefix: str = "f2") -> None:
     with io.atomic_path(out / "ladder.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["name", "f2", *vocab])
+        writer.writerow(["name", metric, *vocab])
         for rung, r in results.items():
-            writer.writerow([rung, f"{r['f2']:.6f}", *(f"{r['per_label_f2'].get(t, 0.0):.6f}" for t in vocab)])
+            writer.writerow([rung, f"{r['score']:.6f}", *(f"{r['per_label'].get(t, 0.0):.6f}" for t in vocab)])
     best = winners(results, vocab)
-    lines = ["# Experiment ladder", "", "F2 on one held-out split; every rung's thresholds tuned the same way.", "",
-             "| rung | F2 |", "|---|---|"]
-    lines += [f"| {rung} | {r['f2']:.4f} |" for rung, r in results.items()]
+    lines = ["# Experiment ladder", "", f"{metric} on one held-out split; every rung scored the same way "
+             f"(per-label {prefix} below).", "", f"| rung | {metric} |", "|---|---|"]
+    lines += [f"| {rung} | {r['score']:.4f} |" for rung, r in results.items()]
     lines += ["", "| label | " + " | ".join(results) + " | winner |", "|---|" + "---|" * (len(results) + 1)]
     for t in vocab:
-        cells = " | ".join(f"{results[r]['per_label_f2'].get(t, 0.0):.3f}" for r in results)
+        cells = " | ".join(f"{results[r]['per_label'].get(t, 0.0):.3f}" for r in results)
         lines.append(f"| {t} | {cells} | {best[t]} |")
     io.write_text(out / "ladder.md", "\n".join(lines) + "\n")
-    rung_chart({rung: r["f2"] for rung, r in results.items()}, out / "ladder.png")
-    rows = [{"name": rung, **{f"f2_{t}": v for t, v in r["per_label_f2"].items()}} for rung, r in results.items()]
-    per_label_heatmap(rows, vocab, out / "per_label.png", name_key="name")
+    rung_chart({rung: r["score"] for rung, r in results.items()}, out / "ladder.png", f"{metric} (held-out split)")
+    rows = [{"name": rung, **{f"{prefix}_{t}": v for t, v in r["per_label"].items()}} for rung, r in results.items()]
+    per_label_heatmap(rows, vocab, out / "per_label.png", name_key="name", prefix=prefix)

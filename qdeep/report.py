@@ -16,14 +16,14 @@ def summary_table(f2: float, per_label: dict[str, float], thresholds: dict[str, 
     return "\n".join(lines)
 
 
-def per_label_bar_chart(per_label: dict[str, float], path: str | Path, title: str) -> None:
-    """Horizontal bars of per-label F2, written atomically as PNG."""
+def per_label_bar_chart(per_label: dict[str, float], path: str | Path, title: str, xlabel: str = "F2") -> None:
+    """Horizontal bars of a per-label score (F2, or per-class F1), written atomically as PNG."""
     plt = _pyplot()
     tags = sorted(per_label, key=per_label.get)
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(tags) + 1.2))
     ax.barh(tags, [per_label[t] for t in tags], color="#3a7d44")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("F2")
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     _save(fig, path)
 
@@ -67,15 +67,15 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def ladder_plot(rows: list[dict], path: str | Path) -> None:
-    """Best val F2 per architecture (groups) and freeze depth (bars): does unfreezing pay?"""
+def ladder_plot(rows: list[dict], path: str | Path, metric: str = "val_f2") -> None:
+    """Best score per architecture (groups) and freeze depth (bars): does unfreezing pay?"""
     plt = _pyplot()
     archs = sorted({r["arch"] for r in rows})
     freezes = sorted({r["freeze"] for r in rows})
     best = {}
     for r in rows:
         key = (r["arch"], r["freeze"])
-        best[key] = max(best.get(key, 0.0), r["val_f2"])
+        best[key] = max(best.get(key, 0.0), r[metric])
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(archs) * max(len(freezes), 1) / 2), 3.5))
     width = 0.8 / max(len(freezes), 1)
     for i, freeze in enumerate(freezes):
@@ -83,27 +83,28 @@ def ladder_plot(rows: list[dict], path: str | Path) -> None:
         ax.bar(xs, [best.get((arch, freeze), 0.0) for arch in archs], width, label=f"freeze {freeze}")
     ax.set_xticks([a + width * (len(freezes) - 1) / 2 for a in range(len(archs))], archs)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("val F2")
+    ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def per_label_heatmap(rows: list[dict], vocab: list[str], path: str | Path, name_key: str = "trial_id") -> None:
-    """Per-label F2 of every configuration: which one wins which label."""
+def per_label_heatmap(rows: list[dict], vocab: list[str], path: str | Path, name_key: str = "trial_id",
+                      prefix: str = "f2") -> None:
+    """Per-label score (F2, or per-class F1) of every configuration: which one wins which label."""
     import numpy as np
 
     plt = _pyplot()
-    grid = np.array([[r.get(f"f2_{t}", 0.0) for t in vocab] for r in rows]) if rows else np.zeros((0, len(vocab)))
+    grid = np.array([[r.get(f"{prefix}_{t}", 0.0) for t in vocab] for r in rows]) if rows else np.zeros((0, len(vocab)))
     names = [r[name_key] if name_key != "trial_id" else f"{r['arch']}/{r['freeze']}/{r['lr']:g}" for r in rows]
     fig, ax = plt.subplots(figsize=(0.45 * len(vocab) + 3, 0.35 * len(rows) + 2))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(vocab)), vocab, rotation=70, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), names, fontsize=8)
-    fig.colorbar(im, ax=ax, label="F2")
+    fig.colorbar(im, ax=ax, label=prefix.upper())
     _save(fig, path)
 
 
-def rung_chart(f2: dict[str, float], path: str | Path) -> None:
+def rung_chart(f2: dict[str, float], path: str | Path, ylabel: str = "F2 (held-out split)") -> None:
     """One bar per rung of the ladder."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -111,5 +112,5 @@ def rung_chart(f2: dict[str, float], path: str | Path) -> None:
     for i, v in enumerate(f2.values()):
         ax.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("F2 (held-out split)")
+    ax.set_ylabel(ylabel)
     _save(fig, path)

@@ -23,7 +23,8 @@ from qdeep.errors import QdeepError
 from qdeep.report import ladder_plot, per_label_heatmap
 from qdeep.runtime import ray_session
 from qdeep.train.config import TrainConfig
-from qdeep.workflows.train import TrainingData, check_model, loop_config, prepare_data, resolve_weights
+from qdeep.parts import VALIDATIONS, load_plugins
+from qdeep.workflows.train import TrainingData, check_model, loop_config, prepare_data, resolve_weights, task_parts
 
 SWEPT = ("arch", "weights", "freeze", "lr")
 SWEEP_FILE = "qdeep_sweep.json"
@@ -84,6 +85,7 @@ def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
     from qdeep.train.driver import make_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
+    load_plugins(sweep["plugins"])
     train_config = resolve_weights(replace(TrainConfig(**sweep["base"]), **{k: config[k] for k in SWEPT}))
     run_id = tracking.child_run(sweep["mlflow_uri"], sweep["parent_run_id"], trial_id, f"trial-{trial_id}",
                                 {**train_config.as_dict(), "trial_id": trial_id})
@@ -93,7 +95,7 @@ def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
         ray.tune.report(finished)
         return
     trainer = make_trainer(
-        loop_config(train_config, data, sweep["mlflow_uri"], run_id),
+        loop_config(train_config, data, sweep["mlflow_uri"], run_id, sweep["plugins"]),
         workers=sweep["workers_per_trial"],
         name=name,
         storage_path=sweep["storage_path"],
@@ -133,17 +135,21 @@ def concurrency(sweep: Sweep) -> int:
 
 def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None, name: str = "sweep",
              storage_path: str | None = None, on_bad_image: str = "error", tracking_uri: str | None = None,
-             address: str | None = None) -> list[dict]:
+             address: str | None = None, plugins: list[str] | None = None) -> list[dict]:
     """Run (or resume) the sweep; write OUT/results.csv, report.md, ladder.png, per_label.png."""
     from ray import tune
 
+    load_plugins(plugins)
+    sweep = replace(sweep, base=task_parts(sweep.base))
     started = time.time()
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     experiment = f"{storage_path}/{name}"
     uri = tracking.tracking_uri(tracking_uri)
     with ray_session(address):
-        prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed)
+        prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
+                                sweep.base.task, sweep.base.validation)
+        metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
         _check_grid(sweep, len(prepared.targets))
         parent_id = _recorded_parent(experiment)
         runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
@@ -153,7 +159,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
         with runner as parent:
             _record_parent(experiment, parent.info.run_id)
             settings = {"base": sweep.base.as_dict(), "name": name, "storage_path": storage_path,
-                        "mlflow_uri": uri, "parent_run_id": parent.info.run_id,
+                        "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
                         "workers_per_trial": sweep.workers_per_trial, "gpus_per_trial": sweep.gpus_per_trial}
             trainable = tune.with_resources(tune.with_parameters(tune_trial, data=prepared, sweep=settings),
                                             {"cpu": TRIAL_CPU})
@@ -164,7 +170,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                 tuner = tune.Tuner(
                     trainable,
                     param_space=param_space(sweep.space),
-                    tune_config=tune.TuneConfig(metric="val_f2", mode="max", num_samples=sweep.num_samples,
+                    tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=sweep.num_samples,
                                                 scheduler=_scheduler(sweep), max_concurrent_trials=concurrency(sweep)),
                     run_config=tune.RunConfig(name=name, storage_path=storage_path),
                 )
@@ -173,14 +179,14 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
             if unfinished:  # Ctrl+C: Tune saved its state and returned early
                 raise QdeepError(f"sweep {name!r} interrupted with {unfinished} trial(s) unfinished; "
                                  "rerun with the same --name to resume")
-            rows = _rows(grid, prepared.targets.vocabulary, sweep.base.epochs)
+            rows = _rows(grid, prepared.targets.vocabulary, sweep.base.epochs, metric, prefix)
             for row in rows:
                 child = tracking.find_child(uri, parent.info.run_id, row["trial_id"])
                 if child:  # Tune stops trials by killing them: their runs are closed here
                     status = {"completed": "FINISHED", "stopped": "KILLED"}.get(row["status"], "FAILED")
                     tracking.end_run(uri, child, status, {"qdeep_status": row["status"]})
-            write_reports(out, rows, prepared.targets.vocabulary)
-            tracking.log_metrics({"best_val_f2": max((r["val_f2"] for r in rows), default=0.0),
+            write_reports(out, rows, prepared.targets.vocabulary, metric, prefix)
+            tracking.log_metrics({f"best_{metric}": max((r[metric] for r in rows), default=0.0),
                                   "trials": len(rows), "seconds": time.time() - started})
             tracking.log_artifacts(out / "results.csv", out / "report.md", out / "ladder.png", out / "per_label.png")
     return rows
@@ -231,7 +237,7 @@ def _record_parent(experiment: str, run_id: str) -> None:
     io.write_json(Path(experiment) / SWEEP_FILE, {"parent_run_id": run_id})
 
 
-def _rows(grid, vocab: list[str], epochs: int) -> list[dict]:
+def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: str = "f2") -> list[dict]:
     """One row per trial; a trial that reported fewer epochs than asked was stopped by ASHA."""
     rows = []
     for result in grid:
@@ -241,31 +247,31 @@ def _rows(grid, vocab: list[str], epochs: int) -> list[dict]:
         rows.append({
             "trial_id": m.get("trial_id") or Path(result.path).name,
             **{k: config.get(k) for k in SWEPT},
-            "val_f2": round(float(m.get("val_f2", 0.0)), 6),
+            metric: round(float(m.get(metric, 0.0)), 6),
             "epochs": done,
             "status": status,
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
-            **{f"f2_{t}": round(float(m.get(f"f2_{t}", 0.0)), 6) for t in vocab},
+            **{f"{prefix}_{t}": round(float(m.get(f"{prefix}_{t}", 0.0)), 6) for t in vocab},
         })
-    return sorted(rows, key=lambda r: -r["val_f2"])
+    return sorted(rows, key=lambda r: -r[metric])
 
 
-def write_reports(out: Path, rows: list[dict], vocab: list[str]) -> None:
+def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str = "val_f2", prefix: str = "f2") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["trial_id", *SWEPT, "val_f2", "epochs", "status", "seconds", *[f"f2_{t}" for t in vocab]]
+    columns = ["trial_id", *SWEPT, metric, "epochs", "status", "seconds", *[f"{prefix}_{t}" for t in vocab]]
     with io.atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["# Sweep results", "", "| rank | trial | arch | weights | freeze | lr | val F2 | epochs | status |",
+    lines = ["# Sweep results", "", f"| rank | trial | arch | weights | freeze | lr | {metric} | epochs | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['trial_id']} | {r['arch']} | {r['weights']} | {r['freeze']} | {r['lr']:g} | "
-                     f"{r['val_f2']:.4f} | {r['epochs']} | {r['status']} |")
+                     f"{r[metric]:.4f} | {r['epochs']} | {r['status']} |")
     if rows:
         best = rows[0]
         lines += ["", f"Best: `{best['arch']}`, weights `{best['weights']}`, freeze `{best['freeze']}`, "
-                      f"lr {best['lr']:g}: val F2 {best['val_f2']:.4f}."]
+                      f"lr {best['lr']:g}: {metric} {best[metric]:.4f}."]
     io.write_text(out / "report.md", "\n".join(lines) + "\n")
-    ladder_plot(rows, out / "ladder.png")
-    per_label_heatmap(rows, vocab, out / "per_label.png")
+    ladder_plot(rows, out / "ladder.png", metric)
+    per_label_heatmap(rows, vocab, out / "per_label.png", prefix=prefix)

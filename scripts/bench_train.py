@@ -31,7 +31,7 @@ def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config["arch"], y.shape[1], config["weights"], config["freeze"]).to(device)
     spec = model.qdeep_arch
-    data = ImageDataset(paths, y, config["image_size"], spec.mean, spec.std, train=True, seed=0)
+    data = ImageDataset(paths, y.astype(np.float32), config["image_size"], spec.mean, spec.std, train=True, seed=0)
     loader = make_loader(data, config["batch_size"], shuffle=True, workers=config["loader_workers"], world_size=1,
                          rank=0, seed=0)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -40,10 +40,9 @@ def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rate = 0.0
     for epoch in range(epochs):
-        data.epoch = epoch
         loader.sampler.set_epoch(epoch)
         start = time.time()
-        _, seen = train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device)
+        _, _, seen = train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device)
         rate = seen / (time.time() - start)
     return rate
 
@@ -52,7 +51,8 @@ def ray_path(config: dict, paths, y, vocab, workers: int, storage: str, use_gpu:
     from qdeep.train import driver
 
     loop_config = {**config, "labels": vocab, "train_paths": paths, "y_train": y.tolist(),
-                   "val_paths": paths[:64], "y_val": y[:64].tolist(), "pos_weight": None,
+                   "val_paths": paths[:64], "y_val": y[:64].tolist(), "validation": "f2",
+                   "score_metric": "val_f2",
                    "launch_id": uuid.uuid4().hex, "mlflow_run_id": None}
     outcome = driver.fit(loop_config, workers, f"bench-{uuid.uuid4().hex[:8]}", storage, use_gpu=use_gpu)
     return outcome.latest["history"][-1]["images_per_s"]

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.utils.class_weight import compute_class_weight
 
 from qdeep.cluster.kmeans import KMeans, clustering_score, cluster_sizes, imbalance_factor, preprocess_features
+from qdeep.parts.targets import balanced_class_weights
+from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
+
+__all__ = ["Clustering", "balanced_class_weights", "pseudo_labels", "uniform_cluster_sample"]
 
 
 @dataclass
@@ -32,26 +35,3 @@ def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed
     sizes = cluster_sizes(km.labels_, k)
     return Clustering(labels=km.labels_, centroids=km.centroids_, score=clustering_score(x, km.labels_, km.centroids_),
                       sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()))
-
-
-def balanced_class_weights(labels: np.ndarray, k: int) -> np.ndarray:
-    """Per-cluster loss weights inversely proportional to size (the seed article's choice);
-    empty clusters get weight 0, since no image carries them."""
-    weights = np.zeros(k, dtype=np.float32)
-    present = np.unique(labels)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
-    return weights
-
-
-def uniform_cluster_sample(labels: np.ndarray, n: int | None = None, seed: int = 0) -> np.ndarray:
-    """Indices for one epoch of the reference code's UnifLabelSampler: about n / (non-empty
-    clusters) images from each cluster, drawn with replacement only where a cluster is too small,
-    then shuffled. It keeps a few huge clusters from dominating the epoch."""
-    rng = np.random.default_rng(seed)
-    n = len(labels) if n is None else n
-    clusters = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    per = int(n // len(clusters)) + 1
-    picks = [rng.choice(members, per, replace=len(members) < per) for members in clusters]
-    out = np.concatenate(picks)
-    rng.shuffle(out)
-    return out[:n]

@@ -28,6 +28,7 @@ class ImageSet:
     names: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     tags: list[list[str]] | None = None
+    origins: list[str] | None = None  # where each image's labels came from ("file.csv:12", or its folder)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -38,7 +39,8 @@ class ImageSet:
 
     def subset(self, keep: list[bool]) -> "ImageSet":
         pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
-        return ImageSet(pick(self.names), pick(self.paths), pick(self.tags) if self.tags is not None else None)
+        return ImageSet(pick(self.names), pick(self.paths), pick(self.tags) if self.tags is not None else None,
+                        pick(self.origins) if self.origins is not None else None)
 
 
 @dataclass
@@ -66,6 +68,25 @@ def load_labeled_folder(labels_csv: str | Path, images_dir: str | Path, policy: 
     return Dataset(train=train, test=ImageSet(tags=None), source=str(labels_csv))
 
 
+def load_class_folders(images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
+    """One sub-folder per class (`DIR/<class>/**/*.jpg`): each image's label is its folder's name.
+    Files directly in DIR belong to no class and go to the policy."""
+    root = Path(images_dir).resolve()
+    out = ImageSet(tags=[], origins=[])
+    for path in scan_images(root, policy, recursive=True):
+        rel = path.relative_to(root)
+        if len(rel.parts) < 2:
+            policy.report(str(path), f"image is not inside a class folder of {root}")
+            continue
+        out.names.append(rel.as_posix())
+        out.paths.append(path)
+        out.tags.append([rel.parts[0]])
+        out.origins.append(str(path))
+    if len({t[0] for t in out.tags}) < 2:
+        raise QdeepError(f"{root}: a folder-per-class layout needs at least 2 class folders with images")
+    return Dataset(train=out, test=ImageSet(tags=None), source=str(root))
+
+
 def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recursive: bool) -> ImageSet:
     """Rows of `csv_path` matched to files of `images_dir`; unmatched files are reported too."""
     rows = _read_rows(csv_path, policy)
@@ -74,7 +95,7 @@ def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recur
     on_disk = scan_images(images_dir, policy, recursive=recursive)
     lookup = {p.relative_to(images_dir).as_posix(): p for p in on_disk}
     lookup.update({image_id(p, images_dir): p for p in on_disk if image_id(p, images_dir) not in lookup})
-    out = ImageSet(tags=[])
+    out = ImageSet(tags=[], origins=[])
     used = set()
     for line, name, tags in rows:
         path = lookup.get(name)
@@ -85,6 +106,7 @@ def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recur
         out.names.append(name)
         out.paths.append(path)
         out.tags.append(tags)
+        out.origins.append(f"{csv_path}:{line}")
     for path in on_disk:
         if path not in used:
             policy.report(str(path), f"image has no row in {csv_path}")

@@ -270,6 +270,12 @@ def _replace_head(model: nn.Module, spec: ArchSpec, num_labels: int) -> None:
     assert isinstance(head, nn.Linear) and head.out_features == num_labels, head
 
 
+def reset_head(model: nn.Module) -> None:
+    """A freshly initialised head of the same size (DeepCluster re-initialises it every iteration)."""
+    model = unwrap(model)
+    _replace_head(model, model.qdeep_arch, model.get_submodule(model.qdeep_arch.head_path).out_features)
+
+
 def _head_rows(state: dict, spec: ArchSpec) -> int | None:
     weight = state.get(spec.head_path + ".weight")
     return None if weight is None else weight.shape[0]

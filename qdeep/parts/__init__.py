@@ -1,2 +1,17 @@
-"""Swappable pipeline parts: targets (what is predicted), validation (split + score),
-output formatters (what a prediction file looks like). A new task is a new small part here."""
+"""Swappable pipeline parts, each registered under a name:
+
+- targets: how labels are read and encoded, the activation and the loss (multilabel, multiclass, pseudo);
+- validation: the split and the score (f2 with tuned thresholds, accuracy + macro-F1);
+- fit strategies: how training proceeds (single, two-stage);
+- formatters: what a prediction file looks like (kaggle-planet, csv, jsonl).
+
+A new task is one new small part here (see README, "Adding a task").
+"""
+
+from qdeep.parts.fit import FIT_STRATEGIES
+from qdeep.parts.formatters import FORMATTERS
+from qdeep.parts.registry import load_plugins
+from qdeep.parts.targets import TARGETS, infer_task
+from qdeep.parts.validation import VALIDATIONS
+
+__all__ = ["FIT_STRATEGIES", "FORMATTERS", "TARGETS", "VALIDATIONS", "infer_task", "load_plugins"]

@@ -1,6 +1,7 @@
-"""Validation: how rows are split into folds, and how out-of-fold predictions are scored.
+"""Validation: how rows are split (hold-out or K folds, seeded), and how predictions are scored.
 
-Scores are honest: each fold is binarised with thresholds tuned on the *other* folds'
+A validation part is chosen by name (`VALIDATIONS`): `f2` for multi-label tags, `accuracy` for
+one class per image. F2 scores are honest: each fold is binarised with thresholds tuned on the *other* folds'
 out-of-fold predictions, so no threshold is scored on the rows it was tuned on. The thresholds
 kept for prediction are tuned on all out-of-fold rows.
 """
@@ -14,6 +15,9 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
+from qdeep.parts.registry import Registry
+
+VALIDATIONS: Registry = Registry("validation")
 
 
 @dataclass
@@ -87,3 +91,63 @@ def cross_fitted_score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> Val
         per_label_f2=per_label_f2(y, pred),
         fold_f2=fold_f2,
     )
+
+
+@dataclass
+class Score:
+    """One model's validation result: named metrics (the part's `metric` first), one value per
+    label or class, and the thresholds prediction should use (multi-label only)."""
+
+    metrics: dict[str, float]
+    per_label: np.ndarray
+    thresholds: np.ndarray | None = None
+
+
+@VALIDATIONS.register("f2")
+class F2Validation:
+    """Multi-label: stratified over all labels at once; mean per-image F2 with per-label thresholds."""
+
+    metric, per_label_metric = "f2", "f2"
+
+    def holdout(self, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+        return holdout_mask(y, fraction, seed)
+
+    def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        return KFoldValidation(n_folds, seed).split(y)
+
+    def score(self, y: np.ndarray, proba: np.ndarray) -> Score:
+        scored = score_holdout(y, proba)
+        return Score({"f2": float(scored.f2)}, scored.per_label_f2, scored.thresholds)
+
+
+@VALIDATIONS.register("accuracy")
+class AccuracyValidation:
+    """One class per image: stratified by class; accuracy, macro-F1 and per-class F1 of the argmax."""
+
+    metric, per_label_metric = "accuracy", "f1"
+
+    def holdout(self, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+        return self.folds(y, max(2, round(1 / fraction)), seed) == 0
+
+    def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+        import warnings
+
+        from sklearn.model_selection import StratifiedKFold
+
+        if len(y) < n_folds:
+            raise ValueError(f"{len(y)} images cannot be split into {n_folds} folds")
+        folds = np.empty(len(y), dtype=np.int64)
+        with warnings.catch_warnings():  # classes rarer than n_folds: sklearn warns, the split is still valid
+            warnings.simplefilter("ignore", UserWarning)
+            for k, (_, test) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(y, y)):
+                folds[test] = k
+        return folds
+
+    def score(self, y: np.ndarray, proba: np.ndarray) -> Score:
+        from sklearn.metrics import accuracy_score, f1_score
+
+        pred, classes = np.asarray(proba).argmax(1), np.arange(np.asarray(proba).shape[1])
+        per_class = f1_score(y, pred, labels=classes, average=None, zero_division=0)
+        return Score({"accuracy": float(accuracy_score(y, pred)),
+                      "macro_f1": float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0))},
+                     per_class)

@@ -1,4 +1,4 @@
-"""The knobs of one CNN training run, shared by `qdeep train`, sweeps and the ladder."""
+"""The knobs of one CNN training run, shared by `qdeep train`, sweeps, the ladder and DeepCluster."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 class TrainConfig:
     arch: str = "resnet18"
     weights: str = "none"  # none | imagenet | bundled | PATH
-    freeze: str = "none"  # head | last:N | none
+    freeze: str = "none"  # head | last:N | none (for two-stage: the second stage's depth)
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -19,10 +19,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     image_size: int | None = None  # None: the architecture's own input size
     crop: float = 0.0  # random crops of up to this fraction of the side
-    pos_weight: bool = False  # weigh rare labels' positives by (negatives / positives)
+    task: str = "multilabel"  # a targets part: multilabel | multiclass | pseudo | a plugin's
+    validation: str | None = None  # a validation part; None: the task's own (f2 | accuracy)
+    fit_strategy: str = "single"  # single | two-stage | a plugin's
+    head_epochs: int = 1  # two-stage: epochs of head-only training first
+    finetune_lr_factor: float = 0.1  # two-stage: the second stage's lr relative to --lr
+    discriminative_lr: float = 1.0  # each block below the head trains at this factor of the one above
+    balance: str = "none"  # none | weights (rare tags/classes weigh more) | uniform (classes sampled uniformly)
     val_fraction: float = 0.2
     seed: int = 0
     loader_workers: int = 2  # JPEG-decoding processes per Ray worker
+    reset_head: bool = False  # DeepCluster: a fresh head even when the weights file has one that fits
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,48 +1,90 @@
-"""Per-worker data: a map-style dataset over JPEG paths, decoded in DataLoader processes."""
+"""Per-worker data: a map-style dataset over JPEG paths, decoded in DataLoader processes, and the
+sampler that gives each rank its share of an epoch."""
 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qdeep.data.images import load_rgb
 from qdeep.data.transforms import augment, to_tensor
 
 
 class ImageDataset(Dataset):
-    """(index, image tensor, target row); the index lets validation gather rows from all workers."""
+    """Items are (index, image tensor, target); the index lets validation gather rows from all
+    workers. Keys are (epoch, index) pairs, so augmentation differs per epoch even in persistent
+    loader processes, which never see attribute changes made in the trainer."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int, mean, std,
                  train: bool = False, crop: float = 0.0, seed: int = 0):
         self.paths, self.targets = list(paths), targets
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.train, self.crop, self.seed = train, crop, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = key
         x = to_tensor(load_rgb(self.paths[i]), self.size, self.mean, self.std)
         if self.train:
-            x = augment(x, random.Random(hash((self.seed, self.epoch, i))), self.crop)
-        y = torch.from_numpy(self.targets[i].astype(np.float32)) if self.targets is not None else torch.zeros(0)
+            x = augment(x, random.Random(hash((self.seed, epoch, i))), self.crop)
+        y = torch.as_tensor(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return i, x, y
 
 
+class ShardSampler(Sampler):
+    """This rank's share of an epoch, as (epoch, index) keys. The epoch's index list comes from
+    `plan(epoch)` (default: every row once; e.g. a uniform per-class draw), is shuffled with a seed
+    all ranks share, padded by repeats to a multiple of the world size, then dealt out by rank."""
+
+    def __init__(self, n: int, world_size: int, rank: int, shuffle: bool, seed: int,
+                 plan: Callable[[int], np.ndarray] | None = None):
+        self.n, self.world, self.rank, self.shuffle, self.seed, self.plan = n, world_size, rank, shuffle, seed, plan
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        idx = self.plan(self.epoch) if self.plan else np.arange(self.n)
+        if self.shuffle:
+            idx = np.random.default_rng((self.seed, self.epoch)).permutation(idx)
+        pad = -len(idx) % self.world
+        return np.concatenate([idx, idx[:pad]])[self.rank::self.world]
+
+    def __iter__(self):
+        return iter([(self.epoch, int(i)) for i in self._indices()])
+
+    def __len__(self) -> int:
+        total = len(self.plan(self.epoch)) if self.plan else self.n
+        return -(-total // self.world)
+
+
+def uniform_class_sample(labels: np.ndarray, n: int | None = None, seed: int = 0) -> np.ndarray:
+    """Indices for one epoch of the DeepCluster reference's UnifLabelSampler: about n / (classes
+    present) images from each class, with replacement only where a class is too small, shuffled.
+    It keeps a few huge classes (clusters) from dominating the epoch."""
+    rng = np.random.default_rng(seed)
+    n = len(labels) if n is None else n
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    per = int(n // len(classes)) + 1
+    out = np.concatenate([rng.choice(members, per, replace=len(members) < per) for members in classes])
+    rng.shuffle(out)
+    return out[:n]
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, world_size: int,
-                rank: int, seed: int) -> DataLoader:
-    """Each rank reads its own shard (DistributedSampler); decoding runs in `workers` processes."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=False)
+                rank: int, seed: int, plan: Callable[[int], np.ndarray] | None = None) -> DataLoader:
+    """Each rank reads its own shard; decoding runs in `workers` processes."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=ShardSampler(len(dataset), world_size, rank, shuffle, seed, plan),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

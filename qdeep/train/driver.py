@@ -16,7 +16,7 @@ from qdeep.train.worker import CHECKPOINT_FILE, CRASH_ENV, train_func
 
 @dataclass
 class TrainOutcome:
-    best: dict  # the best checkpoint's state (by val_f2)
+    best: dict  # the best checkpoint's state (by the task's score, e.g. val_f2)
     latest: dict  # the last checkpoint's state (full history, restarts)
     path: str  # where Ray Train keeps the run
 
@@ -37,29 +37,50 @@ def cpus_per_worker(workers: int, use_gpu: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
 
 
-def make_trainer(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
-                 use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
+def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
+    """`N`, `"N"`, `"MIN-MAX"` or `(MIN, MAX)` as (MIN, MAX). MIN < MAX is elastic: Ray Train starts
+    with as many workers as the cluster's nodes hold (at least MIN) and grows towards MAX as nodes join."""
+    from qdeep.errors import QdeepError
+
+    if isinstance(workers, tuple):
+        lo, hi = workers
+    else:
+        text = str(workers).strip()
+        lo_text, sep, hi_text = text.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text if sep else lo_text)
+        except ValueError:
+            raise QdeepError(f"--workers {text!r}: expected N or MIN-MAX, e.g. 2 or 1-4") from None
+    if not 1 <= lo <= hi:
+        raise QdeepError(f"--workers {workers!r}: need 1 <= MIN <= MAX, e.g. 2 or 1-4")
+    return lo, hi
+
+
+def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
+                 max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
                  keep_checkpoints: int = 2, callbacks: list | None = None):
     """A TorchTrainer for `train_func`: `workers` data-parallel workers, checkpoints kept by
-    val_f2, restarts after worker failures. Same (storage_path, name) -> resume."""
+    the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if os.environ.get(CRASH_ENV):  # fault-injection tests only
         loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
-    resources = {"CPU": cpus or cpus_per_worker(workers, use_gpu), **({"GPU": gpus} if use_gpu else {})}
+    lo, hi = worker_range(workers)
+    resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu), **({"GPU": gpus} if use_gpu else {})}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else hi, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=keep_checkpoints,
-                checkpoint_score_attribute="val_f2",
+                checkpoint_score_attribute=loop_config["score_metric"],
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
@@ -67,17 +88,17 @@ def make_trainer(loop_config: dict, workers: int, name: str, storage_path: str, 
     )
 
 
-def fit(loop_config: dict, workers: int, name: str, storage_path: str, max_failures: int = 0,
-        use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
+def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
+        max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
     """Run training to the end (or resume it) and load its best and latest checkpoints."""
     trainer = make_trainer(loop_config, workers, name, storage_path, max_failures, use_gpu, cpus)
-    return outcome_of(trainer.fit(), name)
+    return outcome_of(trainer.fit(), name, loop_config["score_metric"])
 
 
-def outcome_of(result, name: str) -> TrainOutcome:
+def outcome_of(result, name: str, score_metric: str) -> TrainOutcome:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint ({result.error})")
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_f2", -1))[0] if result.best_checkpoints \
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(score_metric, -1))[0] if result.best_checkpoints \
         else result.checkpoint
     return TrainOutcome(best=_load(best), latest=_load(result.checkpoint), path=result.path)
 

@@ -12,6 +12,7 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
+from qdeep.parts.targets import load_targets
 
 
 def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
@@ -34,6 +35,7 @@ class CNNInference:
         spec = self.model.qdeep_arch
         self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
         self.tta, self.num_labels = tta, config["num_labels"]
+        self.targets = load_targets(Path(model_dir) / "labels.json")
 
     def __call__(self, batch: dict) -> dict:
         tensors, ok, errors = [], [], []
@@ -52,12 +54,12 @@ class CNNInference:
 
     @torch.no_grad()
     def _predict(self, x: torch.Tensor) -> np.ndarray:
-        """Sigmoid outputs; with TTA, averaged over the 8 flips/rotations of the square."""
+        """The task's activation (sigmoid, softmax); with TTA, averaged over the 8 flips/rotations of the square."""
         with torch.autocast(x.device.type, enabled=x.device.type == "cuda"):
             views = [x]
             if self.tta:
                 views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-            return torch.stack([torch.sigmoid(self.model(v).float()) for v in views]).mean(0).cpu().numpy()
+            return torch.stack([self.targets.activation(self.model(v).float()) for v in views]).mean(0).cpu().numpy()
 
 
 class CNNPredictor:

@@ -1,7 +1,8 @@
 """What one Ray Train worker runs: the model, its data shard, the epoch loop, checkpoints.
 
 Everything the driver decides (how many workers, where results go, how many restarts) lives in
-driver.py; this module only sees `config` and `ray.train`'s worker API.
+driver.py; this module only sees `config` and `ray.train`'s worker API. What is learnt (targets),
+how it is scored (validation) and in which stages (fit strategy) are parts named in `config`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
-from qdeep.models import build_model, set_train_mode, weights_sha256
-from qdeep.parts.validation import score_holdout
-from qdeep.train.data import ImageDataset, make_loader
+from qdeep.models import apply_freeze, build_model, reset_head, set_train_mode, weights_sha256
+from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
+from qdeep.parts.fit import param_groups, stage_of
+from qdeep.train.data import ImageDataset, make_loader, uniform_class_sample
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CRASH_ENV = "QDEEP_TEST_CRASH"  # tests only: "RANK:EPOCH:MARKER_FILE" makes that rank exit hard once
@@ -26,6 +27,7 @@ CRASH_ENV = "QDEEP_TEST_CRASH"  # tests only: "RANK:EPOCH:MARKER_FILE" makes tha
 
 def train_func(config: dict) -> None:
     """Per-worker training loop (Ray Train's `train_loop_per_worker`)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -33,75 +35,91 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
+    n_nodes = len(set(_gather(ray.get_runtime_context().get_node_id())))
+    load_plugins(config.get("plugins"))
+    targets = TARGETS.get(config["task"])(config["labels"])
+    validation = VALIDATIONS.get(config["validation"])()
+    stages = FIT_STRATEGIES.get(config["fit_strategy"])().stages(config)
 
-    model = build_model(config["arch"], len(config["labels"]), config["weights"], config["freeze"])
-    spec = model.qdeep_arch
+    bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze)
+    if config.get("reset_head"):
+        reset_head(bare)
+    spec = bare.qdeep_arch
     size = config["image_size"] or spec.input_size
-    y_train, y_val = np.asarray(config["y_train"], np.uint8), np.asarray(config["y_val"], np.uint8)
+    y_train, y_val = np.asarray(config["y_train"], targets.dtype), np.asarray(config["y_val"], targets.dtype)
     train_set = ImageDataset(config["train_paths"], y_train, size, spec.mean, spec.std, train=True,
                              crop=config["crop"], seed=config["seed"])
     val_set = ImageDataset(config["val_paths"], y_val, size, spec.mean, spec.std)
     loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
-    train_loader = make_loader(train_set, config["batch_size"], shuffle=True, **loader_args)
+    plan = (lambda epoch: uniform_class_sample(y_train, seed=config["seed"] + epoch)) \
+        if config.get("balance") == "uniform" else None
+    train_loader = make_loader(train_set, config["batch_size"], shuffle=True, plan=plan, **loader_args)
     val_loader = make_loader(val_set, config["batch_size"], shuffle=False, **loader_args)
-
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, params)
-    steps = config["epochs"] * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    weights = targets.loss_weights(y_train) if config.get("balance") == "weights" else None
+    loss_fn = targets.loss(weights).to(device)
     use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    pos_weight = torch.tensor(config["pos_weight"], device=device) if config.get("pos_weight") else None
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    start_epoch, history, restarts = 0, [], 0
+    start_epoch, history, restarts, resumed = 0, [], 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+            resumed = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        bare.load_state_dict(resumed["model"])
+        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
         # Same launch: Ray restarted us after a failure. Another launch: the user reran the name.
-        restarts = state["restarts"] + (1 if state["launch_id"] == config["launch_id"] else 0)
+        restarts = resumed["restarts"] + (1 if resumed["launch_id"] == config["launch_id"] else 0)
 
+    stage_index, model = None, None
     for epoch in range(start_epoch, config["epochs"]):
+        if stage_of(stages, epoch) != stage_index:  # a new stage: what trains, and at which rate
+            stage_index = stage_of(stages, epoch)
+            stage = stages[stage_index]
+            model, optimizer, scheduler, scaler = _start_stage(bare, stage, config, len(train_loader), device)
+            if resumed and resumed.get("stage") == stage_index and epoch == start_epoch:
+                optimizer.load_state_dict(resumed["optimizer"])
+                scheduler.load_state_dict(resumed["scheduler"])
+                scaler.load_state_dict(resumed["scaler"])
         _maybe_crash(config.get("crash"), rank, epoch, config.get("run_dir"))
         started = time.time()
-        train_set.epoch = epoch
         train_loader.sampler.set_epoch(epoch)
-        loss_sum, seen = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device)
-        loss_total, seen_total, images_per_s = _sum_across_workers([loss_sum, seen, seen / (time.time() - started)], device)
-        val = validate(model, val_loader, loss_fn, device, y_val)
+        loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device)
+        loss_total, correct_total, seen_total, images_per_s = _sum_across_workers(
+            [loss_sum, correct, seen, seen / (time.time() - started)], device)
+        val = validate(model, val_loader, loss_fn, device, y_val, targets, validation)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_total / max(seen_total, 1),
+            **({"train_acc": correct_total / max(seen_total, 1)} if targets.dtype == np.int64 else {}),
             "val_loss": val["loss"],
-            "val_f2": val["f2"],
+            **{f"val_{k}": v for k, v in val["score"].metrics.items()},
             "lr": optimizer.param_groups[0]["lr"],
+            "base_lr": stage.lr,
+            "stage": stage_index,
+            "trainable_params": sum(p.numel() for p in bare.parameters() if p.requires_grad),
             "images_per_s": images_per_s,
             "epoch_seconds": time.time() - started,
             "restarts": restarts,
             "ranks_in_sync": float(len(set(_gather(weights_sha256(bare)))) == 1),
-            **{f"f2_{tag}": float(v) for tag, v in zip(config["labels"], val["per_label_f2"])},
+            "workers": world,
+            "nodes": n_nodes,
+            **{f"{validation.per_label_metric}_{label}": float(v)
+               for label, v in zip(targets.vocabulary, val["score"].per_label)},
         }
         history.append(metrics)
+        thresholds = val["score"].thresholds
         state = {
             "model": bare.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": epoch,
+            "stage": stage_index,
             "history": history,
             "restarts": restarts,
             "launch_id": config["launch_id"],
-            "labels": list(config["labels"]),
-            "thresholds": val["thresholds"].tolist(),
-            "per_label_f2": val["per_label_f2"].tolist(),
+            "labels": list(targets.vocabulary),
+            "thresholds": None if thresholds is None else thresholds.tolist(),
+            "per_label": val["score"].per_label.tolist(),
         }
         _log_mlflow(config, rank, metrics)
         with tempfile.TemporaryDirectory() as d:
@@ -112,23 +130,42 @@ def train_func(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device) -> tuple[float, int]:
-    """One pass over this worker's shard; returns (summed loss, images seen). AMP on CUDA."""
+def _start_stage(bare, stage, config: dict, steps_per_epoch: int, device):
+    """Freeze to the stage's depth, (re)wrap for DDP (which only syncs what trains when it is
+    built), and a fresh optimizer and schedule over the stage's steps."""
+    import ray.train.torch
+
+    apply_freeze(bare, stage.freeze)
+    model = ray.train.torch.prepare_model(bare)
+    optimizer = make_optimizer(config, param_groups(bare, stage.lr, config.get("discriminative_lr", 1.0)))
+    steps = (stage.end - stage.start) * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    return model, optimizer, scheduler, scaler
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device) -> tuple[float, int, int]:
+    """One pass over this worker's shard: (summed loss, correct class predictions, images). AMP on CUDA."""
     set_train_mode(model)
     use_amp = device.type == "cuda"
-    loss_sum, seen = 0.0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
     for _, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if y.is_floating_point():
+            y = y.float()
         with torch.autocast(device.type, enabled=use_amp):
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         loss_sum += loss.item() * len(x)
+        if not y.is_floating_point():
+            correct += int((logits.argmax(1) == y).sum())
         seen += len(x)
-    return loss_sum, seen
+    return loss_sum, correct, seen
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
@@ -153,27 +190,27 @@ def lr_factor(config: dict, total_steps: int):
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, y_val: np.ndarray) -> dict:
-    """Scores the whole validation set: every worker's shard is gathered before thresholds."""
+def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validation) -> dict:
+    """Scores the whole validation set: every worker's shard is gathered before scoring."""
     model.eval()
     use_amp = device.type == "cuda"
     indices, probas, loss_sum = [], [], 0.0
     for idx, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if y.is_floating_point():
+            y = y.float()
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)
         loss_sum += loss_fn(logits.float(), y).item() * len(x)
         indices.append(idx.numpy())
-        probas.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probas.append(targets.activation(logits.float()).cpu().numpy())
     local = (np.concatenate(indices), np.concatenate(probas), loss_sum)
     shards = _gather(local)
-    proba = np.zeros(y_val.shape, dtype=np.float64)
-    for idx, p, _ in shards:  # DistributedSampler pads with repeats; rows land on their own index
+    proba = np.zeros((len(y_val), len(targets)), dtype=np.float64)
+    for idx, p, _ in shards:  # the sampler pads with repeats; rows land on their own index
         proba[idx] = p
     n_seen = sum(len(idx) for idx, _, _ in shards)
-    scored = score_holdout(y_val, proba)
-    return {"f2": scored.f2, "per_label_f2": scored.per_label_f2, "thresholds": scored.thresholds,
-            "loss": sum(s[2] for s in shards) / max(n_seen, 1)}
+    return {"score": validation.score(y_val, proba), "loss": sum(s[2] for s in shards) / max(n_seen, 1)}
 
 
 def _gather(obj) -> list:

@@ -7,19 +7,22 @@ from typing import Callable
 
 import numpy as np
 
-from qdeep.data import BadInputPolicy, Dataset, ImageSet, load_labeled_folder, load_planet
+from qdeep.data import BadInputPolicy, Dataset, ImageSet, load_class_folders, load_labeled_folder, load_planet
 from qdeep.errors import QdeepError
 from qdeep.parallel import map_images
 
 
 def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
                  images: str | Path | None = None) -> Dataset:
-    """`--data DIR` (Kaggle Planet layout) or `--labels CSV --images DIR`."""
+    """`--data DIR` (Kaggle Planet layout), `--labels CSV --images DIR`, or `--images DIR` alone
+    (one sub-folder per class)."""
     if data and not (labels or images):
         return load_planet(data, policy)
     if labels and images and not data:
         return load_labeled_folder(labels, images, policy)
-    raise QdeepError("give either --data DIR, or both --labels CSV and --images DIR")
+    if images and not (data or labels):
+        return load_class_folders(images, policy)
+    raise QdeepError("give --data DIR, or --labels CSV with --images DIR, or --images DIR (a folder per class)")
 
 
 def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:

@@ -14,9 +14,9 @@ from qdeep.baseline import KIND as HISTOGRAM_RF, HistogramForest, color_histogra
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
 from qdeep.errors import QdeepError
-from qdeep.metrics import binarize
-from qdeep.parts.formatters import FORMATTERS
-from qdeep.parts.targets import MultiLabelTargets
+from qdeep.parts import FORMATTERS, load_plugins
+from qdeep.parts.formatters import default_format
+from qdeep.parts.targets import load_targets
 from qdeep.runtime import ray_session
 from qdeep.train import CNN_KIND
 from qdeep.workflows.common import image_features
@@ -60,15 +60,20 @@ def run_predict(
     data: str | Path | None = None,
     on_bad_image: str = "error",
     address: str | None = None,
-    output_format: str = "kaggle",
+    output_format: str | None = None,
     tta: bool = False,
+    plugins: list[str] | None = None,
 ) -> dict:
-    """Predict tags for `--images DIR` (recursive) or the test split of `--data DIR`."""
+    """Predict labels for `--images DIR` (recursive) or the test split of `--data DIR`, written by
+    the formatter `output_format` (default: kaggle-planet for tags, csv for one class per image)."""
     model = Path(model)
+    load_plugins(plugins)
     policy = BadInputPolicy(on_bad_image)
     predictor = load_predictor(model, tta=tta)
-    targets = MultiLabelTargets.load(model / "labels.json")
-    thresholds = json.loads((model / "thresholds.json").read_text())
+    targets = load_targets(model / "labels.json")
+    formatter = FORMATTERS.get(output_format or default_format(targets))()
+    thresholds_file = model / "thresholds.json"
+    thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else None
     if bool(images) == bool(data):
         raise QdeepError("give exactly one of --images DIR or --data DIR")
     if images:
@@ -80,6 +85,6 @@ def run_predict(
         raise QdeepError(f"{images or data}: no images to predict")
     with ray_session(address):
         proba, kept = predictor.predict_proba(todo, policy)
-    pred = binarize(proba, np.array([thresholds[t] for t in targets.vocabulary]))
-    FORMATTERS[output_format](out, kept.names, targets.decode(pred))
+    pred = targets.decide(proba, None if thresholds is None else [thresholds[t] for t in targets.vocabulary])
+    formatter.write(out, kept.names, targets, proba, pred)
     return {"n_predicted": len(kept), "n_skipped": policy.n_skipped, "skipped": policy.skipped, "out": str(out)}

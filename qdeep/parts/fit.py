@@ -1,0 +1,72 @@
+"""Fit strategies: how training proceeds, as a list of stages (epochs, freeze depth, learning rate).
+
+`single` trains at the configured freeze depth throughout. `two-stage` is the seed platform's
+recipe: first only the new head on a frozen backbone, then the last N blocks too, at a lower
+learning rate, so the pretrained features are not wrecked by a random head's large gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qdeep.errors import QdeepError
+from qdeep.models import parse_freeze
+from qdeep.models.freeze import unwrap
+from qdeep.parts.registry import Registry
+
+FIT_STRATEGIES: Registry = Registry("fit strategy")
+
+
+@dataclass(frozen=True)
+class Stage:
+    start: int  # first epoch of the stage
+    end: int  # one past its last epoch
+    freeze: str  # head | last:N | none
+    lr: float  # the head's learning rate; lower blocks get less with --discriminative-lr
+
+
+@FIT_STRATEGIES.register("single")
+class SingleStage:
+    def stages(self, config: dict) -> list[Stage]:
+        return [Stage(0, config["epochs"], config["freeze"], config["lr"])]
+
+
+@FIT_STRATEGIES.register("two-stage")
+class TwoStage:
+    """`head_epochs` epochs of head only at `lr`, then `freeze` (last:N or none) at `lr * finetune_lr_factor`."""
+
+    def stages(self, config: dict) -> list[Stage]:
+        if parse_freeze(config["freeze"])[0] == "head":
+            raise QdeepError("--fit-strategy two-stage unfreezes blocks in its second stage: "
+                             "give --freeze last:N or none (the first stage always trains the head only)")
+        head = min(config["head_epochs"], config["epochs"])
+        return [Stage(0, head, "head", config["lr"]),
+                Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"])]
+
+
+def stage_of(stages: list[Stage], epoch: int) -> int:
+    return next(i for i, s in enumerate(stages) if s.start <= epoch < s.end)
+
+
+def param_groups(model: nn.Module, lr: float, decay: float = 1.0) -> list[dict]:
+    """Trainable parameters as optimizer groups: the head at `lr`, the i-th block below it at
+    `lr * decay**i` (discriminative learning rates; decay 1 is one group), the stem lowest."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay == 1.0:
+        return [{"params": trainable, "lr": lr}]
+    bare = unwrap(model)
+    spec = bare.qdeep_arch
+    seen: set[int] = set()
+    groups = []
+    layers = [[spec.head(bare)], *reversed(spec.blocks(bare))]
+    for depth, modules in enumerate(layers):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(map(id, params))
+        if params:
+            groups.append({"params": params, "lr": lr * decay ** depth})
+    rest = [p for p in trainable if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": lr * decay ** len(layers)})
+    return groups

@@ -1,0 +1,123 @@
+"""Where runs keep checkpoints and results, and whether every node of the cluster reaches it.
+
+Ray Train workers write checkpoints to the storage path from whichever node they run on, and the
+driver reads them back (and resumes from them). On a multi-node cluster the path must therefore be
+shared: a directory on NFS mounted at the same path on every node, or an object-store URI
+(`s3://`, `gs://`, anything pyarrow's filesystems open). `check_shared_storage` proves it before a
+run starts instead of letting checkpoints scatter over the nodes' own disks.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from qdeep.errors import QdeepError
+
+MARKER_PREFIX = ".qdeep-shared-check-"
+PROBE_TIMEOUT_S = 60.0
+
+
+def is_object_store(path: str) -> bool:
+    """A URI whose filesystem every node reaches by name (s3://, gs://, hdfs://, ...); `file://` is
+    a local path like any other."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON file at `path` (local or URI), or None if there is none."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return json.loads(f.read())
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` (local or URI), creating its directory."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse to start a run on a multi-node cluster whose storage path some node cannot see.
+
+    Call it on the driver, inside a Ray session. Object-store URIs pass without probing; any path
+    passes on a one-node cluster. Otherwise a marker file with a unique name and content is written
+    under the path here, a task pinned to every alive node reads it back, and the marker is
+    removed. Nodes that join later (an autoscaler's) are not probed: they must mount the same
+    storage, as the nodes up now do.
+    """
+    if is_object_store(storage_path):
+        return
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    local = Path(storage_path.partition("file://")[2] if storage_path.startswith("file://") else storage_path)
+    local = local.resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = local / f"{MARKER_PREFIX}{token}"
+    marker.write_text(token)
+    try:
+        seen = nodes_seeing(str(marker), token, [n["NodeID"] for n in nodes], timeout)
+    finally:
+        marker.unlink(missing_ok=True)
+    refuse_unless_shared(storage_path, nodes, seen, timeout)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def nodes_seeing(path: str, content: str, node_ids: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict:
+    """{node id: True if a task on that node reads `content` from `path`, False if it reads
+    something else or nothing, None if it did not answer within `timeout` seconds}."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_read_text)
+    refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path)
+            for node in node_ids}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    ready = set(ready)
+    return {node: (ray.get(ref) == content) if ref in ready else None for node, ref in refs.items()}
+
+
+def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise one line naming the path and every node that could not see the marker."""
+    blind = [n for n in nodes if not seen.get(n["NodeID"])]
+    if not blind:
+        return
+    names = ", ".join(f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:8]}"
+                      f"{'' if seen.get(n['NodeID']) is False else f', no answer in {timeout:g} s'})" for n in blind)
+    raise QdeepError(f"storage path {storage_path} is not shared by all {len(nodes)} nodes of this Ray cluster: "
+                     f"a file written there on the driver's node is not visible on {names}; a multi-node run "
+                     "needs --storage-path on shared storage: an NFS directory mounted at the same path on every "
+                     "node, or an s3:// URI")
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
