@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=None, help="test images (default n/4)")
     p.add_argument("--size", type=int, default=128, help="tile side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multiclass", action="store_true",
+                   help="instead: one scene class per image, a folder per class (--n images per class)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("baseline", help="colour-histogram Random Forest with K-fold F2 and thresholds",
@@ -228,7 +230,12 @@ def cmd_compare(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from qdeep.data.synth import write_synthetic_planet
+    from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
+
+    if args.multiclass:
+        summary = write_synthetic_classes(args.out, n_per_class=args.n, size=args.size, seed=args.seed, progress=True)
+        print(f"wrote {args.n} images of each of {', '.join(summary['classes'])} to {args.out}/<class>/")
+        return
 
     summary = write_synthetic_planet(args.out, n=args.n, size=args.size, seed=args.seed, n_test=args.n_test,
                                      progress=True)

@@ -509,3 +509,34 @@ def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 12
         for tag in tags.split():
             counts[tag] += 1
     return {"n_train": n, "n_test": n_test, "size": size, "seed": seed, "tag_counts": counts}
+
+
+# One scene type per image, drawn with the Planet tags that make it: a folder-per-class data set
+# for one-class-per-image tasks (`qdeep synth --multiclass`).
+SCENE_CLASSES = {
+    "forest": ("clear", "primary"),
+    "farmland": ("clear", "agriculture", "cultivation"),
+    "river": ("clear", "primary", "water"),
+    "town": ("clear", "habitation", "road"),
+    "clouds": ("cloudy",),
+}
+_CLASS_SPLIT_ID = 2
+
+
+def write_synthetic_classes(out: str | os.PathLike, n_per_class: int = 100, size: int = 64, seed: int = 0,
+                            progress: bool = False) -> dict:
+    """`out/<class>/<class>_<i>.jpg` for every scene class; deterministic for a seed."""
+    if n_per_class < 1 or size < 8:
+        raise ValueError("need n_per_class >= 1 and size >= 8")
+    out = Path(out)
+    jobs = [(c, i) for c in SCENE_CLASSES for i in range(n_per_class)]
+    if progress:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, desc="synthetic scenes", unit="img")
+    for name, i in jobs:
+        rng = np.random.default_rng([seed, _CLASS_SPLIT_ID, list(SCENE_CLASSES).index(name), i])
+        (out / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_tile(SCENE_CLASSES[name], size, rng)).save(
+            out / name / f"{name}_{i}.jpg", format="JPEG", quality=90)
+    return {"classes": list(SCENE_CLASSES), "n_per_class": n_per_class, "size": size, "seed": seed}
