@@ -196,6 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_arg(p)
     p.set_defaults(func=cmd_features)
 
+    p = sub.add_parser("deepcluster", help="DeepCluster: cluster descriptors, train on the clusters, repeat",
+                       description="Each iteration: descriptors of every image into a feature store, PCA-whitening "
+                                   "+ k-means into --k pseudo-labels, a fresh head and the network trained on them "
+                                   "with Ray Train (ctrl split held out). Then the last network over-clusters into "
+                                   "--final-k groups: OUT/assignments.parquet, metrics.json, grids/, curves.png, "
+                                   "sizes.png. Rerunning the same --out resumes after the last finished iteration.")
+    p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--weights", default="bundled", help="the starting network: none | imagenet | bundled | PATH")
+    p.add_argument("--k", type=int, default=5, help="clusters per iteration (default 5)")
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--epochs-per-iteration", type=int, default=1)
+    p.add_argument("--final-k", type=int, default=20, help="groups of the final over-clustering (default 20)")
+    p.add_argument("--ctrl-fraction", type=float, default=0.25, help="images never trained on (default 0.25)")
+    p.add_argument("--balance", choices=["weights", "uniform"], default="weights",
+                   help="weights: balanced class weights; uniform: the reference's uniform per-cluster sampler")
+    p.add_argument("--pca", type=int, help="whitened dimensions (default: chosen from the number of images)")
+    p.add_argument("--freeze", default="none", help="head | last:N | none (default: the whole network trains)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    g = p.add_argument_group("ground truth, for NMI/ARI/purity (optional)")
+    g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
+    g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
+    p.add_argument("--out", required=True, metavar="OUT")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_deepcluster)
+
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")
     p.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
@@ -299,6 +331,24 @@ def cmd_ladder(args) -> None:
                trees=args.trees, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri,
                address=args.address, plugins=args.plugins)
     print(open(f"{args.out}/ladder.md").read())
+
+
+def cmd_deepcluster(args) -> None:
+    from qdeep.workflows.deepcluster import DeepClusterConfig, run_deepcluster
+
+    config = DeepClusterConfig(arch=args.arch, weights=args.weights, k=args.k, iterations=args.iterations,
+                               epochs_per_iteration=args.epochs_per_iteration, final_k=args.final_k,
+                               ctrl_fraction=args.ctrl_fraction, balance=args.balance, pca=args.pca,
+                               freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
+                               image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
+    m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
+                        on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
+    final = m["final"]
+    text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
+    if "nmi_true" in final:
+        text += f", NMI {final['nmi_true']:.3f} / ARI {final['ari_true']:.3f} / purity {final['purity_true']:.3f}"
+    print(text)
+    print(f"grids in {args.out}/grids/, assignments in {args.out}/assignments.parquet")
 
 
 def cmd_features(args) -> None:

@@ -114,3 +114,57 @@ def rung_chart(f2: dict[str, float], path: str | Path, ylabel: str = "F2 (held-o
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
     _save(fig, path)
+
+
+def cluster_grid(paths: list[str], path: str | Path, title: str, cols: int = 4, thumb: int = 96) -> None:
+    """Up to cols x cols member images (nearest to the centre first) on one PNG."""
+    from PIL import Image, ImageDraw
+
+    from qdeep.data.images import load_rgb
+
+    rows = max(1, -(-len(paths) // cols))
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb + 18), "white")
+    ImageDraw.Draw(sheet).text((4, 3), title, fill="black")
+    for i, p in enumerate(paths):
+        image = load_rgb(p).resize((thumb, thumb))
+        sheet.paste(image, ((i % cols) * thumb, 18 + (i // cols) * thumb))
+    with io.atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def deepcluster_curves(history: list[dict], path: str | Path) -> None:
+    """Per iteration: clustering score, train/ctrl accuracy on the pseudo-labels, NMI(t-1, t) and
+    NMI against the ground truth when known."""
+    plt = _pyplot()
+    its = [h["iteration"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(its, [h["score"] for h in history], marker="o")
+    left.set_xlabel("iteration")
+    left.set_ylabel("clustering score")
+    for key in ("train_acc", "ctrl_acc", "nmi_prev", "nmi_true"):
+        points = [(h["iteration"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            right.plot(*zip(*points), marker="o", label=key)
+    right.set_xlabel("iteration")
+    right.set_ylim(0, 1.05)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=8)
+    _save(fig, path)
+
+
+def deepcluster_sizes(history: list[dict], final_sizes: list[int], path: str | Path) -> None:
+    """Cluster sizes, largest first: every iteration (lines) and the final over-clustering (bars)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for h in history:
+        left.plot(sorted(h["sizes"], reverse=True), marker=".", label=f"iter {h['iteration']}")
+    left.set_xlabel("cluster (by size)")
+    left.set_ylabel("train images")
+    if history:
+        left.legend(fontsize=7)
+    right.bar(range(len(final_sizes)), sorted(final_sizes, reverse=True), color="#3a7d44")
+    right.set_xlabel("final cluster (by size)")
+    _save(fig, path)

@@ -26,6 +26,7 @@ class Clustering:
     sizes: np.ndarray  # (k,)
     imbalance: float
     n_empty: int
+    distances: np.ndarray  # (n,) squared distance of each image to its centre (whitened space)
 
 
 def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed: int = 0) -> Clustering:
@@ -33,5 +34,7 @@ def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed
     x, _ = preprocess_features(features, pca_dim)
     km = KMeans(k, seed=seed).fit(x)
     sizes = cluster_sizes(km.labels_, k)
+    distances = ((x - km.centroids_[km.labels_]) ** 2).sum(1)
     return Clustering(labels=km.labels_, centroids=km.centroids_, score=clustering_score(x, km.labels_, km.centroids_),
-                      sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()))
+                      sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
+                      distances=distances)

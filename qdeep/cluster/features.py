@@ -44,7 +44,7 @@ class Embedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = torch.from_numpy(batch["pixels"]).to(self.device)
+        x = torch.from_numpy(np.require(batch["pixels"], requirements="W")).to(self.device)
         with torch.autocast(self.device, enabled=self.device == "cuda"):
             features = embed(self.model, x).float().cpu().numpy()
         return {"image": batch["image"], "features": features}
@@ -54,30 +54,35 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
                      image_size: int | None = None, rows_per_shard: int = 50_000, on_bad_image: str = "error",
                      address: str | None = None):
     """Build the store at `out` from every image under `images` (ids relative to `images`)."""
+    root = Path(images).resolve()
+    policy = BadInputPolicy(on_bad_image)
+    with ray_session(address):
+        found = scan_images(root, policy)
+        good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        return embed_images(root, good.paths, arch, weights, out, batch_size, image_size, rows_per_shard,
+                            extra={"n_skipped": policy.n_skipped, "skipped": policy.skipped})
+
+
+def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
+                 image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None):
+    """Descriptors of already-checked images into the store at `out` (call inside a Ray session)."""
     import ray
 
     from qdeep.cluster.store import write_store_from_dataset
 
-    root = Path(images).resolve()
-    policy = BadInputPolicy(on_bad_image)
     model = load_backbone(arch, weights)
     spec = model.qdeep_arch
     size = image_size or spec.input_size
     with torch.no_grad():
         dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    with ray_session(address):
-        found = scan_images(root, policy)
-        good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        actors = int(gpus) if gpus else 1
-        rows = [{"image": p.relative_to(root).as_posix(), "path": str(p)} for p in good.paths]
-        ds = (ray.data.from_items(rows)
-              .map_batches(Decode, fn_constructor_kwargs={"size": size, "mean": spec.mean, "std": spec.std},
-                           batch_size=batch_size, concurrency=1)
-              .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                           batch_size=batch_size, concurrency=actors, num_gpus=1 if gpus else 0))
-        store = write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
-                                         extra={"image_root": str(root), "n_skipped": policy.n_skipped,
-                                                "skipped": policy.skipped})
-    return store
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors = int(gpus) if gpus else 1
+    rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
+    ds = (ray.data.from_items(rows)
+          .map_batches(Decode, fn_constructor_kwargs={"size": size, "mean": spec.mean, "std": spec.std},
+                       batch_size=batch_size, concurrency=1)
+          .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
+                       batch_size=batch_size, concurrency=actors, num_gpus=1 if gpus else 0))
+    return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
+                                    extra={"image_root": str(root), **(extra or {})})

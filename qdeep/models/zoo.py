@@ -282,17 +282,17 @@ def _head_rows(state: dict, spec: ArchSpec) -> int | None:
 
 
 def _from_file(spec: ArchSpec, path: str, num_labels: int | None) -> nn.Module:
-    """Random init, then the file: an ImageNet-headed one before the new head, a multi-label one after."""
+    """Random init, then the file (with whatever head it was saved with: ImageNet's, or one
+    trained by qdeep), then a new head of `num_labels` unless the file's already has that size."""
     state = weights_mod.read_file(path)
     state = {k: v for k, v in state.items() if not k.startswith(spec.ignore_keys)}
     model = weights_mod.create(spec, "none")
-    if num_labels is None or _head_rows(state, spec) != num_labels:
-        weights_mod.load_strict(model, state, path)
-        if num_labels is not None:
-            _replace_head(model, spec, num_labels)
-    else:
+    rows = _head_rows(state, spec)
+    if rows is not None and rows != model.get_submodule(spec.head_path).out_features:
+        _replace_head(model, spec, rows)
+    weights_mod.load_strict(model, state, path)
+    if num_labels is not None and rows != num_labels:
         _replace_head(model, spec, num_labels)
-        weights_mod.load_strict(model, state, path)
     return model
 
 

@@ -1,0 +1,319 @@
+"""`qdeep deepcluster`: the DeepCluster loop (Caron et al. 2018) over a folder of images.
+
+Each iteration: descriptors of every image with the current network (feature store) ->
+PCA-whitening + L2 + k-means -> pseudo-labels -> a fresh head trained on the train split's
+pseudo-labels with Ray Train, scored on the ctrl split it never trains on. Then the last network
+over-clusters the collection with `final_k` groups, drawn as image grids.
+
+OUT/iterations/iter_XX/ holds each finished iteration (metrics.json is written last, so a
+directory without it is redone); rerunning the same OUT resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdeep import io, tracking
+from qdeep.cluster.deepcluster import Clustering, pseudo_labels
+from qdeep.cluster.features import embed_images
+from qdeep.cluster.kmeans import ground_truth_scores, nmi
+from qdeep.data import BadInputPolicy, ImageSet, scan_images
+from qdeep.data.planet import load_class_folders, load_planet, read_labeled
+from qdeep.errors import QdeepError
+from qdeep.parts.targets import PseudoTargets
+from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
+from qdeep.runtime import ray_session
+from qdeep.train import driver
+from qdeep.train.config import TrainConfig
+from qdeep.workflows.common import check_images
+from qdeep.workflows.train import TrainingData, check_model, loop_config
+
+STATE_FILE = "deepcluster.json"
+GRID_SIZE = 16
+
+
+@dataclass
+class DeepClusterConfig:
+    arch: str = "efficientnet_lite0"
+    weights: str = "bundled"  # the starting network: none | imagenet | bundled | PATH
+    k: int = 5  # clusters (pseudo-classes) per iteration
+    iterations: int = 10
+    epochs_per_iteration: int = 1
+    final_k: int = 20  # the final over-clustering
+    ctrl_fraction: float = 0.25  # images never trained on, to measure the pseudo-label task honestly
+    balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
+    pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
+    freeze: str = "none"  # the reference trains the whole network
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    batch_size: int = 32
+    image_size: int | None = None
+    loader_workers: int = 2
+    seed: int = 0
+
+    def fingerprint(self) -> dict:
+        """What must not change when a run is resumed (more iterations may be asked for)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("iterations", "loader_workers")}
+
+    def train_config(self, weights: str, iteration: int) -> TrainConfig:
+        return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
+                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                           image_size=self.image_size, task="pseudo", validation="accuracy", balance=self.balance,
+                           warmup_steps=10, seed=self.seed + iteration, loader_workers=self.loader_workers,
+                           val_fraction=self.ctrl_fraction, reset_head=True)
+
+
+@dataclass
+class Collection:
+    """The checked images, in a fixed order every iteration and every output uses."""
+
+    root: Path
+    paths: list[str]
+    ids: list[str]  # relative to root: the `image` column everywhere
+    is_ctrl: np.ndarray
+    truth: list[str] | None  # one ground-truth class per image, when labels were given
+    policy: BadInputPolicy
+
+
+def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConfig, labels: str | Path | None = None,
+                    data: str | Path | None = None, workers: int = 2, on_bad_image: str = "error",
+                    tracking_uri: str | None = None, address: str | None = None,
+                    progress=print) -> dict:
+    """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
+    started = time.time()
+    out = Path(out).resolve()
+    _check(config)
+    with ray_session(address):
+        coll = collect(images, config, labels, data, on_bad_image)
+        check_model(config.train_config(config.weights, 0), config.k)
+        parent_id = claim_out(out, config, len(coll.paths))
+        history = finished_iterations(out)
+        uri = tracking.tracking_uri(tracking_uri)
+        runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
+            "deepcluster", {**asdict(config), "images": str(coll.root), "out": str(out),
+                            "models_dir": str(out / "iterations"), "workers": workers, "n_images": len(coll.paths),
+                            "n_ctrl": int(coll.is_ctrl.sum()), "labels": str(labels or data or "")}, uri=tracking_uri)
+        with runner as run:
+            _record(out, config, len(coll.paths), run.info.run_id)
+            if history:
+                progress(f"resuming after iteration {len(history)} of {config.iterations}")
+            for t in range(len(history) + 1, config.iterations + 1):
+                history.append(run_iteration(out, t, coll, config, workers, uri, history))
+                progress(_summary(history[-1]))
+            final, clustering = over_cluster(out, coll, config, history)
+            metrics = {"iterations": history, "final": final, "n_images": len(coll.paths),
+                       "n_skipped": coll.policy.n_skipped, "skipped": coll.policy.skipped,
+                       "mlflow_run_id": run.info.run_id, "seconds": round(time.time() - started, 2)}
+            write_outputs(out, coll, history, clustering, metrics)
+            tracking.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+            tracking.log_artifacts(out / "metrics.json", out / "assignments.parquet", out / "curves.png",
+                                   out / "sizes.png", out / "grids")
+    return metrics
+
+
+def _check(config: DeepClusterConfig) -> None:
+    if config.k < 2 or config.final_k < 2:
+        raise QdeepError(f"--k and --final-k must be at least 2, got {config.k} and {config.final_k}")
+    if config.iterations < 0 or config.epochs_per_iteration < 1:
+        raise QdeepError("--iterations must be >= 0 and --epochs-per-iteration >= 1")
+    if not 0 < config.ctrl_fraction < 1:
+        raise QdeepError(f"--ctrl-fraction must be between 0 and 1, got {config.ctrl_fraction}")
+    if config.balance not in ("weights", "uniform"):
+        raise QdeepError(f"--balance must be weights or uniform, got {config.balance!r}")
+
+
+def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_image: str = "error") -> Collection:
+    """Every decodable image under `images`, the ctrl split, and ground truth when given."""
+    root = Path(images).resolve()
+    policy = BadInputPolicy(on_bad_image)
+    found = scan_images(root, policy)
+    checked = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+    n = len(checked.paths)
+    if n < max(config.k, config.final_k) * 2:
+        raise QdeepError(f"{root}: {n} images are too few for k={config.k} / final-k={config.final_k}")
+    rng = np.random.default_rng(config.seed)
+    is_ctrl = np.zeros(n, dtype=bool)
+    is_ctrl[rng.choice(n, max(1, round(n * config.ctrl_fraction)), replace=False)] = True
+    paths = [str(p) for p in checked.paths]
+    truth = ground_truth(paths, root, labels, data, policy) if (labels or data) else None
+    return Collection(root, paths, [p.relative_to(root).as_posix() for p in checked.paths], is_ctrl, truth, policy)
+
+
+def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=None) -> list[str]:
+    """One class per image: its folder in a folder-per-class `--data DIR`, or its tag combination
+    in a Planet CSV (`--labels CSV` over the images folder, or `--data DIR` in the Planet layout)."""
+    if labels:
+        known = read_labeled(Path(labels).resolve(), root, policy, recursive=True)
+    elif (Path(data) / "train_v2.csv").is_file() or (Path(data) / "train.csv").is_file():
+        known = load_planet(data, policy).train
+    else:
+        known = load_class_folders(data, policy).train
+    by_path = {str(p): " ".join(sorted(tags)) for p, tags in zip(known.paths, known.tags)}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise QdeepError(f"{labels or data}: no ground-truth label for {len(missing)} of {len(paths)} images "
+                         f"(first: {missing[0]})")
+    return [by_path[p] for p in paths]
+
+
+def claim_out(out: Path, config: DeepClusterConfig, n_images: int) -> str | None:
+    """A rerun of OUT must be the same run: returns its MLflow run id to resume, or None."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    now = {**config.fingerprint(), "n_images": n_images}
+    changed = sorted(k for k in set(recorded["settings"]) | set(now) if recorded["settings"].get(k) != now.get(k))
+    if changed:
+        raise QdeepError(f"{out} holds a DeepCluster run with other settings ({', '.join(changed)}); "
+                         "rerun with those settings to resume, or use another --out")
+    return recorded["mlflow_run_id"]
+
+
+def _record(out: Path, config: DeepClusterConfig, n_images: int, run_id: str) -> None:
+    io.write_json(out / STATE_FILE, {"settings": {**config.fingerprint(), "n_images": n_images},
+                                     "mlflow_run_id": run_id})
+
+
+def iteration_dir(out: Path, t: int) -> Path:
+    return out / "iterations" / f"iter_{t:02d}"
+
+
+def finished_iterations(out: Path) -> list[dict]:
+    """Metrics of iterations 1, 2, ... that finished (in order, stopping at the first gap)."""
+    history = []
+    while (iteration_dir(out, len(history) + 1) / "metrics.json").is_file():
+        history.append(json.loads((iteration_dir(out, len(history) + 1) / "metrics.json").read_text()))
+    return history
+
+
+def network(out: Path, config: DeepClusterConfig, t: int) -> str:
+    """The weights iteration t starts from: the configured ones, then the previous iteration's."""
+    return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
+
+
+def features(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path) -> np.ndarray:
+    """Descriptors of every image with `weights`, through the feature store, in the collection's order."""
+    store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
+                         image_size=config.image_size)
+    ids, x = store.to_numpy()
+    order = {image: i for i, image in enumerate(ids)}
+    return x[[order[i] for i in coll.ids]]
+
+
+def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
+                  history: list[dict]) -> dict:
+    """Cluster with the current network, train a fresh head (and the network) on the pseudo-labels."""
+    import mlflow
+
+    started = time.time()
+    folder = iteration_dir(out, t)
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
+    shutil.rmtree(out / "ray_results" / folder.name, ignore_errors=True)
+    weights = network(out, config, t)
+    x = features(coll, config, weights, folder / "features")
+    clustering = pseudo_labels(x, config.k, config.pca, seed=config.seed + t)
+    shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
+
+    data = TrainingData(PseudoTargets.for_clusters(config.k), coll.paths, clustering.labels, coll.is_ctrl,
+                        coll.policy, str(coll.root), "accuracy")
+    train_config = config.train_config(weights, t)
+    with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
+        lc = loop_config(train_config, data, uri, child.info.run_id)
+        outcome = driver.fit(lc, workers, folder.name, str(out / "ray_results"))
+    epochs = outcome.latest["history"]
+    with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included
+        torch.save(outcome.latest["model"], tmp)
+    with io.atomic_path(folder / "labels.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, clustering.labels)
+
+    last = epochs[-1]
+    metrics = {
+        "iteration": t,
+        "weights": weights,
+        **cluster_stats(clustering, coll),
+        "nmi_prev": nmi(clustering.labels, previous_labels(out, t - 1)) if t > 1 else None,
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "ctrl_loss": last["val_loss"],
+        "ctrl_acc": last["val_accuracy"],
+        **truth_scores(clustering.labels, coll),
+        "epochs": [{k: e[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_accuracy")}
+                   for e in epochs],
+        "seconds": round(time.time() - started, 2),
+    }
+    first_step = (t - 1) * config.epochs_per_iteration
+    for e in epochs:
+        tracking.log_metrics({"train_loss": e["train_loss"], "train_acc": e["train_acc"], "ctrl_loss": e["val_loss"],
+                              "ctrl_acc": e["val_accuracy"]}, step=first_step + int(e["epoch"]))
+    tracking.log_metrics({k: metrics[k] for k in ("score", "imbalance", "n_empty", "nmi_prev", "nmi_true", "ari_true",
+                                                  "purity_true") if metrics.get(k) is not None}, step=t)
+    mlflow.log_dict({"train": metrics["sizes"], "ctrl": metrics["sizes_ctrl"]}, f"sizes/iter_{t:02d}.json")
+    io.write_json(folder / "metrics.json", metrics)  # last: marks the iteration finished
+    return metrics
+
+
+def previous_labels(out: Path, t: int) -> np.ndarray:
+    return np.load(iteration_dir(out, t) / "labels.npy")
+
+
+def cluster_stats(clustering: Clustering, coll: Collection) -> dict:
+    k = len(clustering.sizes)
+    return {"k": k, "score": clustering.score, "sizes": np.bincount(clustering.labels[~coll.is_ctrl], minlength=k).tolist(),
+            "sizes_ctrl": np.bincount(clustering.labels[coll.is_ctrl], minlength=k).tolist(),
+            "imbalance": clustering.imbalance, "n_empty": clustering.n_empty}
+
+
+def truth_scores(labels: np.ndarray, coll: Collection) -> dict:
+    if coll.truth is None:
+        return {}
+    return {f"{k}_true": v for k, v in ground_truth_scores(labels, coll.truth).items()}
+
+
+def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict]) -> tuple[dict, Clustering]:
+    """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
+    weights = network(out, config, len(history) + 1)
+    x = features(coll, config, weights, out / "features")
+    clustering = pseudo_labels(x, config.final_k, config.pca, seed=config.seed)
+    final = {"weights": weights, **cluster_stats(clustering, coll), **truth_scores(clustering.labels, coll)}
+    if history:
+        final["nmi_last_iteration"] = nmi(clustering.labels, previous_labels(out, len(history)))
+    return final, clustering
+
+
+def write_outputs(out: Path, coll: Collection, history: list[dict], clustering: Clustering, metrics: dict) -> None:
+    """assignments.parquet, metrics.json, grids/cluster_XX.png, curves.png, sizes.png."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"image": coll.ids, "cluster": clustering.labels.astype(np.int32)}
+    for h in history:
+        columns[f"iter_{h['iteration']}"] = previous_labels(out, h["iteration"]).astype(np.int32)
+    with io.atomic_path(out / "assignments.parquet") as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    io.write_json(out / "metrics.json", metrics)
+    with io.atomic_dir(out / "grids") as grids:
+        for c in range(len(clustering.sizes)):
+            members = np.flatnonzero(clustering.labels == c)
+            nearest = members[np.argsort(clustering.distances[members], kind="stable")][:GRID_SIZE]
+            cluster_grid([coll.paths[i] for i in nearest], grids / f"cluster_{c:02d}.png",
+                         f"cluster {c}: {len(members)} images")
+    deepcluster_curves(history, out / "curves.png")
+    deepcluster_sizes(history, metrics["final"]["sizes"], out / "sizes.png")
+
+
+def _summary(m: dict) -> str:
+    text = (f"iteration {m['iteration']}: score {m['score']:.4f}  train_acc {m['train_acc']:.3f}  "
+            f"ctrl_acc {m['ctrl_acc']:.3f}  imbalance {m['imbalance']:.2f}")
+    if m.get("nmi_prev") is not None:
+        text += f"  nmi(t-1,t) {m['nmi_prev']:.3f}"
+    if "nmi_true" in m:
+        text += f"  nmi(truth) {m['nmi_true']:.3f}"
+    return text
