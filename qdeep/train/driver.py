@@ -92,7 +92,25 @@ def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, stor
         max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
     """Run training to the end (or resume it) and load its best and latest checkpoints."""
     trainer = make_trainer(loop_config, workers, name, storage_path, max_failures, use_gpu, cpus)
-    return outcome_of(trainer.fit(), name, loop_config["score_metric"])
+    outcome = outcome_of(fit_keeping_ctrl_c(trainer), name, loop_config["score_metric"])
+    if outcome.latest["epoch"] + 1 < loop_config["epochs"]:  # Ray Train ends a run early only on Ctrl+C
+        raise KeyboardInterrupt(f"training run {name!r} was aborted after epoch {outcome.latest['epoch']}")
+    return outcome
+
+
+def fit_keeping_ctrl_c(trainer):
+    """`trainer.fit()`, then the caller's Ctrl+C handler back: Ray Train installs its own (which
+    aborts the run gracefully) and leaves it in place, so a later Ctrl+C would do nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def outcome_of(result, name: str, score_metric: str) -> TrainOutcome:

@@ -1,0 +1,106 @@
+"""`qdeep deepcluster` end to end on real JPEGs and a real local Ray: two iterations, interrupted
+after the first (Ctrl+C), resumed from the second, with every output and the MLflow history."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from qdeep.cli import main
+from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
+
+QDEEP = str(Path(sys.executable).with_name("qdeep"))
+
+
+def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_uri):
+    scenes = tmp_path / "scenes"
+    write_synthetic_classes(scenes, n_per_class=16, size=40, seed=5)
+    out = tmp_path / "out"
+    argv = ["deepcluster", "--images", str(scenes), "--data", str(scenes), "--arch", "efficientnet_lite0",
+            "--weights", "bundled", "--freeze", "last:1", "--image-size", "64", "--k", "5", "--iterations", "2",
+            "--final-k", "6", "--ctrl-fraction", "0.25", "--balance", "uniform", "--workers", "2",
+            "--loader-workers", "0", "--out", str(out), "--tracking-uri", sqlite_uri]
+    proc = subprocess.Popen([QDEEP, *argv, "--address", ray_cluster.get_runtime_context().gcs_address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "iterations" / "iter_01" / "metrics.json"
+    try:  # Ctrl+C as soon as iteration 1 has finished
+        deadline = time.time() + 300
+        while not first.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "metrics.json").exists()
+    before = first.read_text()
+    labels_1 = np.load(out / "iterations" / "iter_01" / "labels.npy")
+
+    assert main(argv) == 0  # the same --out: resumes at iteration 2
+    assert first.read_text() == before  # iteration 1 was not redone
+
+    m = json.loads((out / "metrics.json").read_text())
+    its = m["iterations"]
+    assert [h["iteration"] for h in its] == [1, 2]
+    for h in its:
+        assert sum(h["sizes"]) + sum(h["sizes_ctrl"]) == 80 and sum(h["sizes_ctrl"]) == 20
+        assert h["score"] < 0 and 0 <= h["train_acc"] <= 1 and 0 <= h["ctrl_acc"] <= 1 and h["ctrl_loss"] > 0
+        assert 0 <= h["nmi_true"] <= 1 and -1 <= h["ari_true"] <= 1 and 0 < h["purity_true"] <= 1
+    assert its[0]["nmi_prev"] is None and 0 <= its[1]["nmi_prev"] <= 1
+    assert its[1]["weights"].endswith("iter_01/model.pt")
+    final = m["final"]
+    assert final["k"] == 6 and sum(final["sizes"]) + sum(final["sizes_ctrl"]) == 80
+    assert final["purity_true"] > 0.5  # pretrained descriptors separate the scene classes
+
+    table = pq.read_table(out / "assignments.parquet")
+    assert table.column_names == ["image", "cluster", "iter_1", "iter_2"] and table.num_rows == 80
+    images = table.column("image").to_pylist()
+    assert set(images) == {f"{c}/{c}_{i}.jpg" for c in SCENE_CLASSES for i in range(16)}
+    assert np.array_equal(table.column("iter_1").to_numpy(), labels_1)
+    clusters = table.column("cluster").to_numpy()
+    assert set(clusters) <= set(range(6))
+
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == [f"cluster_{c:02d}.png" for c in range(6) if (clusters == c).any()] or len(grids) == 6
+    with Image.open(out / "grids" / "cluster_00.png") as grid:
+        assert grid.width == 4 * 96
+    assert (out / "curves.png").stat().st_size > 0 and (out / "sizes.png").stat().st_size > 0
+
+    mlflow.set_tracking_uri(sqlite_uri)
+    runs = mlflow.search_runs(experiment_names=["qdeep"], output_format="list")
+    parents = [r for r in runs if r.info.run_name == "deepcluster"]
+    assert len(parents) == 1 and "mlflow.parentRunId" not in parents[0].data.tags  # resumed, not duplicated
+    client = mlflow.MlflowClient()
+    parent = parents[0].info.run_id
+    assert [x.step for x in client.get_metric_history(parent, "score")] == [1, 2]
+    assert [x.step for x in client.get_metric_history(parent, "ctrl_acc")] == [0, 1]
+    assert [x.step for x in client.get_metric_history(parent, "nmi_prev")] == [2]
+    for key in ("train_loss", "train_acc", "ctrl_loss", "nmi_true", "ari_true", "purity_true", "final_score"):
+        assert key in client.get_run(parent).data.metrics, key
+    params = client.get_run(parent).data.params
+    assert params["k"] == "5" and params["models_dir"].endswith("iterations")
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"metrics.json", "assignments.parquet", "curves.png", "sizes.png", "grids", "sizes"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent, "sizes")} == {"sizes/iter_01.json", "sizes/iter_02.json"}
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert {"iteration-1", "iteration-2"} <= children
+
+
+def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "deepcluster.json").write_text(json.dumps({"settings": {"k": 7}, "mlflow_run_id": "x"}))
+    scenes = tmp_path / "scenes"
+    write_synthetic_classes(scenes, n_per_class=4, size=16, seed=0)
+    code = main(["deepcluster", "--images", str(scenes), "--arch", "resnet18", "--weights", "none", "--k", "2",
+                 "--final-k", "2", "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2
