@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
     p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--storage-path", help="where Ray Train checkpoints live (default: OUT/ray_results)")
     _add_run_args(p)
     p.set_defaults(func=cmd_deepcluster)
 
@@ -342,7 +343,7 @@ def cmd_deepcluster(args) -> None:
                                freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
-                        on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
+                        storage_path=args.storage_path, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
     final = m["final"]
     text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
     if "nmi_true" in final:

@@ -83,12 +83,14 @@ class Collection:
 
 
 def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConfig, labels: str | Path | None = None,
-                    data: str | Path | None = None, workers: int = 2, on_bad_image: str = "error",
+                    data: str | Path | None = None, workers: int = 2, storage_path: str | None = None,
+                    on_bad_image: str = "error",
                     tracking_uri: str | None = None, address: str | None = None,
                     progress=print) -> dict:
     """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
     started = time.time()
     out = Path(out).resolve()
+    storage_path = storage_path or str(out / "ray_results")
     _check(config)
     with ray_session(address):
         coll = collect(images, config, labels, data, on_bad_image)
@@ -105,7 +107,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
             for t in range(len(history) + 1, config.iterations + 1):
-                history.append(run_iteration(out, t, coll, config, workers, uri, history))
+                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path))
                 progress(_summary(history[-1]))
             final, clustering = over_cluster(out, coll, config, history)
             metrics = {"iterations": history, "final": final, "n_images": len(coll.paths),
@@ -209,14 +211,15 @@ def features(coll: Collection, config: DeepClusterConfig, weights: str, store_di
 
 
 def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
-                  history: list[dict]) -> dict:
+                  storage_path: str) -> dict:
     """Cluster with the current network, train a fresh head (and the network) on the pseudo-labels."""
     import mlflow
 
     started = time.time()
     folder = iteration_dir(out, t)
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
-    shutil.rmtree(out / "ray_results" / folder.name, ignore_errors=True)
+    run_name = f"{out.name}-{folder.name}"
+    _remove_run(storage_path, run_name)  # its checkpoints belong to pseudo-labels that are gone
     weights = network(out, config, t)
     x = features(coll, config, weights, folder / "features")
     clustering = pseudo_labels(x, config.k, config.pca, seed=config.seed + t)
@@ -227,7 +230,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     train_config = config.train_config(weights, t)
     with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
         lc = loop_config(train_config, data, uri, child.info.run_id)
-        outcome = driver.fit(lc, workers, folder.name, str(out / "ray_results"))
+        outcome = driver.fit(lc, workers, run_name, storage_path)
     epochs = outcome.latest["history"]
     with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included
         torch.save(outcome.latest["model"], tmp)
@@ -258,6 +261,17 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     mlflow.log_dict({"train": metrics["sizes"], "ctrl": metrics["sizes_ctrl"]}, f"sizes/iter_{t:02d}.json")
     io.write_json(folder / "metrics.json", metrics)  # last: marks the iteration finished
     return metrics
+
+
+def _remove_run(storage_path: str, name: str) -> None:
+    import pyarrow.fs
+
+    if "://" in storage_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
+    if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(f"{root}/{name}")
 
 
 def previous_labels(out: Path, t: int) -> np.ndarray:
