@@ -31,6 +31,16 @@ def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
+def _add_gpu_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="GPU workers: auto (when the cluster has GPUs now), yes (ask for them: an autoscaling "
+                        "cluster starts GPU nodes), no")
+
+
+def _use_gpu(args) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[args.gpu]
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Bad-input policy, Ray cluster and MLflow store: every command that fits something."""
     _add_bad_input_arg(p)
@@ -137,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
+    _add_gpu_arg(p)
     _add_train_knobs(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_train)
@@ -220,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", default="2", help="Ray Train workers: N, or MIN-MAX to grow with the cluster")
     g = p.add_argument_group("ground truth, for NMI/ARI/purity (optional)")
     g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--storage-path", help="where Ray Train checkpoints live (default: OUT/ray_results)")
+    _add_gpu_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_deepcluster)
 
@@ -297,7 +309,7 @@ def cmd_train(args) -> None:
     m = run_train(args.out, config, data=args.data, labels=args.labels, images=args.images, workers=args.workers,
                   name=args.name, storage_path=args.storage_path, max_failures=args.max_failures,
                   on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address,
-                  plugins=args.plugins)
+                  plugins=args.plugins, use_gpu=_use_gpu(args))
     metric = m["score_metric"]
     for h in m["history"]:
         print(f"epoch {h['epoch']}: train_loss {h['train_loss']:.4f}  val_loss {h['val_loss']:.4f}  "
@@ -343,7 +355,7 @@ def cmd_deepcluster(args) -> None:
                                freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
-                        storage_path=args.storage_path, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address)
+                        storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args), tracking_uri=args.tracking_uri, address=args.address)
     final = m["final"]
     text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
     if "nmi_true" in final:

@@ -47,11 +47,18 @@ def read_json(path: str) -> dict | None:
 
 
 def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON to `path` (local or URI), creating its directory."""
+    """Write `obj` as JSON to `path`, creating its directory: atomically on a local (or NFS) path,
+    through pyarrow for a URI (object stores write whole objects)."""
+    from qdeep import io
+
+    if "://" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, obj)
+        return
     fs, inner = filesystem(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+        f.write(json.dumps(obj, indent=2).encode())
 
 
 def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S) -> None:
@@ -68,12 +75,14 @@ def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S) ->
     nodes = alive_nodes()
     if len(nodes) < 2:
         return
-    local = Path(storage_path.partition("file://")[2] if storage_path.startswith("file://") else storage_path)
-    local = local.resolve()
-    local.mkdir(parents=True, exist_ok=True)
+    local = Path(storage_path.removeprefix("file://")).resolve()
     token = uuid.uuid4().hex
     marker = local / f"{MARKER_PREFIX}{token}"
-    marker.write_text(token)
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    except OSError as exc:
+        raise QdeepError(f"cannot write to storage path {storage_path}: {exc.strerror or exc}") from None
     try:
         seen = nodes_seeing(str(marker), token, [n["NodeID"] for n in nodes], timeout)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from qdeep import io, tracking
+from qdeep import io, storage, tracking
 from qdeep.errors import QdeepError
 from qdeep.report import ladder_plot, per_label_heatmap
 from qdeep.runtime import ray_session
@@ -126,6 +126,8 @@ def concurrency(sweep: Sweep) -> int:
     resources = ray.cluster_resources()
     fits = int(resources.get("CPU", 1) // sweep.workers_per_trial)
     if sweep.gpus_per_trial:
+        if not resources.get("GPU"):  # an autoscaling cluster starts GPU nodes once trials ask for them
+            return sweep.max_concurrent or 1
         fits = min(fits, int(resources.get("GPU", 0) // sweep.gpus_per_trial))
     if fits < 1:
         raise QdeepError(f"one trial needs {sweep.workers_per_trial} CPU worker(s) and {sweep.gpus_per_trial} GPU(s); "
@@ -147,6 +149,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
     experiment = f"{storage_path}/{name}"
     uri = tracking.tracking_uri(tracking_uri)
     with ray_session(address):
+        storage.check_shared_storage(storage_path)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
                                 sweep.base.task, sweep.base.validation)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
@@ -228,13 +231,12 @@ def _scheduler(sweep: Sweep):
 
 
 def _recorded_parent(experiment: str) -> str | None:
-    path = Path(experiment) / SWEEP_FILE
-    return json.loads(path.read_text())["parent_run_id"] if path.is_file() else None
+    recorded = storage.read_json(f"{experiment}/{SWEEP_FILE}")  # local, NFS or s3://, like the trials
+    return recorded["parent_run_id"] if recorded else None
 
 
 def _record_parent(experiment: str, run_id: str) -> None:
-    Path(experiment).mkdir(parents=True, exist_ok=True)
-    io.write_json(Path(experiment) / SWEEP_FILE, {"parent_run_id": run_id})
+    storage.write_json(f"{experiment}/{SWEEP_FILE}", {"parent_run_id": run_id})
 
 
 def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: str = "f2") -> list[dict]:

@@ -64,8 +64,10 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
 
 
 def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
-                 image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None):
-    """Descriptors of already-checked images into the store at `out` (call inside a Ray session)."""
+                 image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None,
+                 use_gpu: bool | None = None):
+    """Descriptors of already-checked images into the store at `out` (call inside a Ray session).
+    GPU actors when the cluster has GPUs (use_gpu None), or when asked (an autoscaler adds them)."""
     import ray
 
     from qdeep.cluster.store import write_store_from_dataset
@@ -77,12 +79,13 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
         dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
     gpus = ray.cluster_resources().get("GPU", 0)
-    actors = int(gpus) if gpus else 1
+    use_gpu = bool(gpus) if use_gpu is None else use_gpu
+    actors = max(1, int(gpus)) if use_gpu else 1
     rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
     ds = (ray.data.from_items(rows)
           .map_batches(Decode, fn_constructor_kwargs={"size": size, "mean": spec.mean, "std": spec.std},
                        batch_size=batch_size, concurrency=1)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       batch_size=batch_size, concurrency=actors, num_gpus=1 if gpus else 0))
+                       batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
                                     extra={"image_root": str(root), **(extra or {})})

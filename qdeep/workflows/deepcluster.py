@@ -30,6 +30,7 @@ from qdeep.errors import QdeepError
 from qdeep.parts.targets import PseudoTargets
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
 from qdeep.runtime import ray_session
+from qdeep.storage import check_shared_storage
 from qdeep.train import driver
 from qdeep.train.config import TrainConfig
 from qdeep.workflows.common import check_images
@@ -83,8 +84,8 @@ class Collection:
 
 
 def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConfig, labels: str | Path | None = None,
-                    data: str | Path | None = None, workers: int = 2, storage_path: str | None = None,
-                    on_bad_image: str = "error",
+                    data: str | Path | None = None, workers: int | str = 2, storage_path: str | None = None,
+                    on_bad_image: str = "error", use_gpu: bool | None = None,
                     tracking_uri: str | None = None, address: str | None = None,
                     progress=print) -> dict:
     """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
@@ -93,6 +94,8 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     storage_path = storage_path or str(out / "ray_results")
     _check(config)
     with ray_session(address):
+        check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
+        check_shared_storage(storage_path)
         coll = collect(images, config, labels, data, on_bad_image)
         check_model(config.train_config(config.weights, 0), config.k)
         parent_id = claim_out(out, config, len(coll.paths))
@@ -107,9 +110,9 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
             for t in range(len(history) + 1, config.iterations + 1):
-                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path))
+                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path, use_gpu))
                 progress(_summary(history[-1]))
-            final, clustering = over_cluster(out, coll, config, history)
+            final, clustering = over_cluster(out, coll, config, history, use_gpu)
             metrics = {"iterations": history, "final": final, "n_images": len(coll.paths),
                        "n_skipped": coll.policy.n_skipped, "skipped": coll.policy.skipped,
                        "mlflow_run_id": run.info.run_id, "seconds": round(time.time() - started, 2)}
@@ -201,17 +204,18 @@ def network(out: Path, config: DeepClusterConfig, t: int) -> str:
     return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
 
 
-def features(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path) -> np.ndarray:
+def features(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path,
+             use_gpu: bool | None = None) -> np.ndarray:
     """Descriptors of every image with `weights`, through the feature store, in the collection's order."""
     store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
-                         image_size=config.image_size)
+                         image_size=config.image_size, use_gpu=use_gpu)
     ids, x = store.to_numpy()
     order = {image: i for i, image in enumerate(ids)}
     return x[[order[i] for i in coll.ids]]
 
 
 def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
-                  storage_path: str) -> dict:
+                  storage_path: str, use_gpu: bool | None = None) -> dict:
     """Cluster with the current network, train a fresh head (and the network) on the pseudo-labels."""
     import mlflow
 
@@ -221,7 +225,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     run_name = f"{out.name}-{folder.name}"
     _remove_run(storage_path, run_name)  # its checkpoints belong to pseudo-labels that are gone
     weights = network(out, config, t)
-    x = features(coll, config, weights, folder / "features")
+    x = features(coll, config, weights, folder / "features", use_gpu)
     clustering = pseudo_labels(x, config.k, config.pca, seed=config.seed + t)
     shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
 
@@ -230,7 +234,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     train_config = config.train_config(weights, t)
     with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
         lc = loop_config(train_config, data, uri, child.info.run_id)
-        outcome = driver.fit(lc, workers, run_name, storage_path)
+        outcome = driver.fit(lc, workers, run_name, storage_path, use_gpu=use_gpu)
     epochs = outcome.latest["history"]
     with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included
         torch.save(outcome.latest["model"], tmp)
@@ -291,10 +295,11 @@ def truth_scores(labels: np.ndarray, coll: Collection) -> dict:
     return {f"{k}_true": v for k, v in ground_truth_scores(labels, coll.truth).items()}
 
 
-def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict]) -> tuple[dict, Clustering]:
+def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
+                 use_gpu: bool | None = None) -> tuple[dict, Clustering]:
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
     weights = network(out, config, len(history) + 1)
-    x = features(coll, config, weights, out / "features")
+    x = features(coll, config, weights, out / "features", use_gpu)
     clustering = pseudo_labels(x, config.final_k, config.pca, seed=config.seed)
     final = {"weights": weights, **cluster_stats(clustering, coll), **truth_scores(clustering.labels, coll)}
     if history:

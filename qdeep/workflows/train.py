@@ -133,6 +133,7 @@ def run_train(
     address: str | None = None,
     prepared: TrainingData | None = None,
     plugins: list[str] | None = None,
+    use_gpu: bool | None = None,
 ) -> dict:
     """Train, then write OUT/metrics.json and OUT/model/ (the best epoch by the task's score)."""
     started = time.time()
@@ -156,7 +157,7 @@ def run_train(
                   "max_failures": max_failures, **prepared.sizes}
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:
             lc = loop_config(config, prepared, tracking.tracking_uri(tracking_uri), run.info.run_id, plugins)
-            outcome = driver.fit(lc, workers, name, storage_path, max_failures=max_failures)
+            outcome = driver.fit(lc, workers, name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
             metrics = export(out, outcome, prepared, config, started, run.info.run_id)
             m = metrics["per_label_metric"]
             tracking.log_metrics({f"best_{prepared.score_metric}": metrics[prepared.score_metric],

@@ -1,0 +1,309 @@
+"""A real two-node Ray cluster on this machine, jobs submitted to it with `ray job submit`.
+
+The head (`ray start --head`, 1 CPU, node address 127.0.0.2) and a second node (`ray start
+--address`, 1 CPU, node address 127.0.0.3) are separate `ray start --block` processes, each in its own
+session, with ports of their own, so they never touch the pytest session's Ray (or anyone else's):
+they are stopped by signalling their `ray start` process, never with `ray stop`, which would kill
+every Ray on the machine.
+
+The two nodes share the filesystem, as NFS would, except one directory: the second node runs in its
+own mount namespace with a tmpfs over `local/`, so `local/` is real node-local storage there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
+from qdeep.train.worker import CHECKPOINT_FILE
+
+HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"  # loopback addresses: one per node, both on this machine
+BIN = Path(sys.executable).parent  # the venv's python, ray and qdeep
+START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 240
+TINY = ["--arch", "resnet18", "--weights", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "16",
+        "--loader-workers", "0", "--warmup-steps", "2"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Every process whose session is `sid` (a `ray start` started with its own session, and all the
+    GCS, raylet, dashboard and worker processes it spawned)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@dataclass(repr=False)
+class Job:
+    id: str
+    status: str  # SUCCEEDED, FAILED, STOPPED, ...
+    logs: str
+
+    def __repr__(self) -> str:  # what a failed assertion shows
+        return f"job {self.id} ended {self.status}; its logs:\n{self.logs[-6000:]}"
+
+
+class LoopbackCluster:
+    """Two `ray start --block` processes; `submit` runs a job with `ray job submit`."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.shared = base / "shared"  # seen by both nodes (the same disk: like NFS)
+        self.local = base / "local"  # node-local: a tmpfs on the second node, this disk on the head
+        self.shared.mkdir()
+        self.local.mkdir()
+        ports = _free_ports(17)
+        self.port, self.dashboard_port = ports[:2]
+        self._head_ports, self._node_ports = ports[2:11], ports[11:]
+        self.gcs = f"{HEAD_IP}:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # Nothing of the pytest session's Ray (RAY_ADDRESS, loopback-only mode) leaks into the nodes.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "QDEEP_TEST_"))}
+        self.env = {**env, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.procs: list[subprocess.Popen] = []
+
+    def _ray_start(self, args: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([*prefix, str(BIN / "ray"), "start", "--block", *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        deadline = time.time() + START_TIMEOUT_S
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start failed ({log}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        return proc
+
+    def start(self) -> None:
+        temp = self.base / "ray"  # one temp dir for both nodes, apart from the session's /tmp/ray
+        common = ["--num-cpus", "1", "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", str(temp),
+                  "--disable-usage-stats"]
+        # Processes on the nodes (Ray Train's helpers query the state API) find this cluster, not another
+        # Ray on the machine; SIGTERM tears a node down at once instead of draining it for 30 s.
+        env = {**self.env, "RAY_ADDRESS": self.gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        client, node_manager, object_manager, agent, agent_grpc, runtime_env, metrics, dash_metrics, \
+            autoscaler_metrics = self._head_ports
+        self._ray_start(
+            ["--head", "--node-ip-address", HEAD_IP, "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(client),
+             "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics), *common],
+            self.base / "head.log",
+            {**env, "DASHBOARD_METRIC_PORT": str(dash_metrics), "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = self._node_ports
+        # Its own mount namespace (private propagation): the tmpfs over local/ exists for this node only.
+        unshare = ["unshare", "--mount", "--propagation", "private"]
+        if os.geteuid() != 0:
+            unshare[1:1] = ["--user", "--map-root-user"]
+        self._ray_start(
+            ["--address", self.gcs, "--node-ip-address", NODE_IP, "--node-manager-port", str(node_manager),
+             "--object-manager-port", str(object_manager), "--dashboard-agent-listen-port", str(agent),
+             "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+             "--metrics-export-port", str(metrics), *common],
+            self.base / "node.log", env,
+            prefix=[*unshare, "sh", "-c", 'mount -t tmpfs qdeep-node-local "$0" && exec "$@"', str(self.local)])
+        self._wait_for_two_nodes()
+
+    def _wait_for_two_nodes(self) -> None:
+        deadline, out = time.time() + START_TIMEOUT_S, ""
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5)
+            except urllib.error.HTTPError:
+                pass  # answering (maybe asking for the token): up
+            except OSError:
+                time.sleep(1)
+                continue
+            out = self.ray("status", "--address", self.gcs, timeout=60).stdout
+            if len(re.findall(r"^\s*1 node_", out, re.M)) == 2:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the two-node cluster did not come up; ray status:\n{out}")
+
+    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def submit(self, *entrypoint: str, timeout: float = JOB_TIMEOUT_S) -> Job:
+        """Run `entrypoint` as a Ray job (its driver on the head, no CPU of its own) and wait for it."""
+        job_id = f"qdeep-test-{uuid.uuid4().hex[:8]}"
+        try:
+            self.ray("job", "submit", "--address", self.dashboard, "--submission-id", job_id,
+                     "--entrypoint-num-cpus", "0", "--", *entrypoint, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.ray("job", "stop", "--address", self.dashboard, job_id)
+        status = self.ray("job", "status", "--address", self.dashboard, job_id)
+        text = status.stdout + status.stderr  # "Job 'ID' succeeded" / "failed", or "Status for job 'ID': RUNNING"
+        found = re.search(rf"Job '{job_id}' (\w+)|Status for job '{job_id}': (\w+)", text)
+        logs = self.ray("job", "logs", "--address", self.dashboard, job_id).stdout
+        return Job(job_id, (found.group(1) or found.group(2)).upper() if found else f"unknown: {text}", logs)
+
+    def qdeep(self, *args: str, timeout: float = JOB_TIMEOUT_S) -> Job:
+        return self.submit(str(BIN / "qdeep"), *args, timeout=timeout)
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops its node's processes), then SIGKILL whatever is
+        left in their sessions; fail if anything survives."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.time() + 30
+        while (left := [pid for p in self.procs for pid in _session_processes(p.pid)]) and time.time() < deadline:
+            time.sleep(1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+        left = [pid for p in self.procs for pid in _session_processes(p.pid)]
+        assert not left, f"Ray processes of the test cluster survived SIGKILL: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    base = Path(tempfile.mkdtemp(prefix="qdmn-", dir="/tmp"))  # short: Ray's socket paths live under it
+    c = LoopbackCluster(base)
+    try:
+        c.start()
+        write_synthetic_planet(c.shared / "data", n=160, size=32, seed=1, n_test=8)
+        yield c
+    finally:
+        try:
+            c.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _train_args(c: LoopbackCluster, out: str, *extra: str) -> list[str]:
+    return ["train", "--data", str(c.shared / "data"), "--out", str(c.shared / out),
+            "--tracking-uri", f"sqlite:///{c.shared / 'mlflow.db'}", *TINY, *extra]
+
+
+def test_two_workers_train_on_two_nodes(cluster):
+    job = cluster.qdeep(*_train_args(cluster, "out2", "--workers", "2", "--name", "two",
+                                     "--storage-path", str(cluster.shared / "runs")))
+    assert job.status == "SUCCEEDED", job
+    m = json.loads((cluster.shared / "out2" / "metrics.json").read_text())
+    assert [(h["workers"], h["nodes"]) for h in m["history"]] == [(2, 2)], job  # one worker on each node
+    run_dir = cluster.shared / "runs" / "two"
+    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+    assert checkpoints and all((c / CHECKPOINT_FILE).is_file() for c in checkpoints), job
+    assert m["ray_run_path"] == str(run_dir)
+
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cluster.shared / 'mlflow.db'}").get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["workers"] == "2"
+    assert {"train_loss", "val_f2", "best_val_f2"} <= set(run.data.metrics)  # rank 0's and the driver's
+
+
+def test_elastic_workers_finish_on_the_cluster(cluster):
+    job = cluster.qdeep(*_train_args(cluster, "out-elastic", "--workers", "1-2", "--name", "elastic",
+                                     "--storage-path", str(cluster.shared / "runs")))
+    assert job.status == "SUCCEEDED", job
+    m = json.loads((cluster.shared / "out-elastic" / "metrics.json").read_text())
+    assert m["epochs_completed"] == 1 and all(1 <= h["workers"] <= 2 for h in m["history"]), job
+    # Both nodes were up: the elastic run started with all the workers they hold.
+    assert m["history"][-1]["workers"] == 2, job
+    recorded = json.loads((cluster.shared / "runs" / "elastic" / "qdeep_run.json").read_text())
+    assert recorded["workers"] == "1-2"
+
+
+def test_deepcluster_job(cluster):
+    scenes = cluster.shared / "scenes"
+    write_synthetic_classes(scenes, n_per_class=8, size=32, seed=5)
+    out = cluster.shared / "dc"
+    job = cluster.qdeep("deepcluster", "--images", str(scenes), "--data", str(scenes), "--arch", "resnet18",
+                        "--weights", "none", "--image-size", "32", "--k", "3", "--iterations", "1", "--final-k", "3",
+                        "--workers", "2", "--loader-workers", "0", "--batch-size", "16", "--out", str(out),
+                        "--tracking-uri", f"sqlite:///{cluster.shared / 'mlflow.db'}")
+    assert job.status == "SUCCEEDED", job
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["iteration"] for h in m["iterations"]] == [1] and m["final"]["k"] == 3, job
+    assert (out / "assignments.parquet").is_file() and (out / "iterations" / "iter_01" / "model.pt").is_file()
+    assert len(list((out / "grids").glob("cluster_*.png"))) >= 1
+
+
+def test_node_local_storage_path_is_refused(cluster):
+    runs = cluster.local / "runs"
+    job = cluster.qdeep(*_train_args(cluster, "out-local", "--workers", "2", "--storage-path", str(runs)),
+                        timeout=120)
+    assert job.status == "FAILED", job
+    errors = [line for line in job.logs.splitlines() if line.startswith("qdeep: error:")]
+    assert len(errors) == 1, job
+    assert f"storage path {runs} is not shared" in errors[0] and f"not visible on {NODE_IP} (node " in errors[0]
+    assert HEAD_IP not in errors[0] and "s3://" in errors[0]
+    assert list(runs.iterdir()) == []  # the marker is gone, nothing was trained
+    assert not (cluster.shared / "out-local" / "metrics.json").exists()
+
+
+PROBE = """
+import json, sys, uuid
+from pathlib import Path
+import ray
+from qdeep import storage
+
+shared, local = sys.argv[1:]
+ray.init()
+ids = {n["NodeManagerAddress"]: n["NodeID"] for n in storage.alive_nodes()}
+out = {}
+for name, root in (("shared", shared), ("local", local)):
+    token = uuid.uuid4().hex
+    marker = Path(root) / ("probe-" + token)
+    marker.write_text(token)
+    seen = storage.nodes_seeing(str(marker), token, list(ids.values()))
+    out[name] = {ip: seen[node] for ip, node in ids.items()}
+storage.check_shared_storage(shared)
+storage.check_shared_storage("s3://qdeep-no-such-bucket/runs")  # offline: any probe would fail
+print("PROBE " + json.dumps(out))
+"""
+
+
+def test_storage_probe_sees_which_nodes_share_a_path(cluster):
+    script = cluster.shared / "probe.py"
+    script.write_text(PROBE)
+    job = cluster.submit(str(BIN / "python"), str(script), str(cluster.shared), str(cluster.local), timeout=120)
+    assert job.status == "SUCCEEDED", job
+    probe = json.loads(next(line for line in job.logs.splitlines() if line.startswith("PROBE "))[6:])
+    assert probe == {"shared": {HEAD_IP: True, NODE_IP: True}, "local": {HEAD_IP: True, NODE_IP: False}}, job

@@ -1,0 +1,87 @@
+"""Shared-storage checks and elastic worker counts on the session's one-node Ray.
+
+The refusal of node-local storage on a real two-node cluster is in test_multinode.py; here the
+probe and the refusal decision run on this cluster's real node records.
+"""
+
+import json
+
+import pytest
+
+from qdeep import storage
+from qdeep.cli import main
+from qdeep.errors import QdeepError
+from qdeep.train import driver
+
+
+def test_a_local_path_passes_on_a_one_node_cluster(ray_cluster, tmp_path):
+    assert len(storage.alive_nodes()) == 1
+    storage.check_shared_storage(str(tmp_path / "runs"))
+    storage.check_shared_storage(f"file://{tmp_path / 'runs'}")
+    assert list(tmp_path.iterdir()) == []  # nothing to prove on one node: no marker, no directory
+
+
+@pytest.mark.parametrize("uri", ["s3://qdeep-no-such-bucket/runs", "gs://qdeep-no-such-bucket/runs"])
+def test_object_store_uris_are_shared_without_probing(ray_cluster, uri):
+    assert storage.is_object_store(uri)
+    storage.check_shared_storage(uri)  # offline: touching the bucket would fail
+
+
+def test_file_uris_and_paths_are_local():
+    assert not storage.is_object_store("/mnt/nfs/runs")
+    assert not storage.is_object_store("file:///mnt/nfs/runs")
+    assert not storage.is_object_store("relative/runs")
+
+
+def test_the_probe_reads_the_marker_on_every_node(ray_cluster, tmp_path):
+    nodes = [n["NodeID"] for n in storage.alive_nodes()]
+    marker = tmp_path / "marker"
+    marker.write_text("token-1")
+    assert storage.nodes_seeing(str(marker), "token-1", nodes) == {nodes[0]: True}
+    assert storage.nodes_seeing(str(marker), "token-2", nodes) == {nodes[0]: False}  # another run's marker
+    assert storage.nodes_seeing(str(tmp_path / "missing"), "token-1", nodes) == {nodes[0]: False}
+
+
+def test_the_refusal_names_the_path_and_the_blind_nodes(ray_cluster):
+    nodes = storage.alive_nodes()
+    node = nodes[0]["NodeID"]
+    storage.refuse_unless_shared("/data/runs", nodes, {node: True})  # every node sees it: no error
+    with pytest.raises(QdeepError) as refused:
+        storage.refuse_unless_shared("/data/runs", nodes, {node: False})
+    message = str(refused.value)
+    assert "\n" not in message and "storage path /data/runs is not shared" in message
+    assert f"not visible on 127.0.0.1 (node {node[:8]})" in message and "NFS" in message and "s3://" in message
+    with pytest.raises(QdeepError, match=r"no answer in 60 s"):
+        storage.refuse_unless_shared("/data/runs", nodes, {node: None})
+
+
+def test_json_records_go_through_pyarrow_for_uris(tmp_path):
+    from qdeep.tune import SWEEP_FILE, _record_parent, _recorded_parent
+
+    for experiment in (str(tmp_path / "a" / "sweep"), f"file://{tmp_path / 'b' / 'sweep'}"):
+        assert _recorded_parent(experiment) is None
+        _record_parent(experiment, "run-1")
+        assert _recorded_parent(experiment) == "run-1"
+    assert json.loads((tmp_path / "b" / "sweep" / SWEEP_FILE).read_text()) == {"parent_run_id": "run-1"}
+
+
+@pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),
+                                            (" 2-2 ", (2, 2))])
+def test_worker_counts(spec, expected):
+    assert driver.worker_range(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["0", "3-1", "a", "1-", "-2", "1-2-3", "0-2"])
+def test_bad_worker_counts_are_one_line_errors(spec, tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", spec])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"qdeep: error: --workers {spec!r}: ")
+
+
+def test_min_max_workers_make_an_elastic_trainer(ray_cluster, tmp_path):
+    elastic = driver.make_trainer({"score_metric": "val_f2"}, "1-2", "e", str(tmp_path))
+    assert elastic.scaling_config.num_workers == (1, 2) and elastic.scaling_config.elasticity_enabled
+    # CPUs are shared out for the largest group: 2 CPUs over 2 workers.
+    assert elastic.scaling_config.resources_per_worker == {"CPU": 1}
+    fixed = driver.make_trainer({"score_metric": "val_f2"}, "2-2", "f", str(tmp_path))
+    assert fixed.scaling_config.num_workers == 2 and not fixed.scaling_config.elasticity_enabled
