@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from qdeep.data.synth import write_synthetic_planet
@@ -30,3 +37,21 @@ def planet_dir(tmp_path_factory):
 @pytest.fixture
 def sqlite_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def interrupt_when(argv: list[str], ready, timeout: float = 300) -> None:
+    """Run `qdeep ARGV` in its own process group and press Ctrl+C (SIGINT) as soon as `ready()`
+    is true; the command must then exit non-zero. Polls a condition, never a fixed sleep."""
+    qdeep = str(Path(sys.executable).with_name("qdeep"))
+    proc = subprocess.Popen([qdeep, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not ready() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the command ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

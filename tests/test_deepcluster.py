@@ -2,12 +2,6 @@
 after the first (Ctrl+C), resumed from the second, with every output and the MLflow history."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,7 +11,7 @@ from PIL import Image
 from qdeep.cli import main
 from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
 
-QDEEP = str(Path(sys.executable).with_name("qdeep"))
+from conftest import interrupt_when
 
 
 def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_uri):
@@ -28,19 +22,9 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
             "--weights", "bundled", "--freeze", "last:1", "--image-size", "64", "--k", "5", "--iterations", "2",
             "--final-k", "6", "--ctrl-fraction", "0.25", "--balance", "uniform", "--workers", "2",
             "--loader-workers", "0", "--out", str(out), "--tracking-uri", sqlite_uri]
-    proc = subprocess.Popen([QDEEP, *argv, "--address", ray_cluster.get_runtime_context().gcs_address],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "iterations" / "iter_01" / "metrics.json"
-    try:  # Ctrl+C as soon as iteration 1 has finished
-        deadline = time.time() + 300
-        while not first.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Ctrl+C as soon as iteration 1 has finished
+    interrupt_when([*argv, "--address", ray_cluster.get_runtime_context().gcs_address], first.exists)
     assert not (out / "metrics.json").exists()
     before = first.read_text()
     labels_1 = np.load(out / "iterations" / "iter_01" / "labels.npy")

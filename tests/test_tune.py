@@ -1,19 +1,14 @@
 """Ray Tune sweeps and the experiment ladder on a real local Ray, with a real MLflow store."""
 
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
 
 from qdeep.cli import main
 
-QDEEP = str(Path(sys.executable).with_name("qdeep"))
+from conftest import interrupt_when
+
 SMALL = ["--image-size", "32", "--batch-size", "16", "--loader-workers", "0", "--warmup-steps", "2"]
 
 
@@ -74,19 +69,9 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, r
     argv = ["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "head,none", "--lr", "3e-3",
             "--epochs", "1", "--scheduler", "none", "--max-concurrent", "1", "--out", str(out), "--name", "again",
             "--tracking-uri", sqlite_uri, "--address", ray_cluster.get_runtime_context().gcs_address, *SMALL]
-    proc = subprocess.Popen([QDEEP, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     runs = out / "ray_results"
-    try:  # interrupt (Ctrl+C) as soon as the first trial has its checkpoint, i.e. has finished
-        deadline = time.time() + 300
-        while not list(runs.glob("again-*/checkpoint_*")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Ctrl+C as soon as the first trial has its checkpoint, i.e. has finished
+    interrupt_when(argv, lambda: bool(list(runs.glob("again-*/checkpoint_*"))))
     finished_before = {p.parent.name: sorted(c.name for c in p.parent.glob("checkpoint_*"))
                        for p in runs.glob("again-*/checkpoint_*")}
     assert len(finished_before) == 1 and not (out / "results.csv").exists()

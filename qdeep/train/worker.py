@@ -57,7 +57,6 @@ def train_func(config: dict) -> None:
     val_loader = make_loader(val_set, config["batch_size"], shuffle=False, **loader_args)
     weights = targets.loss_weights(y_train) if config.get("balance") == "weights" else None
     loss_fn = targets.loss(weights).to(device)
-    use_amp = device.type == "cuda"
 
     start_epoch, history, restarts, resumed = 0, [], 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from qdeep import io, tracking
