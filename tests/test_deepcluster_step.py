@@ -31,3 +31,24 @@ def test_uniform_sampler_draws_clusters_equally():
     counts = np.bincount(labels[idx], minlength=3)
     assert counts.min() >= 300 and counts.max() <= 340
     assert len(set(idx[labels[idx] == 0])) == counts[0]  # the big cluster is drawn without replacement
+
+
+def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path):
+    from qdeep.cluster.deepcluster import cluster_store
+    from qdeep.cluster.store import FeatureStore, StoreWriter
+
+    x, truth = make_blobs(n_samples=900, centers=5, n_features=32, cluster_std=1.0, random_state=1)
+    x = x.astype(np.float32)
+    ids = [f"img_{i}.jpg" for i in range(len(x))]
+    with StoreWriter(tmp_path / "store", 32, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},
+                     rows_per_shard=200) as writer:
+        writer.write(ids, x)
+    store = FeatureStore(tmp_path / "store")
+    assert len(store.shards) == 5
+    images, streamed = cluster_store(store, k=5, pca_dim=4, seed=0, sample_size=300)  # trained on a third
+    order = np.array([int(i[4:-4]) for i in images])
+    assert sorted(order) == list(range(900))
+    assert nmi(streamed.labels, truth[order]) > 0.95
+    assert streamed.sizes.sum() == 900 and streamed.score < 0 and streamed.distances.shape == (900,)
+    in_memory = pseudo_labels(x, k=5, pca_dim=4, seed=0)
+    assert nmi(streamed.labels, in_memory.labels[order]) > 0.95

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qdeep.cluster.kmeans import KMeans, clustering_score, cluster_sizes, imbalance_factor, preprocess_features
+from qdeep.cluster.kmeans import (KMeans, choose_pca_dim, clustering_score, cluster_sizes, fit_pca_whitening,
+                                  imbalance_factor, preprocess, preprocess_features)
 from qdeep.parts.targets import balanced_class_weights
 from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
 
-__all__ = ["Clustering", "balanced_class_weights", "pseudo_labels", "uniform_cluster_sample"]
+__all__ = ["Clustering", "balanced_class_weights", "cluster_store", "pseudo_labels", "uniform_cluster_sample"]
+
+SAMPLE_PER_CLUSTER = 256  # rows k-means trains on per centroid (faiss' own default cap)
+MIN_SAMPLE = 50_000
 
 
 @dataclass
@@ -38,3 +42,28 @@ def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed
     return Clustering(labels=km.labels_, centroids=km.centroids_, score=clustering_score(x, km.labels_, km.centroids_),
                       sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
                       distances=distances)
+
+
+def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
+                  sample_size: int | None = None) -> tuple[list[str], Clustering]:
+    """`pseudo_labels` for a feature store of any size: PCA-whitening and k-means trained on a
+    sample drawn across shards, then every shard whitened and assigned in turn, so memory holds
+    one shard plus the sample. Returns the image ids in store order and their clustering."""
+    n = store.total_rows
+    sample_size = min(n, sample_size or max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
+    _, sample = store.sample(sample_size, seed)
+    pca = fit_pca_whitening(sample, choose_pca_dim(len(sample), store.dim, pca_dim))
+    km = KMeans(k, seed=seed).fit(preprocess(sample, pca))
+    del sample
+    images, labels, distances = [], [], []
+    for ids, features in store.iter_shards():
+        x = preprocess(features, pca)
+        assigned = km.predict(x)
+        images.extend(ids)
+        labels.append(assigned)
+        distances.append(((x - km.centroids_[assigned]) ** 2).sum(1))
+    labels, distances = np.concatenate(labels), np.concatenate(distances)
+    sizes = cluster_sizes(labels, k)
+    return images, Clustering(labels=labels, centroids=km.centroids_, score=-float(distances.mean()), sizes=sizes,
+                              imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
+                              distances=distances)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qdeep import io, tracking
-from qdeep.cluster.deepcluster import Clustering, pseudo_labels
+from qdeep.cluster.deepcluster import Clustering, cluster_store
 from qdeep.cluster.features import embed_images
 from qdeep.cluster.kmeans import ground_truth_scores, nmi
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
@@ -204,14 +204,17 @@ def network(out: Path, config: DeepClusterConfig, t: int) -> str:
     return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
 
 
-def features(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path,
-             use_gpu: bool | None = None) -> np.ndarray:
-    """Descriptors of every image with `weights`, through the feature store, in the collection's order."""
+def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path, k: int, seed: int,
+                 use_gpu: bool | None = None) -> Clustering:
+    """Descriptors of every image with `weights` into a feature store, clustered shard by shard
+    into k groups; rows put in the collection's order."""
     store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
                          image_size=config.image_size, use_gpu=use_gpu)
-    ids, x = store.to_numpy()
-    order = {image: i for i, image in enumerate(ids)}
-    return x[[order[i] for i in coll.ids]]
+    ids, clustering = cluster_store(store, k, config.pca, seed=seed)
+    position = {image: i for i, image in enumerate(ids)}
+    order = np.array([position[i] for i in coll.ids])
+    clustering.labels, clustering.distances = clustering.labels[order], clustering.distances[order]
+    return clustering
 
 
 def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
@@ -225,8 +228,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     run_name = f"{out.name}-{folder.name}"
     _remove_run(storage_path, run_name)  # its checkpoints belong to pseudo-labels that are gone
     weights = network(out, config, t)
-    x = features(coll, config, weights, folder / "features", use_gpu)
-    clustering = pseudo_labels(x, config.k, config.pca, seed=config.seed + t)
+    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu)
     shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
 
     data = TrainingData(PseudoTargets.for_clusters(config.k), coll.paths, clustering.labels, coll.is_ctrl,
@@ -299,8 +301,7 @@ def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history
                  use_gpu: bool | None = None) -> tuple[dict, Clustering]:
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
     weights = network(out, config, len(history) + 1)
-    x = features(coll, config, weights, out / "features", use_gpu)
-    clustering = pseudo_labels(x, config.final_k, config.pca, seed=config.seed)
+    clustering = cluster_with(coll, config, weights, out / "features", config.final_k, config.seed, use_gpu)
     final = {"weights": weights, **cluster_stats(clustering, coll), **truth_scores(clustering.labels, coll)}
     if history:
         final["nmi_last_iteration"] = nmi(clustering.labels, previous_labels(out, len(history)))
