@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -18,6 +19,14 @@ from qdeep.cluster.kmeans import (
     preprocess,
     preprocess_features,
 )
+from qdeep.cluster.kmeans import _two_means
+
+
+def flat_search(x, centroids):
+    """The labels a plain faiss flat search gives: what KMeans' labels must equal."""
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index.search(x, 1)[1][:, 0]
 
 
 def blobs(n=2000, k=10, d=32, sep=8.0, seed=0):
@@ -76,13 +85,60 @@ def test_polish_labels_are_exact_nearest_centroids(sep, polish):
     assert km.inertia_ <= plain.inertia_ * (1 + 1e-6)
 
 
-def test_deterministic_for_a_seed():
-    x, _ = blobs(n=1500, k=20, sep=1.0)  # overlapping blobs: many equally good local minima
+@pytest.mark.parametrize("sep", [8.0, 1.0, 0.3])
+def test_labels_and_predict_equal_a_flat_search(sep):
+    """Bounds, projected candidates and the polish skip searches, never change an answer."""
+    x, _ = blobs(n=20000, k=40, d=64, sep=sep, seed=6)
+    km = KMeans(40, seed=0).fit(x)
+    truth = flat_search(x, km.centroids_)
+    np.testing.assert_array_equal(km.labels_, truth)
+    np.testing.assert_array_equal(km.predict(x), truth)
+    np.testing.assert_array_equal(km.predict_stream(x[i : i + 3001] for i in range(0, len(x), 3001)), truth)
+    direct = ((x.astype(np.float64) - km.centroids_[truth]) ** 2).sum()
+    assert km.inertia_ == pytest.approx(direct, rel=1e-5)
+    if sep > 4:  # separated: projected candidates confirmed by Elkan's bound, the polish nearly free
+        assert km._predict_axes is not None and km.n_polish_ == 1
+        assert km.n_searched_ < 0.2 * len(x)  # a plain labelling pass alone searches every row
+    if sep < 0.5:  # no cluster structure: the polish cannot be afforded and is not tried
+        assert km.n_polish_ == 0 and km._predict_axes is None
+
+
+def test_bounds_skip_searches_on_separated_blobs():
+    """Lloyd on the training rows only searches rows whose label the bounds cannot settle."""
+    x, truth = blobs(n=8000, k=50, d=32, sep=10.0, seed=2)
+    km = KMeans(50, seed=0, max_points_per_centroid=10_000).fit(x)  # training set = all rows
+    assert km.n_train_ == len(x) and nmi(km.labels_, truth) > 0.99
+    assert km.n_searched_ < 2 * len(x)  # plain Lloyd: one search of every row per iteration
+    assert len(km.obj_) >= 3
+    np.testing.assert_array_equal(km.labels_, flat_search(x, km.centroids_))
+
+
+def test_two_means_splits_each_cluster_on_its_own():
+    """The vectorised 2-means of several clusters gives what each cluster gives alone."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    x[:1500, 0] += 6.0  # the first cluster's rows straddle two groups
+    groups = [np.arange(0, 3000, 2), np.arange(1, 3000, 7), np.array([5, 9]), np.arange(3000)[::3][:2100]]
+    together, sse = _two_means(x, groups, max_fit=1000)
+    for g, halves, s in zip(groups, together, sse):
+        alone, s_alone = _two_means(x, [g], max_fit=1000)
+        np.testing.assert_allclose(halves, alone[0], rtol=1e-5, atol=1e-5)
+        assert s == pytest.approx(s_alone[0], rel=1e-6)
+        direct = np.minimum(*(((x[g].astype(np.float64) - h) ** 2).sum(1) for h in halves)).sum()
+        assert s == pytest.approx(direct, rel=1e-5)
+    assert abs(together[0][0, 0] - together[0][1, 0]) > 4.0  # split along the gap
+    assert sse[0] < 0.7 * ((x[groups[0]] - x[groups[0]].mean(0)) ** 2).sum()  # 16 + 9 -> 16 per row
+
+
+@pytest.mark.parametrize("sep, d", [(1.0, 32), (8.0, 64)])
+def test_deterministic_for_a_seed(sep, d):
+    x, _ = blobs(n=1500, k=20, d=d, sep=sep)  # sep 1: overlapping blobs, many equally good local minima
     a = KMeans(20, seed=5, max_points_per_centroid=40).fit(x)
     b = KMeans(20, seed=5, max_points_per_centroid=40).fit(x)
     np.testing.assert_array_equal(a.centroids_, b.centroids_)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_array_equal(a.obj_, b.obj_)
+    assert a.n_searched_ == b.n_searched_
 
 
 def test_predict_stream_equals_predict():

@@ -6,11 +6,13 @@ facebookresearch/deepcluster's `clustering.py`:
 - `preprocess_features`: PCA-whitening (eigen_power -0.5) then row-wise L2 normalisation; the
   PCA dimension is chosen from the data size (`choose_pca_dim`) instead of the reference's fixed
   256, which was measured to hurt NMI badly on a few thousand images.
-- `KMeans`: greedy k-means++ seeding, faiss Lloyd iterations on a subsample (flat L2 index on
-  CPU, or on all visible GPUs: the same code path, only the index differs), split/merge rounds
+- `KMeans`: greedy k-means++ seeding, Lloyd iterations on a subsample with split/merge rounds
   that repair what Lloyd cannot (two centroids sharing one true cluster while another straddles
-  two), then labels for every row, with one Lloyd update on all rows when it is cheap. Measured
-  against faiss' defaults and scikit-learn's MiniBatchKMeans in `scripts/bench_kmeans.py`.
+  two), then labels for every row, with one Lloyd update on all rows when it is cheap. All
+  nearest-centroid searches go through one faiss flat L2 index (on CPU, or on all visible GPUs:
+  the same code path, only the index differs); Elkan's and Hamerly's bounds skip the searches
+  whose answer is already known, so labels stay exact. Measured against faiss' defaults and
+  scikit-learn's MiniBatchKMeans in `scripts/bench_kmeans.py`.
 - Scores: the seed article's clustering score, cluster sizes, imbalance factor, empty clusters,
   NMI/ARI/purity against ground truth.
 """
@@ -44,6 +46,12 @@ __all__ = [
 INIT_METHODS = ("kmeans++", "afkmc2", "random")
 AUTO_POLISH_MAX_UNSURE = 0.25  # polish="auto" skips the update when more rows than this need a new search
 _NO_SUBSAMPLING = 10_000_000  # as the reference: faiss must not subsample again (we already did)
+FLOAT32_REL_ERR = 1e-5  # faiss' float32 |x|^2 + |c|^2 - 2 x.c errs by less than this fraction of |x|^2 + |c|^2
+_SPLIT_EPS = 1.0 / 1024  # faiss' relative nudge when it splits a cluster to refill an empty one
+_MAX_UNSURE_FOR_BOUNDS = 0.5  # bounds that leave more rows unsure than this are not kept up (see _Labels)
+_SPLIT_CANDIDATES = 0.1  # fraction of the clusters (those with the largest SSE) a split/merge round tries to split
+_MEANS_BLOCK = 32768  # rows per block of a Lloyd update's sums (blocks run in parallel)
+_PAIRWISE_MAX_ROWS = 8192  # k-means++ precomputes the distances between its rows up to this many (256 MB)
 
 
 # ----------------------------------------------------------------------------- pre-processing
@@ -132,15 +140,20 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: 
     distance to the closest chosen centre and keeps the one that lowers the potential most. The
     greedy choice is what faiss' plain k-means++ lacks: with many well-separated clusters the last
     draws of plain k-means++ often land in an already covered cluster, which Lloyd cannot undo.
-    Cost O(k * n_trials * n * d) on the `n` rows given (a subsample).
+    The `n` rows given are a subsample: up to `_PAIRWISE_MAX_ROWS` of them, all their pairwise
+    distances are computed once (one GEMM) and each step only reads `n_trials` rows of that
+    matrix; above, each step computes the candidates' distances to all rows (O(n_trials n d)).
     """
     n, d = x.shape
     n_trials = n_trials or 2 + int(np.log(k))
-    sq = np.einsum("ij,ij->i", x, x)
-    centers = np.empty((k, d), dtype=np.float32)
-    first = int(rng.integers(n))
-    centers[0] = x[first]
-    closest = np.maximum(sq - 2.0 * (x @ x[first]) + sq[first], 0.0)  # squared distance to nearest centre
+    pairwise = np.maximum(faiss.pairwise_distances(x, x), 0.0) if n <= _PAIRWISE_MAX_ROWS else None
+
+    def dist_to(rows: np.ndarray) -> np.ndarray:  # (len(rows), n) squared distances, a new array
+        return pairwise[rows] if pairwise is not None else np.maximum(faiss.pairwise_distances(x[rows], x), 0.0)
+
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = int(rng.integers(n))
+    closest = dist_to(chosen[:1])[0]  # squared distance to the nearest centre
     potential = float(closest.sum(dtype=np.float64))
     for c in range(1, k):
         if potential > 0:
@@ -148,64 +161,314 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: 
             cand = np.minimum(cand, n - 1)
         else:  # every point already coincides with a centre (duplicates): any choice is as good
             cand = rng.integers(n, size=n_trials)
-        dist = x @ x[cand].T  # (n, trials): the faster BLAS layout for a few candidates
-        dist *= -2.0
-        dist += sq[:, None]
-        dist += sq[cand][None, :]
-        np.maximum(dist, 0.0, out=dist)
-        np.minimum(dist, closest[:, None], out=dist)
-        pots = dist.sum(axis=0, dtype=np.float64)
+        dist = dist_to(cand)
+        np.minimum(dist, closest[None, :], out=dist)
+        pots = dist.sum(axis=1, dtype=np.float64)
         best = int(np.argmin(pots))
-        closest, potential = np.ascontiguousarray(dist[:, best]), float(pots[best])
-        centers[c] = x[cand[best]]
-    return centers
+        closest, potential = dist[best], float(pots[best])
+        chosen[c] = cand[best]
+    return x[chosen]
 
 
-def _two_means(pts: np.ndarray, niter: int = 8, max_fit: int = 2048) -> tuple[np.ndarray, float]:
-    """Split one cluster's rows in two; returns (2 centres, SSE of all `pts` under the split).
+def _first_max(values: np.ndarray, groups: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Index of the first largest value of each group (rows sorted by group, `starts` their offsets)."""
+    return np.lexsort((-values, groups))[starts]
 
-    Deterministic seeds (the row farthest from the mean, then the row farthest from it); the
-    2-means runs on at most `max_fit` evenly spaced rows, the SSE is exact on all rows.
+
+def _two_means(x: np.ndarray, groups: Sequence[np.ndarray], niter: int = 8, max_fit: int = 2048):
+    """Split several clusters in two at once: `groups` holds the row indices (into `x`) of each, >= 2 rows.
+
+    Returns (centres (S, 2, d) float32, SSE of each cluster's rows under its split (S,) float64).
+    Per cluster: deterministic seeds (the row farthest from the mean, then the row farthest from
+    it), then 2-means on at most `max_fit` evenly spaced rows (all clusters together, each row
+    compared with its own cluster's two centres only); the SSE is exact on all rows.
     """
-    p64 = pts.astype(np.float64)
-    fit = p64[:: max(1, -(-len(p64) // max_fit))]
-    a = fit[np.argmax(((fit - fit.mean(axis=0)) ** 2).sum(1))]
-    b = fit[np.argmax(((fit - a) ** 2).sum(1))]
-    cent = np.stack([a, b])
+    from scipy.sparse import csr_matrix
 
-    def sq_dist(rows: np.ndarray, c: np.ndarray) -> np.ndarray:
-        return np.maximum((rows**2).sum(1)[:, None] - 2.0 * rows @ c.T + (c**2).sum(1)[None, :], 0.0)
-
+    n_groups = len(groups)
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    grp = np.repeat(np.arange(n_groups), sizes)
+    pts = x[np.concatenate(groups)]
+    step = np.repeat(np.maximum(1, -(-sizes // max_fit)), sizes)
+    fit = (np.arange(len(pts)) - np.repeat(starts, sizes)) % step == 0
+    fpts, fgrp = (pts, grp) if fit.all() else (np.ascontiguousarray(pts[fit]), grp[fit])
+    fsizes = np.bincount(fgrp, minlength=n_groups)
+    fstarts = np.concatenate([[0], np.cumsum(fsizes)[:-1]])
+    mean = np.add.reduceat(fpts, fstarts) / fsizes[:, None]
+    a = fpts[_first_max(_sq_dist_by_idx(fpts, mean, fgrp), fgrp, fstarts)]
+    b = fpts[_first_max(_sq_dist_by_idx(fpts, a, fgrp), fgrp, fstarts)]
+    cent = np.stack([a, b], axis=1).reshape(2 * n_groups, -1)  # centres 2g, 2g + 1 for group g
+    pair = np.stack([2 * fgrp, 2 * fgrp + 1], axis=1)
+    rows = np.arange(len(fpts))
     for _ in range(niter):
-        lab = sq_dist(fit, cent).argmin(1)
-        new = np.stack([fit[lab == j].mean(0) if np.any(lab == j) else cent[j] for j in (0, 1)])
-        if np.allclose(new, cent):
+        key = pair[rows, np.argmin(_sq_dist_by_idx(fpts, cent, pair), axis=1)]  # ties stay with the first
+        counts = np.bincount(key, minlength=2 * n_groups)
+        member = csr_matrix((np.ones(len(fpts), dtype=np.float32), (key, rows)), shape=(len(cent), len(fpts)))
+        sums = member @ fpts
+        new = cent.copy()
+        new[counts > 0] = sums[counts > 0] / counts[counts > 0, None]
+        if np.array_equal(new, cent):
             break
         cent = new
-    return cent.astype(np.float32), float(sq_dist(p64, cent).min(1).sum())
+    sse = _sq_dist_by_idx(pts, cent, np.stack([2 * grp, 2 * grp + 1], axis=1)).min(axis=1)
+    return cent.reshape(n_groups, 2, -1), np.bincount(grp, weights=sse, minlength=n_groups)
 
 
-def _sum_sq_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> float:
-    """Sum of squared distances of rows to their assigned centroid, exact (direct differences)."""
-    total = 0.0
-    for i in range(0, len(x), chunk):
-        diff = x[i : i + chunk] - centroids[labels[i : i + chunk]]
-        total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
-    return total
+def _cluster_means(x: np.ndarray, labels: np.ndarray, old: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of the rows of each cluster, rows per cluster): one Lloyd update; empty clusters keep `old`.
 
-
-def _centroid_means(x: np.ndarray, labels: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Mean of the rows of each cluster (one Lloyd update); empty clusters keep their centroid."""
+    Sums by a sparse (k, n) membership matrix times `x`, in blocks of `_MEANS_BLOCK` rows added in
+    order (the same result on any number of threads); scipy releases the GIL there, so the blocks
+    run on faiss' number of threads.
+    """
     from scipy.sparse import csr_matrix
 
     k, n = len(old), len(x)
-    member = csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
-    sums = np.asarray(member @ x, dtype=np.float64)
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
-    out = old.astype(np.float64).copy()
+
+    def block_sums(rows: slice) -> np.ndarray:
+        m = len(labels[rows])
+        return csr_matrix((np.ones(m, dtype=np.float32), (labels[rows], np.arange(m))), shape=(k, m)) @ x[rows]
+
+    blocks = [slice(a, a + _MEANS_BLOCK) for a in range(0, n, _MEANS_BLOCK)]
+    threads = min(faiss.omp_get_max_threads(), len(blocks))
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(block_sums, blocks))
+    else:
+        parts = [block_sums(b) for b in blocks]
+    sums = parts[0].astype(np.float64)
+    for part in parts[1:]:
+        sums += part
+    counts = np.bincount(labels, minlength=k)
+    out = old.astype(np.float64)
     nonempty = counts > 0
     out[nonempty] = sums[nonempty] / counts[nonempty, None]
-    return out.astype(np.float32)
+    return out.astype(np.float32), counts
+
+
+def _split_empty(cent: np.ndarray, counts: np.ndarray, skip: set[int], rng: np.random.Generator) -> int:
+    """faiss' remedy for empty clusters, in place: each takes half of a cluster drawn with probability
+    proportional to its size - 1, both centroids nudged apart by a relative 1/1024. Returns splits made."""
+    counts = counts.astype(np.int64).copy()
+    sign = np.where(np.arange(cent.shape[1]) % 2 == 0, _SPLIT_EPS, -_SPLIT_EPS).astype(np.float32)
+    n_split = 0
+    for ci in np.flatnonzero(counts == 0):
+        if int(ci) in skip:
+            continue
+        weights = np.maximum(counts - 1, 0).astype(np.float64)
+        if weights.sum() <= 0:
+            break
+        cj = int(rng.choice(len(counts), p=weights / weights.sum()))
+        cent[ci] = cent[cj] * (1 + sign)
+        cent[cj] = cent[cj] * (1 - sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+        n_split += 1
+    return n_split
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    """Squared L2 norm of each row (faiss, multi-threaded), float64."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(len(x), dtype=np.float32)
+    if len(x):
+        faiss.fvec_norms_L2sqr(faiss.swig_ptr(out), faiss.swig_ptr(x), x.shape[1], len(x))
+    return out.astype(np.float64)
+
+
+def _sq_dist_by_idx(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Squared distances of row i of `x` to rows ids[i] (or ids[i, :]) of `y`, float32, by direct differences.
+
+    faiss' `fvec_L2sqr_by_idx` (sum of squared differences, multi-threaded, O(n d) per column of
+    ids): exact to float32 round-off, unlike a flat search's |x|^2 + |c|^2 - 2 x.c.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty(ids.shape, dtype=np.float32)
+    if len(x):
+        ny = 1 if ids.ndim == 1 else ids.shape[1]
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(ids),
+                                x.shape[1], len(x), ny)
+    return out
+
+
+def _own_dist(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Distance (not squared) of each row of `x` to centroid `labels[i]`, float64, by direct differences."""
+    return np.sqrt(_sq_dist_by_idx(x, centroids, labels).astype(np.float64))
+
+
+def _max_sq_norm(centroids: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
+
+
+class _Labels:
+    """Exact nearest-centroid labels of the rows of `x`, kept exact as the centroids move.
+
+    Per row: `lab` (nearest centroid of `cent`), `dist` (the exact distance to it, from direct
+    differences) and `lower` (a lower bound on the distance to every other centroid). When the
+    centroids move (`move`), rows are searched again only when no bound settles them:
+      - Hamerly: `lower` minus the largest move of another centroid (`lower` is the distance to
+        the 2nd nearest centroid when a row was searched, or Elkan's bound below);
+      - Elkan: for j != a, |x - c_j| >= |c_a - c_j| - |x - c_a| >= gap_a - dist, where gap_a is the
+        distance from c_a to its nearest other centroid: settles every row closer to its centroid
+        than half that gap (separated clusters: nearly all rows, whatever the centroids did).
+    When the bounds leave more than half the rows unsure (overlapping clusters), the searches
+    ask for the nearest centroid only, and Elkan's bound (one k x k search) is skipped while it
+    settles under 1% of the rows it is tried on.
+    A row is settled when dist + margin < lower; the margin, three times sqrt(FLOAT32_REL_ERR *
+    (|x|^2 + max |c|^2)), covers the float32 round-off of the faiss distances behind `lower` and
+    of the flat search it must agree with, so settled rows get the label a flat search would
+    give. `n_searched` counts searched rows.
+    """
+
+    def __init__(self, km: KMeans, index, x: np.ndarray, cent: np.ndarray, gaps: np.ndarray | None = None):
+        self.km, self.index, self.x = km, index, x
+        self.sq = _sq_norms(x)
+        self.n_searched = 0
+        self.unsure = 0.0  # fraction of rows the bounds left unsure in the last move
+        self._moves, self._elkan_useful = 0, True
+        self._set(cent, gaps)
+        n = len(x)
+        self.lab = np.zeros(n, dtype=np.int64)
+        self.dist = np.zeros(n)
+        self.lower = np.zeros(n)
+
+    def _set(self, cent: np.ndarray, gaps: np.ndarray | None = None) -> None:
+        self.cent = cent
+        self._gaps = gaps
+        self._cmax2 = _max_sq_norm(cent)
+
+    def margin(self, rows: np.ndarray | None = None) -> np.ndarray:
+        sq = self.sq if rows is None else self.sq[rows]
+        return 3.0 * np.sqrt(FLOAT32_REL_ERR * (sq + self._cmax2))
+
+    def gaps(self) -> np.ndarray:
+        """Distance from each centroid to its nearest other centroid, minus its float32 error."""
+        if self._gaps is None:
+            self._gaps = _centroid_gaps(self.km, self.index, self.cent)
+        return self._gaps
+
+    def search(self, rows: np.ndarray | None = None, nn: int = 2, plan: _Projection | None = None) -> None:
+        """Label `rows` (all when None) from scratch: a flat search, or `plan`'s candidates where they are certain."""
+        x = self.x if rows is None else self.x[rows]
+        n = len(x)
+        if n == 0:
+            return
+        lab, dist, lower = np.empty(n, dtype=np.int64), np.empty(n), np.empty(n)
+        todo = None  # all
+        if plan is not None:
+            cand, e, low, ok = self.candidates(x, rows, plan)
+            lab[ok], dist[ok], lower[ok] = cand[ok], e[ok], low[ok]
+            todo = np.flatnonzero(~ok)
+            if len(todo) == n:
+                todo = None
+        xs = x if todo is None else x[todo]
+        if len(xs):
+            sq, ids = self.km._search(self.index, xs, self.cent, nn)
+            found = ids[:, 0]
+            e = _own_dist(xs, self.cent, found)
+            if nn >= 2 and len(self.cent) >= 2:
+                low = np.sqrt(sq[:, 1].astype(np.float64))
+            elif self._gaps is not None:  # Elkan's bound, free when the gaps are known
+                low = self._gaps[found] - e
+            else:
+                low = np.full(len(xs), -np.inf)
+            sel = slice(None) if todo is None else todo
+            lab[sel], dist[sel], lower[sel] = found, e, low
+            self.n_searched += len(xs)
+            self.km._rows_searched += len(xs)
+        sel = slice(None) if rows is None else rows
+        self.lab[sel], self.dist[sel], self.lower[sel] = lab, dist, lower
+
+    def candidates(self, x: np.ndarray, rows: np.ndarray | None, plan: _Projection):
+        """`plan`'s candidate for rows `x` (= self.x[rows]): (candidate, its distance, Elkan's lower bound, certain)."""
+        cand = plan.candidates(x)
+        e = _own_dist(x, self.cent, cand)
+        low = self.gaps()[cand] - e
+        return cand, e, low, e + self.margin(rows) < low
+
+    def move(self, new: np.ndarray, budget: float | None = None) -> int | None:
+        """The centroids move to `new`: update the labels, searching only the rows no bound settles.
+
+        Returns the number of rows searched; with a `budget`, gives up (changing nothing and
+        returning None) when more rows than that would need a search.
+        """
+        new = np.ascontiguousarray(new, dtype=np.float32)
+        shift = np.sqrt(((new.astype(np.float64) - self.cent) ** 2).sum(1))
+        lower = self.lower.copy()
+        if len(shift) >= 2:
+            top = np.argpartition(-shift, 1)[:2]
+            j1, j2 = (top[0], top[1]) if shift[top[0]] >= shift[top[1]] else (top[1], top[0])
+            lower = lower - np.where(self.lab == j1, shift[j2], shift[j1])  # Hamerly
+        dist = _own_dist(self.x, new, self.lab)
+        old_cent, old_gaps = self.cent, self._gaps
+        self._set(new)
+        margin = self.margin()
+        unsure = dist + margin >= lower
+        self._moves += 1
+        # Elkan's bound, with the gaps between the new centroids (a k x k search): skipped while it
+        # settles almost nothing (overlapping clusters), but tried again every 4th move
+        if unsure.any() and (self._elkan_useful or self._moves % 4 == 0):
+            rows = np.flatnonzero(unsure)
+            lower[rows] = np.maximum(lower[rows], self.gaps()[self.lab[rows]] - dist[rows])
+            unsure[rows] = dist[rows] + margin[rows] >= lower[rows]
+            self._elkan_useful = len(rows) - np.count_nonzero(unsure[rows]) >= 0.01 * len(rows)
+        rows = np.flatnonzero(unsure)
+        if budget is not None and len(rows) > budget:
+            self._set(old_cent, old_gaps)
+            return None
+        self.dist, self.lower = dist, lower
+        self.unsure = len(rows) / max(1, len(self.x))
+        # when the bounds settle few rows they will not next time either: skip the second neighbour
+        self.search(rows if len(rows) < len(self.x) else None, nn=1 if self.unsure > _MAX_UNSURE_FOR_BOUNDS else 2)
+        return len(rows)
+
+
+def _centroid_gaps(km: KMeans, index, cent: np.ndarray) -> np.ndarray:
+    """Distance from each centroid to its nearest other centroid (0 for duplicates), minus its float32 error."""
+    k = len(cent)
+    if k < 2:
+        return np.full(k, np.inf)
+    sq, ids = km._search(index, cent, cent, 2)
+    is_self = ids[:, 0] == np.arange(k)
+    other = np.where(is_self, sq[:, 1], sq[:, 0]).astype(np.float64)
+    return np.sqrt(other) - np.sqrt(FLOAT32_REL_ERR * 2.0 * _max_sq_norm(cent))
+
+
+def _principal_axes(cent: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) of the projection x -> A x + b onto the top `dim` principal directions of the centroids.
+
+    A (dim, d) has orthonormal rows by decreasing variance, so a prefix of its rows is the
+    projection to fewer dimensions; faiss' PCAMatrix computes them.
+    """
+    pca = faiss.PCAMatrix(cent.shape[1], dim)
+    pca.train(np.ascontiguousarray(cent, dtype=np.float32))
+    return faiss.vector_to_array(pca.A).reshape(dim, cent.shape[1]), faiss.vector_to_array(pca.b)
+
+
+class _Projection:
+    """Candidate nearest centroids from a flat search in a few principal directions of the centroids.
+
+    Distances shrink under an orthogonal projection, so the candidate is only a guess; `_Labels`
+    keeps it where Elkan's bound proves it right and searches the other rows in full.
+    """
+
+    def __init__(self, km: KMeans, axes: tuple[np.ndarray, np.ndarray], cent: np.ndarray, dim: int):
+        a, b = axes
+        self.km, self.dim, self.axes = km, dim, (a[:dim], b[:dim])
+        self.transform = faiss.LinearTransform(a.shape[1], dim, True)
+        faiss.copy_array_to_vector(np.ascontiguousarray(a[:dim], dtype=np.float32).ravel(), self.transform.A)
+        faiss.copy_array_to_vector(np.ascontiguousarray(b[:dim], dtype=np.float32), self.transform.b)
+        self.transform.is_trained = True
+        self.cent = self.transform.apply(np.ascontiguousarray(cent, dtype=np.float32))
+        self.index = km._new_index(dim)
+
+    def candidates(self, x: np.ndarray) -> np.ndarray:
+        return self.km._search(self.index, self.transform.apply(x), self.cent, 1)[1][:, 0]
 
 
 class KMeans:
@@ -214,43 +477,62 @@ class KMeans:
     Parameters
     ----------
     k: number of clusters.
-    niter: Lloyd iterations of the main run at most.
-    tol: stop Lloyd once an iteration lowers the objective by less than this fraction (faiss'
-        `early_stop_threshold`; 0 runs until the objective is unchanged or `niter` is reached).
-        The split/merge rounds gain far more than the last Lloyd iterations, hence 3e-3.
+    niter: Lloyd iterations at most (split/merge rounds included).
+    tol: stop once an iteration lowers the objective on the training rows by at most this
+        fraction (as faiss' `early_stop_threshold`; 0 runs until the objective stops decreasing
+        or `niter` is reached). 5e-3: with a split/merge round in every update an iteration gains
+        about 1% for a while; on the benchmark's overlapping blobs 3e-3 runs two more iterations
+        for NMI 0.972 -> 0.976, 1e-2 stops after about 6 at NMI 0.92 (3 seeds).
     seed: seeds every random choice (subsamples, k-means++ draws, faiss' own RNG); on CPU the same
-        seed gives the same centroids and labels. DeepCluster passes a new seed every epoch.
+        seed gives the same centroids and labels (for a given number of threads: faiss' BLAS
+        rounds differently on 1 and 2). DeepCluster passes a new seed every epoch.
     init: "kmeans++" (greedy k-means++ on `init_size` rows, computed here), "afkmc2" or "random"
         (faiss' own initialisations; "random" is faiss' default and the reference's).
     nredo: independent runs with seeds seed, seed+1, ...; the lowest training objective wins.
     max_points_per_centroid: training-set cap: at most k * this many rows (a seeded subsample)
         learn the centroids. The default 16 is chosen for throughput (faiss' own default is 256;
         the reference code uses all rows, 10,000,000). Measured on 200k x 256 overlapping blobs,
-        k=1000 (`scripts/bench_kmeans.py --box 1`): NMI vs the true blobs 0.82 at 10, 0.96 at
-        16, 0.98 at 32, 0.99 at 64, imbalance 2.3, 1.5, 1.3, 1.1 (time grows with the training
-        set); 16 with polish=1: NMI 0.98, imbalance 1.3 for about one more pass over the data.
-        On separated blobs all of them find the true clusters. Raise it (or set polish=1) when
-        the clusters matter more than the seconds, as in DeepCluster on real features.
+        k=1000 (`scripts/bench_kmeans.py --box 1`): NMI vs the true blobs 0.81 at 10, 0.97 at
+        16, 1.00 at 32 and 64, imbalance 2.3, 1.2, 1.00, 1.00, searching 0.7, 1, 1.35 and 1.8
+        times as many rows as at 16 (time follows); 16 with polish=1: NMI 0.99, imbalance 1.08,
+        1.55 times the rows. On separated blobs all of them find the true clusters. Raise it (or
+        set polish=1) when the clusters matter more than the seconds, as in DeepCluster on real
+        features.
     sample_size: optional further cap on training rows (a seeded subsample). The final labels are
         always computed on every row of `x` (`predict_stream` does it chunk by chunk for data that
         does not fit in memory).
     init_size: rows the k-means++ seeding looks at (default ``min(n_train, max(2 * k, 1024))``;
         its cost grows as init_size * k, so about k^2: for k >= ~20,000 prefer init="afkmc2").
-    refine: maximum split/merge rounds after Lloyd (0 turns them off). A round finds clusters
-        whose two-way split lowers the objective more than merging some other cluster into its
-        nearest neighbour raises it, applies the best disjoint swaps, and runs `refine_niter` more
-        Lloyd iterations. Every swap lowers the objective on the training rows. On separated
-        blobs this is what takes random or k-means++ seeding to the true clusters.
-    refine_niter: Lloyd iterations after each refine round.
+    refine: maximum split/merge rounds (0 turns them off). A round goes with a Lloyd update: it
+        finds clusters whose two-way split lowers the objective more than merging some other
+        cluster into its nearest neighbour raises it and applies the best disjoint swaps (every
+        swap lowers the objective on the training rows); the rounds stop early when one finds
+        no swap. On separated blobs this is what takes random or k-means++ seeding to the true
+        clusters; on overlapping blobs it keeps improving the clusters for ~10 rounds.
+    refine_niter: Lloyd updates from one split/merge round to the next (1: every update, from
+        the first; each round then costs no search of its own).
     polish: Lloyd updates on every row of `x` after training on a subsample: they remove most of
         the error of estimating centroids from `max_points_per_centroid` rows each. An int runs
-        that many (each costs up to two passes over `x`); "auto" runs one when Hamerly's bound
-        settles at least 75% of the rows (then it costs little more than the labelling pass
-        needed anyway: separated clusters) and skips it otherwise. Not run when the training set
-        is all of `x`.
+        that many; "auto" runs one when the bounds settle at least 75% of the rows (then it costs
+        little more than the labelling pass needed anyway: separated clusters) and skips it
+        otherwise, without trying when the training rows show it cannot succeed (overlapping
+        clusters: then the labelling pass does not need the second neighbours either). Not run
+        when the training set is all of `x`.
     use_gpu: "auto" (all visible GPUs if faiss has GPU support), True (require GPUs) or False.
         GPU runs are not bit-for-bit reproducible.
-    verbose: let faiss print its per-iteration log.
+    verbose: print a line per Lloyd iteration (objective, rows searched).
+
+    How the work is kept small (every label stays exact: the nearest centroid a flat search
+    would give; see `_Labels`): Lloyd runs here, not in faiss, so an iteration searches only the
+    rows whose label neither Elkan's nor Hamerly's bound settles (on separated clusters, almost
+    none after the first iteration; on overlapping ones, all of them), and a split/merge round
+    reuses the labels and exact distances of its iteration. The labelling pass over all rows
+    takes a candidate centroid from a flat search in a few principal directions of the centroids
+    (1/16 to 1/4 of the dimensions, when the training rows show that Elkan's bound will confirm
+    enough of the candidates) and searches in full only the rows it leaves unsure; `predict`
+    does the same. Exact distances come from direct differences (`fvec_L2sqr_by_idx`), not from
+    the |x|^2 + |c|^2 - 2 x.c of a search, and every heavy operation runs in faiss (one OpenMP
+    thread pool: numpy's BLAS threads would compete with it).
 
     The reference code's k-means is ``KMeans(k, init="random", tol=0, refine=0, polish=0,
     max_points_per_centroid=10_000_000)``.
@@ -258,26 +540,27 @@ class KMeans:
     Attributes after `fit`
     ----------------------
     centroids_ (k, d) float32; labels_ (n,) int64 for every row of `x`; inertia_ (sum of squared
-    distances of all rows to their centroid); obj_ (faiss' per-iteration objective on the training
-    rows, main run then refine rounds, from `iteration_stats`); imbalance_factor_ (of labels_);
-    n_split_ (empty clusters faiss had to split during Lloyd); n_empty_ (clusters without any row
-    in labels_); n_swaps_ (split/merge swaps applied); n_train_ (training rows); n_polish_
-    (Lloyd updates applied on all rows); gpu_ (bool).
+    distances of all rows to their centroid); obj_ (the objective of each Lloyd iteration on the
+    training rows); imbalance_factor_ (of labels_); n_split_ (empty clusters split during Lloyd,
+    as faiss does); n_empty_ (clusters without any row in labels_); n_swaps_ (split/merge swaps
+    applied); n_train_ (training rows); n_polish_ (Lloyd updates applied on all rows);
+    n_searched_ (rows searched against all centroids in training and labelling together; a
+    plain labelling pass alone would search all n); gpu_ (bool).
     """
 
     def __init__(
         self,
         k: int,
         niter: int = 20,
-        tol: float = 3e-3,
+        tol: float = 5e-3,
         seed: int = 0,
         init: str = "kmeans++",
         nredo: int = 1,
         max_points_per_centroid: int = 16,
         sample_size: int | None = None,
         init_size: int | None = None,
-        refine: int = 3,
-        refine_niter: int = 3,
+        refine: int = 10,
+        refine_niter: int = 1,
         polish: int | str = "auto",
         use_gpu: bool | str = "auto",
         verbose: bool = False,
@@ -324,33 +607,6 @@ class KMeans:
             index = faiss.index_cpu_to_all_gpus(index)
         return index
 
-    # -- building blocks (all take the index to use)
-
-    def _lloyd(self, index, x: np.ndarray, centroids: np.ndarray | None, niter: int, seed: int):
-        """faiss Lloyd iterations on all rows of `x` from `centroids` (or faiss' own init if None).
-
-        Returns (centroids, per-iteration objective, empty clusters split).
-        """
-        n, d = x.shape
-        cp = faiss.ClusteringParameters()
-        cp.niter = niter
-        cp.seed = seed
-        cp.early_stop_threshold = self.tol
-        cp.verbose = bool(self.verbose)
-        cp.max_points_per_centroid = _NO_SUBSAMPLING  # x is already the training set
-        cp.min_points_per_centroid = 1  # small training sets are deliberate here: no warning
-        if centroids is None:
-            methods = {"random": faiss.ClusteringInitMethod_RANDOM, "afkmc2": faiss.ClusteringInitMethod_AFK_MC2}
-            cp.init_method = methods[self.init]
-        clus = faiss.Clustering(d, self.k, cp)
-        if centroids is not None:
-            faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), clus.centroids)
-        index.reset()
-        clus.train(x, index)
-        cent = faiss.vector_to_array(clus.centroids).reshape(self.k, d).astype(np.float32)
-        stats = [clus.iteration_stats.at(i) for i in range(clus.iteration_stats.size())]
-        return cent, [float(s.obj) for s in stats], sum(int(s.nsplit) for s in stats)
-
     @staticmethod
     def _search(index, x: np.ndarray, centroids: np.ndarray, nn: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances, ids) of the `nn` nearest centroids of each row of `x`."""
@@ -359,46 +615,67 @@ class KMeans:
         dist, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), nn)
         return np.maximum(dist, 0.0), ids.astype(np.int64)
 
-    def _swap_round(self, index, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, int]:
-        """One split/merge round on the training rows; returns (new centroids, swaps applied).
+    # -- training on the subsample
 
-        Merge cost of cluster j into its nearest centroid j2 (exact, assignments fixed):
-        n_j n_j2 / (n_j + n_j2) * |c_j - c_j2|^2 (zero for an empty cluster). Split gain of
-        cluster s: its SSE minus its SSE under a 2-means split. A swap merges j into j2 and
-        reuses centroid j for one half of s; it is applied when gain > cost, so the objective on
-        the training rows drops by gain - cost; each cluster takes part in one swap per round.
-        The clusters with the largest SSE (a tenth of k, at least 8) are the split candidates.
+    def _init_centroids(self, xt: np.ndarray, seed: int) -> np.ndarray:
+        n, d = xt.shape
+        if self.init == "kmeans++":
+            rng = np.random.default_rng(seed)
+            m = min(n, self.init_size or max(2 * self.k, 1024))
+            return _kmeans_plusplus(xt if m == n else xt[_sample_rows(n, m, rng)], self.k, rng)
+        cp = faiss.ClusteringParameters()  # faiss' own initialisation: a Clustering with no iteration
+        cp.niter = 0
+        cp.seed = seed
+        cp.max_points_per_centroid = _NO_SUBSAMPLING  # xt is already the training set
+        cp.min_points_per_centroid = 1  # small training sets are deliberate here: no warning
+        cp.init_method = {"random": faiss.ClusteringInitMethod_RANDOM, "afkmc2": faiss.ClusteringInitMethod_AFK_MC2}[
+            self.init
+        ]
+        clus = faiss.Clustering(d, self.k, cp)
+        clus.train(xt, faiss.IndexFlatL2(d))
+        return faiss.vector_to_array(clus.centroids).reshape(self.k, d).astype(np.float32)
+
+    def _swap(self, state: _Labels, means: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, int, set[int]]:
+        """One split/merge round from the last Lloyd iteration; returns (new centroids, swaps, clusters changed).
+
+        `state` holds the exact labels and distances for the centroids before the update, `means`
+        the update (counts: rows per cluster). Merge cost of cluster j into its nearest centroid j2
+        (exact, assignments fixed): n_j n_j2 / (n_j + n_j2) * |m_j - m_j2|^2 (zero for an empty
+        cluster). Split gain of cluster s: its SSE around m_s minus its SSE under a 2-means split.
+        A swap merges j into j2 and reuses centroid j for one half of s; it is applied when
+        gain > cost, so the objective on the training rows drops by gain - cost; each cluster
+        takes part in one swap per round. The clusters with the largest SSE (a tenth of k, at
+        least 8) are the split candidates.
         """
         k = self.k
         if k < 3:
-            return centroids, 0
-        dist, lab = self._search(index, x, centroids)
-        dist, lab = dist[:, 0].astype(np.float64), lab[:, 0]
-        sizes = np.bincount(lab, minlength=k).astype(np.float64)
-        sse = np.bincount(lab, weights=dist, minlength=k)
+            return means, 0, set()
+        sizes = counts.astype(np.float64)
+        moved = ((means.astype(np.float64) - state.cent) ** 2).sum(1)
+        sse = np.maximum(np.bincount(state.lab, weights=state.dist**2, minlength=k) - sizes * moved, 0.0)
         total = float(sse.sum())
         if total <= 0:
-            return centroids, 0
+            return means, 0, set()
         # nearest other centroid (2-NN among the centroids, skipping self; robust to duplicates)
-        cdist, cnn = self._search(index, centroids, centroids, nn=2)
+        cdist, cnn = self._search(self.index_, means, means, nn=2)
         is_self = cnn[:, 0] == np.arange(k)
         other = np.where(is_self, cnn[:, 1], cnn[:, 0])
         odist = np.where(is_self, cdist[:, 1], cdist[:, 0]).astype(np.float64)
         pair = sizes + sizes[other]
         cost = np.divide(sizes * sizes[other], pair, out=np.zeros(k), where=pair > 0) * odist
         # split gains of the clusters with the largest SSE
-        order = np.argsort(lab, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])
-        splits = []
-        for j in np.argsort(-sse, kind="stable")[: min(k, max(8, k // 10))]:
-            if sizes[j] >= 2:
-                halves, split_sse = _two_means(x[order[starts[j] : starts[j + 1]]])
-                splits.append((sse[j] - split_sse, int(j), halves))
-        splits.sort(key=lambda t: (-t[0], t[1]))
+        order = np.argsort(state.lab, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
+        largest = np.argsort(-sse, kind="stable")[: min(k, max(8, int(k * _SPLIT_CANDIDATES)))]
+        cand = [int(j) for j in largest if sizes[j] >= 2]
+        if not cand:
+            return means, 0, set()
+        halves, split_sse = _two_means(state.x, [order[starts[j] : starts[j + 1]] for j in cand])
+        splits = sorted(zip(sse[cand] - split_sse, cand, halves), key=lambda t: (-t[0], t[1]))
         merges = [(int(j), int(other[j])) for j in np.argsort(cost, kind="stable")]
         eps = 1e-7 * total
         used: set[int] = set()
-        new = centroids.copy()
+        new = means.copy()
         swaps = 0
         first = 0  # merges before this index involve a used cluster (used only grows)
         for gain, s, halves in splits:
@@ -411,65 +688,97 @@ class KMeans:
                 continue
             j2 = int(other[j])
             if pair[j] > 0:
-                new[j2] = (sizes[j] * centroids[j] + sizes[j2] * centroids[j2]) / pair[j]
+                new[j2] = (sizes[j] * means[j] + sizes[j2] * means[j2]) / pair[j]
             new[s], new[j] = halves[0], halves[1]
             used.update((s, j, j2))
             swaps += 1
-        return new, swaps
+        return new, swaps, used
 
-    def _fit_once(self, index, xt: np.ndarray, seed: int):
-        """Seed, Lloyd, split/merge rounds on the training rows `xt`: (centroids, obj, nsplit, swaps)."""
-        rng = np.random.default_rng(seed)
-        n = xt.shape[0]
-        init = None
-        if self.init == "kmeans++":
-            m = min(n, self.init_size or max(2 * self.k, 1024))
-            init = _kmeans_plusplus(xt if m == n else xt[_sample_rows(n, m, rng)], self.k, rng)
-        cent, obj, nsplit = self._lloyd(index, xt, init, self.niter, seed)
-        swaps = 0
-        for r in range(self.refine):
-            cent2, n_sw = self._swap_round(index, xt, cent)
-            if n_sw == 0:
-                break
-            swaps += n_sw
-            cent, obj2, ns2 = self._lloyd(index, xt, cent2, self.refine_niter, seed + 7919 * (r + 1))
-            obj += obj2
-            nsplit += ns2
-        return cent, obj, nsplit, swaps
+    def _fit_once(self, xt: np.ndarray, seed: int):
+        """Seed, then Lloyd iterations with split/merge rounds on the training rows `xt`.
 
-    def _polish_and_label(self, index, x: np.ndarray, cent: np.ndarray, polish: int | str):
-        """Lloyd updates on all rows (`polish` of them), then the nearest-centroid label of every row.
-
-        Returns (centroids, labels, updates applied). After the last update a row keeps its label
-        without a new search when its distance to its own centroid plus that centroid's shift
-        stays below its distance to the second nearest minus the largest shift (Hamerly's bound,
-        with a margin for float32 round-off); only the other rows are searched again. On separated
-        data the polish is then nearly free (one pass over `x`, which labelling needs anyway); on
-        overlapping data most rows need a second search, and "auto" then keeps the trained
-        centroids and the labels of the first pass instead.
+        Every `refine_niter`-th update from the first on (up to `refine` of them, until a round
+        finds no swap) also applies a split/merge round. Stops after `niter` iterations or once
+        an iteration lowers the objective by at most `tol` of it. Returns (state, centroids, obj,
+        nsplit, swaps): `state` holds the exact labels of `xt` for the centroids of the last
+        iteration, `centroids` is that iteration's update.
         """
-        n = len(x)
-        if polish == 0 or self.k < 2:
-            return cent, self._search(index, x, cent)[1][:, 0], 0
-        updates = 1 if polish == "auto" else int(polish)
-        for it in range(updates):
-            sq, nn = self._search(index, x, cent, nn=2)
-            lab = nn[:, 0].copy()
-            new = _centroid_means(x, lab, cent)
-            if it + 1 < updates:
-                cent = new
-        shift = np.sqrt(((new.astype(np.float64) - cent) ** 2).sum(1))
-        d1 = np.sqrt(sq[:, 0].astype(np.float64))
-        d2 = np.sqrt(sq[:, 1].astype(np.float64))
-        # faiss computes |x|^2 + |c|^2 - 2 x.c in float32: allow an error of 1e-5 of the norms
-        norms = np.einsum("ij,ij->i", x, x, dtype=np.float64) + float((cent.astype(np.float64) ** 2).sum(1).max())
-        margin = 2.0 * np.sqrt(1e-5 * norms)
-        unsure = np.flatnonzero(d1 + shift[lab] + margin >= d2 - shift.max())
-        if polish == "auto" and len(unsure) > AUTO_POLISH_MAX_UNSURE * n:
-            return cent, lab, 0  # exact labels of the trained centroids
-        if len(unsure):
-            lab[unsure] = self._search(index, x[unsure], new)[1][:, 0]
-        return new, lab, updates
+        rng = np.random.default_rng([seed, 1])  # empty-cluster splits
+        state = _Labels(self, self.index_, xt, self._init_centroids(xt, seed))
+        state.search(nn=2)
+        obj: list[float] = []
+        nsplit = swaps = rounds = 0
+        while True:
+            means, counts = _cluster_means(xt, state.lab, state.cent)
+            obj.append(float(np.square(state.dist).sum()))
+            if self.verbose:
+                print(f"k-means iteration {len(obj)}: objective {obj[-1]:.6g}, {state.n_searched} rows searched")
+            if len(obj) >= self.niter or (len(obj) > 1 and obj[-2] - obj[-1] <= self.tol * obj[-2]):
+                nsplit += _split_empty(means, counts, set(), rng)
+                return state, means, obj, nsplit, swaps
+            used: set[int] = set()
+            if rounds < self.refine and (len(obj) - 1) % self.refine_niter == 0:
+                new, n_sw, used = self._swap(state, means, counts)
+                rounds = rounds + 1 if n_sw else self.refine  # a round without swaps ends them
+                means, swaps = new, swaps + n_sw
+            nsplit += _split_empty(means, counts, used, rng)
+            state.move(means)
+
+    # -- labelling every row
+
+    def _plan_labelling(self, train: _Labels, cent: np.ndarray, polish: int | str):
+        """How to label every row: (projection for candidates or None, polish), judged on training rows.
+
+        Both judged on up to 4096 training rows (a uniform subsample of the data), labelled for
+        `cent` by one small 2-NN search:
+        - polish="auto" becomes 0 when the bounds would surely leave too many rows unsure after
+          the update: it moves centroid j by about its estimation error r_j / sqrt(n_j) (r_j: RMS
+          distance of its n_j training rows), and a row keeps its label for free only if its
+          second nearest centroid is farther than the nearest by more than about twice that.
+          "Surely": over 3/4 of the rows fail, three times the budget, so that a polish the bounds
+          can afford is not skipped here (the real check comes after the update);
+        - a projection to dim = d/16, d/8 or d/4 principal directions is used when the expected
+          cost per row, in flat searches, dim / d (projected search) + dim / k (projecting) + the
+          fraction of rows Elkan's bound leaves unsure (searched in full), is below 0.8.
+        """
+        n, d = train.x.shape
+        sample = _Labels(self, self.index_, np.ascontiguousarray(train.x[:: max(1, -(-n // 4096))]), cent)
+        sample.search(nn=2)
+        if polish == "auto":
+            counts = np.bincount(train.lab, minlength=self.k).astype(np.float64)
+            sse = np.bincount(train.lab, weights=train.dist**2, minlength=self.k)
+            err = np.sqrt(np.divide(sse, counts**2, out=np.zeros(self.k), where=counts > 0))
+            if np.mean(sample.lower - sample.dist < 2.0 * err[sample.lab]) > 3 * AUTO_POLISH_MAX_UNSURE:
+                polish = 0
+        dims = [dim for dim in (d // 16, d // 8, d // 4) if 8 <= dim < self.k] if self.k >= 16 else []
+        # at best, the rows Elkan's bound settles for their true nearest centroid: too few, no projection
+        if not dims or np.mean(2.0 * sample.dist + sample.margin() < sample.gaps()[sample.lab]) < 0.25:
+            return None, polish
+        axes = _principal_axes(cent, max(dims))
+        best, best_cost = None, 0.8
+        for dim in dims:
+            proj = _Projection(self, axes, cent, dim)
+            cost = dim / d + dim / self.k + 1.0 - float(np.mean(sample.candidates(sample.x, None, proj)[3]))
+            if cost < best_cost:
+                best, best_cost = proj, cost
+        return best, polish
+
+    def _label_all(self, x: np.ndarray, train: _Labels, cent: np.ndarray, polish: int | str):
+        """Labels of every row, with `polish` Lloyd updates on all rows first.
+
+        Returns (centroids, state with the labels, updates applied, projection dim used or None).
+        """
+        plan, polish = self._plan_labelling(train, cent, polish)
+        state = _Labels(self, self.index_, x, cent)
+        state.search(nn=1 if polish == 0 else 2, plan=plan)
+        updates = 0
+        for _ in range(1 if polish == "auto" else int(polish)):
+            new, _counts = _cluster_means(x, state.lab, state.cent)
+            budget = AUTO_POLISH_MAX_UNSURE * len(x) if polish == "auto" else None
+            if state.move(new, budget) is None:
+                break  # keep the trained centroids and the exact labels already found
+            updates += 1
+        return state.cent, state, updates, None if plan is None else plan.axes
 
     # -- public API
 
@@ -480,20 +789,33 @@ class KMeans:
         if n < self.k:
             raise ValueError(f"k-means needs at least k={self.k} rows, got {n}")
         self.gpu_ = self._want_gpu()
-        index = self._new_index(d)
-        n_train = max(self.k, min(n, self.k * self.max_points_per_centroid, self.sample_size or n))
-        xt = x if n_train == n else x[_sample_rows(n, n_train, np.random.default_rng(self.seed))]
-        best = None
-        for r in range(self.nredo):
-            run = self._fit_once(index, xt, self.seed + r)
-            if best is None or run[1][-1] < best[1][-1]:
-                best = run
-        centroids, obj, self.n_split_, self.n_swaps_ = best
-        self.obj_ = np.asarray(obj, dtype=np.float64)
-        self.n_train_ = n_train
-        polish = self.polish if n_train < n else 0
-        self.centroids_, self.labels_, self.n_polish_ = self._polish_and_label(index, x, centroids, polish)
-        self.inertia_ = _sum_sq_dist(x, self.centroids_, self.labels_)
+        self.index_ = self._new_index(d)
+        self._rows_searched = 0
+        try:
+            n_train = max(self.k, min(n, self.k * self.max_points_per_centroid, self.sample_size or n))
+            xt = x if n_train == n else x[_sample_rows(n, n_train, np.random.default_rng(self.seed))]
+            best = None
+            for r in range(self.nredo):
+                run = self._fit_once(xt, self.seed + r)
+                if best is None or run[2][-1] < best[2][-1]:
+                    best = run
+            train, centroids, obj, self.n_split_, self.n_swaps_ = best
+            self.obj_ = np.asarray(obj, dtype=np.float64)
+            self.n_train_ = n_train
+            if n_train == n:  # the training rows are all rows: their labels follow the last update cheaply
+                train.move(centroids)
+                state, self.n_polish_, axes = train, 0, None
+            else:
+                centroids, state, self.n_polish_, axes = self._label_all(x, train, centroids, self.polish)
+        finally:
+            del self.index_
+        self.n_searched_ = self._rows_searched
+        self.centroids_ = np.ascontiguousarray(centroids, dtype=np.float32)
+        # predict() takes its candidates as the labelling pass did, in the same principal directions
+        # (of the centroids before the polish: a guess either way); plain arrays, so the model pickles
+        self._predict_axes = axes
+        self.labels_ = state.lab
+        self.inertia_ = float(np.square(state.dist).sum())
         sizes = cluster_sizes(self.labels_, self.k)
         self.imbalance_factor_ = imbalance_factor(sizes)
         self.n_empty_ = n_empty_clusters(sizes)
@@ -513,13 +835,21 @@ class KMeans:
         For features stored in shards: only the labels (8 bytes a row) are kept.
         """
         self._check_fitted()
-        index = self._new_index(self.centroids_.shape[1])
-        index.add(self.centroids_)
+        cent = self.centroids_
+        index = self._new_index(cent.shape[1])
+        axes = getattr(self, "_predict_axes", None)
+        plan = gaps = None
+        if axes is not None:  # candidates from a projected search, kept where Elkan's bound proves them
+            plan = _Projection(self, axes, cent, len(axes[0]))
+            gaps = _centroid_gaps(self, index, cent)
+        self._rows_searched = 0
         out = [np.empty(0, dtype=np.int64)]
         for chunk in chunks:
             chunk = _as_f32(chunk)
             if len(chunk):
-                out.append(index.search(chunk, 1)[1][:, 0].astype(np.int64))
+                labels = _Labels(self, index, chunk, cent, gaps)
+                labels.search(nn=1, plan=plan)
+                out.append(labels.lab)
         return np.concatenate(out)
 
     def fit_predict(self, x: np.ndarray) -> np.ndarray:
