@@ -127,28 +127,18 @@ RUN_FILE = "qdeep_run.json"
 def claim_run(storage_path: str, name: str, fingerprint: dict) -> None:
     """Rerunning a name resumes it, so the same name must mean the same training: the first launch
     records its configuration beside Ray's files, later launches must match it."""
-    import json
-
-    import pyarrow.fs
-
+    from qdeep import storage
     from qdeep.errors import QdeepError
 
-    if "://" in storage_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
-    path = f"{root}/{name}/{RUN_FILE}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            recorded = json.loads(f.read())
-        changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-        if changed:
-            raise QdeepError(f"run {name!r} in {storage_path} was started with different settings "
-                             f"({', '.join(changed)}); rerun with those settings to resume, or use another --name")
+    path = f"{storage_path.rstrip('/')}/{name}/{RUN_FILE}"
+    recorded = storage.read_json(path)
+    if recorded is None:
+        storage.write_json(path, fingerprint)
         return
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+    changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+    if changed:
+        raise QdeepError(f"run {name!r} in {storage_path} was started with different settings "
+                         f"({', '.join(changed)}); rerun with those settings to resume, or use another --name")
 
 
 def _load(checkpoint) -> dict:

@@ -150,8 +150,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
     loss_sum, correct, seen = 0.0, 0, 0
     for _, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if y.is_floating_point():
-            y = y.float()
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
@@ -196,8 +194,6 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
     indices, probas, loss_sum = [], [], 0.0
     for idx, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if y.is_floating_point():
-            y = y.float()
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)
         loss_sum += loss_fn(logits.float(), y).item() * len(x)

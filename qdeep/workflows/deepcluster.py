@@ -30,7 +30,7 @@ from qdeep.errors import QdeepError
 from qdeep.parts.targets import PseudoTargets
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
 from qdeep.runtime import ray_session
-from qdeep.storage import check_shared_storage
+from qdeep.storage import check_shared_storage, filesystem
 from qdeep.train import driver
 from qdeep.train.config import TrainConfig
 from qdeep.workflows.common import check_images
@@ -272,10 +272,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
 def _remove_run(storage_path: str, name: str) -> None:
     import pyarrow.fs
 
-    if "://" in storage_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
+    fs, root = filesystem(storage_path)
     if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory:
         fs.delete_dir(f"{root}/{name}")
 
