@@ -1,6 +1,7 @@
 """The DeepCluster step as plain functions: pseudo-labels, class weights, the uniform sampler."""
 
 import numpy as np
+import pytest
 from sklearn.datasets import make_blobs
 
 from qdeep.cluster.deepcluster import balanced_class_weights, pseudo_labels, uniform_cluster_sample
@@ -33,7 +34,8 @@ def test_uniform_sampler_draws_clusters_equally():
     assert len(set(idx[labels[idx] == 0])) == counts[0]  # the big cluster is drawn without replacement
 
 
-def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path):
+def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path, monkeypatch):
+    from qdeep.cluster import deepcluster
     from qdeep.cluster.deepcluster import cluster_store
     from qdeep.cluster.store import FeatureStore, StoreWriter
 
@@ -45,6 +47,7 @@ def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path):
         writer.write(ids, x)
     store = FeatureStore(tmp_path / "store")
     assert len(store.shards) == 5
+    monkeypatch.setattr(deepcluster, "ASSIGN_BLOCK", 64)  # shards of 200 rows assigned in 4 blocks
     images, streamed = cluster_store(store, k=5, pca_dim=4, seed=0, sample_size=300)  # trained on a third
     order = np.array([int(i[4:-4]) for i in images])
     assert sorted(order) == list(range(900))
@@ -52,3 +55,6 @@ def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path):
     assert streamed.sizes.sum() == 900 and streamed.score < 0 and streamed.distances.shape == (900,)
     in_memory = pseudo_labels(x, k=5, pca_dim=4, seed=0)
     assert nmi(streamed.labels, in_memory.labels[order]) > 0.95
+    # whitened rows are unit vectors: a squared distance to the centre lies in [0, 4]
+    assert (streamed.distances >= 0).all() and (streamed.distances <= 4).all()
+    assert streamed.score == pytest.approx(-streamed.distances.mean())

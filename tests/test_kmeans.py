@@ -149,6 +149,10 @@ def test_predict_stream_equals_predict():
     np.testing.assert_array_equal(km.predict_stream(chunks), whole)
     np.testing.assert_array_equal(km.predict(x[:600]), km.labels_)
     assert km.predict_stream(iter([])).shape == (0,)
+    labels, sq = km.predict_stream((x[i : i + 137] for i in range(0, len(x), 137)), return_distances=True)
+    np.testing.assert_array_equal(labels, whole)
+    direct = ((x.astype(np.float64) - km.centroids_[whole]) ** 2).sum(1)
+    assert sq.dtype == np.float32 and np.allclose(sq, direct, rtol=1e-4, atol=1e-5)
 
 
 def test_empty_clusters_are_counted():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qdeep.cluster.kmeans import (KMeans, choose_pca_dim, clustering_score, cluster_sizes, fit_pca_whitening,
-                                  imbalance_factor, preprocess, preprocess_features)
+                                  imbalance_factor, preprocess, preprocess_features, sq_distances)
 from qdeep.parts.targets import balanced_class_weights
 from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
 
@@ -20,6 +20,7 @@ __all__ = ["Clustering", "balanced_class_weights", "cluster_store", "pseudo_labe
 
 SAMPLE_PER_CLUSTER = 256  # rows k-means trains on per centroid (faiss' own default cap)
 MIN_SAMPLE = 50_000
+ASSIGN_BLOCK = 8192  # rows whitened and assigned at a time: a whitened copy of a block, not of a shard
 
 
 @dataclass
@@ -38,7 +39,7 @@ def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed
     x, _ = preprocess_features(features, pca_dim)
     km = KMeans(k, seed=seed).fit(x)
     sizes = cluster_sizes(km.labels_, k)
-    distances = ((x - km.centroids_[km.labels_]) ** 2).sum(1)
+    distances = sq_distances(x, km.centroids_, km.labels_)
     return Clustering(labels=km.labels_, centroids=km.centroids_, score=clustering_score(x, km.labels_, km.centroids_),
                       sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
                       distances=distances)
@@ -47,22 +48,26 @@ def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed
 def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
                   sample_size: int | None = None) -> tuple[list[str], Clustering]:
     """`pseudo_labels` for a feature store of any size: PCA-whitening and k-means trained on a
-    sample drawn across shards, then every shard whitened and assigned in turn, so memory holds
-    one shard plus the sample. Returns the image ids in store order and their clustering."""
+    sample drawn across shards, then every shard whitened and assigned block by block, so memory
+    holds one shard plus the sample and its whitened copy (measured in scripts/bench_store.py).
+    Returns the image ids in store order and their clustering."""
     n = store.total_rows
     sample_size = min(n, sample_size or max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
     _, sample = store.sample(sample_size, seed)
     pca = fit_pca_whitening(sample, choose_pca_dim(len(sample), store.dim, pca_dim))
-    km = KMeans(k, seed=seed).fit(preprocess(sample, pca))
+    sample = preprocess(sample, pca)  # the raw sample goes as soon as it is whitened
+    km = KMeans(k, seed=seed).fit(sample)
     del sample
-    images, labels, distances = [], [], []
-    for ids, features in store.iter_shards():
-        x = preprocess(features, pca)
-        assigned = km.predict(x)
-        images.extend(ids)
-        labels.append(assigned)
-        distances.append(((x - km.centroids_[assigned]) ** 2).sum(1))
-    labels, distances = np.concatenate(labels), np.concatenate(distances)
+    images: list[str] = []
+
+    def whitened_blocks():
+        for ids, features in store.iter_shards():
+            images.extend(ids)
+            for start in range(0, len(features), ASSIGN_BLOCK):
+                yield preprocess(features[start : start + ASSIGN_BLOCK], pca)
+            del features  # else this shard would be held while the next one is read
+
+    labels, distances = km.predict_stream(whitened_blocks(), return_distances=True)
     sizes = cluster_sizes(labels, k)
     return images, Clustering(labels=labels, centroids=km.centroids_, score=-float(distances.mean()), sizes=sizes,
                               imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),

@@ -1,6 +1,6 @@
 """Descriptors of every image (penultimate, globally pooled CNN features) into a feature store.
 
-A Ray Data pipeline: decode and resize on CPU tasks, then embed in an actor pool (one model per
+A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (one model per
 actor; GPU actors when the cluster has GPUs), then Parquet shards written in parallel.
 """
 
@@ -24,15 +24,10 @@ def load_backbone(arch: str, weights: str) -> torch.nn.Module:
     return build_model(arch, None, weights, "none").eval()
 
 
-class Decode:
-    """CPU stage: paths -> normalised pixel arrays of the architecture's input size."""
-
-    def __init__(self, size: int, mean, std):
-        self.size, self.mean, self.std = size, mean, std
-
-    def __call__(self, batch: dict) -> dict:
-        pixels = np.stack([to_tensor(load_rgb(p), self.size, self.mean, self.std).numpy() for p in batch["path"]])
-        return {"image": batch["image"], "pixels": pixels}
+def decode(batch: dict, size: int, mean, std) -> dict:
+    """CPU stage, run as Ray tasks (as many as the cluster's CPUs allow): paths -> normalised pixels."""
+    pixels = np.stack([to_tensor(load_rgb(p), size, mean, std).numpy() for p in batch["path"]])
+    return {"image": batch["image"], "pixels": pixels}
 
 
 class Embedder:
@@ -83,8 +78,7 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     actors = max(1, int(gpus)) if use_gpu else 1
     rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
     ds = (ray.data.from_items(rows)
-          .map_batches(Decode, fn_constructor_kwargs={"size": size, "mean": spec.mean, "std": spec.std},
-                       batch_size=batch_size, concurrency=1)
+          .map_batches(decode, fn_kwargs={"size": size, "mean": spec.mean, "std": spec.std}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
                        batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,

@@ -41,6 +41,7 @@ __all__ = [
     "nmi",
     "preprocess",
     "preprocess_features",
+    "sq_distances",
 ]
 
 INIT_METHODS = ("kmeans++", "afkmc2", "random")
@@ -829,10 +830,11 @@ class KMeans:
         """Index of the nearest centroid (L2) for each row of `x`."""
         return self.predict_stream([x])
 
-    def predict_stream(self, chunks: Iterable[np.ndarray]) -> np.ndarray:
+    def predict_stream(self, chunks: Iterable[np.ndarray], return_distances: bool = False):
         """`predict` over an iterable of (n_i, d) arrays, one chunk in memory at a time.
 
-        For features stored in shards: only the labels (8 bytes a row) are kept.
+        For features stored in shards: only the labels (8 bytes a row) are kept, and with
+        `return_distances` each row's squared distance to its centroid (float32), as (labels, sq).
         """
         self._check_fitted()
         cent = self.centroids_
@@ -843,14 +845,16 @@ class KMeans:
             plan = _Projection(self, axes, cent, len(axes[0]))
             gaps = _centroid_gaps(self, index, cent)
         self._rows_searched = 0
-        out = [np.empty(0, dtype=np.int64)]
+        out, sq = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.float32)]
         for chunk in chunks:
             chunk = _as_f32(chunk)
             if len(chunk):
                 labels = _Labels(self, index, chunk, cent, gaps)
                 labels.search(nn=1, plan=plan)
                 out.append(labels.lab)
-        return np.concatenate(out)
+                if return_distances:
+                    sq.append(np.square(labels.dist).astype(np.float32))
+        return (np.concatenate(out), np.concatenate(sq)) if return_distances else np.concatenate(out)
 
     def fit_predict(self, x: np.ndarray) -> np.ndarray:
         return self.fit(x).labels_
@@ -864,6 +868,11 @@ def clustering_score(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -
     x = np.asarray(x, dtype=np.float64)
     diff = x - np.asarray(centroids, dtype=np.float64)[np.asarray(labels)]
     return -float(np.einsum("ij,ij->i", diff, diff).mean())
+
+
+def sq_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Squared distance of each row to its own centroid, float32, without an (n, d) temporary."""
+    return _sq_dist_by_idx(x, centroids, labels)
 
 
 def cluster_sizes(labels: np.ndarray, k: int) -> np.ndarray:
