@@ -2,6 +2,7 @@
 after the first (Ctrl+C), resumed from the second, with every output and the MLflow history."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -71,7 +72,8 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     for key in ("train_loss", "train_acc", "ctrl_loss", "nmi_true", "ari_true", "purity_true", "final_score"):
         assert key in client.get_run(parent).data.metrics, key
     params = client.get_run(parent).data.params
-    assert params["k"] == "5" and params["models_dir"].endswith("iterations")
+    assert params["k"] == params["nb_clusters"] == "5" and params["models_dir"].endswith("iterations")
+    assert params["iterations"] == "2" and Path(params["data_dir"]).is_dir()
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"metrics.json", "assignments.parquet", "curves.png", "sizes.png", "grids", "sizes"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent, "sizes")} == {"sizes/iter_01.json", "sizes/iter_02.json"}
