@@ -103,8 +103,9 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
         uri = tracking.tracking_uri(tracking_uri)
         runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
             "deepcluster", {**asdict(config), "nb_clusters": config.k, "images": str(coll.root),
-                            "data_dir": str(coll.root), "out": str(out), "models_dir": str(out / "iterations"), "workers": workers, "n_images": len(coll.paths),
-                            "n_ctrl": int(coll.is_ctrl.sum()), "labels": str(labels or data or "")}, uri=tracking_uri)
+                            "data_dir": str(coll.root), "out": str(out), "models_dir": str(out / "iterations"),
+                            "workers": workers, "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()),
+                            "labels": str(labels or data or "")}, uri=tracking_uri)
         with runner as run:
             _record(out, config, len(coll.paths), run.info.run_id)
             if history:
