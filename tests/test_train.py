@@ -4,7 +4,6 @@ import csv
 import json
 
 import mlflow
-import pytest
 
 from qdeep.cli import main
 from qdeep.train.worker import CRASH_ENV
