@@ -43,6 +43,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_baseline.py
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_features.py
+	$(BIN)/python scripts/bench_kmeans.py
+	$(BIN)/python scripts/bench_store.py
 
 clean:
 	rm -rf $(DEMO) mlruns mlartifacts mlflow.db
