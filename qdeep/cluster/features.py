@@ -1,8 +1,8 @@
 """Descriptors of every image (penultimate, globally pooled CNN features) into a feature store.
 
 A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (one model per
-actor; GPU actors when the cluster has GPUs, else one actor per CPU, which Ray Data fuses with
-the decoding), then Parquet shards written in parallel.
+actor; GPU actors when the cluster has GPUs, else one actor per CPU, into which Ray Data fuses
+the decoding), then Parquet shards written as the rows arrive.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def load_backbone(arch: str, weights: str) -> torch.nn.Module:
 
 
 def decode(batch: dict, size: int, mean, std) -> dict:
-    """CPU stage, run as Ray tasks (as many as the cluster's CPUs allow): paths -> normalised pixels."""
+    """CPU stage: paths -> normalised pixels. A function, so that Ray Data runs it in tasks on the
+    free CPUs beside GPU actors, or fuses it into each CPU actor."""
     pixels = np.stack([to_tensor(load_rgb(p), size, mean, std).numpy() for p in batch["path"]])
     return {"image": batch["image"], "pixels": pixels}
 
