@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qdeep.cluster.kmeans import (KMeans, choose_pca_dim, clustering_score, cluster_sizes, fit_pca_whitening,
-                                  imbalance_factor, preprocess, preprocess_features, sq_distances)
+from qdeep.cluster.kmeans import (KMeans, choose_pca_dim, cluster_sizes, fit_pca_whitening, imbalance_factor,
+                                  n_empty_clusters, preprocess, preprocess_features, sq_distances)
 from qdeep.parts.targets import balanced_class_weights
 from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
 
@@ -25,24 +25,35 @@ ASSIGN_BLOCK = 8192  # rows whitened and assigned at a time: a whitened copy of 
 
 @dataclass
 class Clustering:
+    """An assignment; its scores are derived from it, so they stay right when rows are reordered."""
+
     labels: np.ndarray  # (n,) pseudo-label of every image
     centroids: np.ndarray  # (k, d) in the whitened space
-    score: float  # the seed article's clustering score (negative mean squared distance to the centre)
-    sizes: np.ndarray  # (k,)
-    imbalance: float
-    n_empty: int
     distances: np.ndarray  # (n,) squared distance of each image to its centre (whitened space)
+
+    @property
+    def score(self) -> float:
+        """The seed article's clustering score: minus the mean squared distance to the centre."""
+        return -float(self.distances.mean(dtype=np.float64))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return cluster_sizes(self.labels, len(self.centroids))
+
+    @property
+    def imbalance(self) -> float:
+        return imbalance_factor(self.sizes)
+
+    @property
+    def n_empty(self) -> int:
+        return n_empty_clusters(self.sizes)
 
 
 def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed: int = 0) -> Clustering:
     """Cluster descriptors into k pseudo-classes, as the reference's `Kmeans.cluster` does."""
     x, _ = preprocess_features(features, pca_dim)
     km = KMeans(k, seed=seed).fit(x)
-    sizes = cluster_sizes(km.labels_, k)
-    distances = sq_distances(x, km.centroids_, km.labels_)
-    return Clustering(labels=km.labels_, centroids=km.centroids_, score=clustering_score(x, km.labels_, km.centroids_),
-                      sizes=sizes, imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
-                      distances=distances)
+    return Clustering(km.labels_, km.centroids_, sq_distances(x, km.centroids_, km.labels_))
 
 
 def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
@@ -68,7 +79,4 @@ def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
             del features  # else this shard would be held while the next one is read
 
     labels, distances = km.predict_stream(whitened_blocks(), return_distances=True)
-    sizes = cluster_sizes(labels, k)
-    return images, Clustering(labels=labels, centroids=km.centroids_, score=-float(distances.mean()), sizes=sizes,
-                              imbalance=imbalance_factor(sizes), n_empty=int((sizes == 0).sum()),
-                              distances=distances)
+    return images, Clustering(labels, km.centroids_, distances)
