@@ -34,23 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.cluster.features import embed_images, load_backbone
-from qdeep.data.images import load_rgb
+from qdeep.cluster.features import decode, embed_images, load_backbone
 from qdeep.data.synth import write_synthetic_classes
-from qdeep.data.transforms import to_tensor
 from qdeep.models import embed
 from qdeep.runtime import ray_session
 
 
 def plain_loop(paths, arch: str, weights: str, batch_size: int, out: Path) -> None:
-    """The reference: one process, torch's own threads on every core, no Ray."""
+    """The reference: one process, torch's own threads on every core, no Ray; the same decoding."""
     model = load_backbone(arch, weights)
     spec = model.qdeep_arch
     parts = []
     with torch.no_grad():
         for s in range(0, len(paths), batch_size):
-            x = torch.stack([to_tensor(load_rgb(p), spec.input_size, spec.mean, spec.std) for p in paths[s : s + batch_size]])
-            parts.append(embed(model, x).float().numpy())
+            batch = decode({"image": None, "path": paths[s : s + batch_size]}, spec.input_size, spec.mean, spec.std)
+            parts.append(embed(model, torch.from_numpy(batch["pixels"])).float().numpy())
     np.save(out, np.concatenate(parts))
 
 

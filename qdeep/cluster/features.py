@@ -75,12 +75,13 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     with torch.no_grad():
         dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
     use_gpu = bool(gpus) if use_gpu is None else use_gpu
     # A CPU actor runs torch on one thread (Ray sets OMP_NUM_THREADS to its 1 CPU), so CPU runs get
     # one actor per CPU (no more than there are batches), each decoding its own batches: 0.71-0.86x
     # a plain all-cores loop on 2 cores, against 0.54x for one actor (scripts/bench_features.py).
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = int(resources.get("CPU", 1))
     batches = -(-len(paths) // batch_size)
     actors = max(1, int(gpus)) if use_gpu else max(1, min(cpus, batches))
     rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
