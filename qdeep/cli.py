@@ -355,7 +355,8 @@ def cmd_deepcluster(args) -> None:
                                freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
-                        storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args), tracking_uri=args.tracking_uri, address=args.address)
+                        storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),
+                        tracking_uri=args.tracking_uri, address=args.address)
     final = m["final"]
     text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
     if "nmi_true" in final:
