@@ -101,7 +101,7 @@ def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
         storage_path=sweep["storage_path"],
         use_gpu=sweep["gpus_per_trial"] > 0,
         cpus=1,
-        gpus=sweep["gpus_per_trial"] / sweep["workers_per_trial"],
+        gpus=sweep["gpus_per_trial"] // sweep["workers_per_trial"],  # whole GPUs: see _check_gpus
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
@@ -142,6 +142,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
     from ray import tune
 
     load_plugins(plugins)
+    _check_gpus(sweep)
     sweep = replace(sweep, base=task_parts(sweep.base))
     started = time.time()
     out = Path(out).resolve()
@@ -207,6 +208,19 @@ def _unfinished(experiment: str, expected: int) -> int:
 
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(experiment).trials)
     return max(expected - ended, 0)
+
+
+def _check_gpus(sweep: Sweep) -> None:
+    """Each worker of a trial is one DDP rank on a device of its own: --gpus-per-trial must give every
+    worker a whole GPU (Ray would hand two fractional workers the same device, and NCCL refuses two
+    ranks on one GPU)."""
+    gpus, workers = sweep.gpus_per_trial, sweep.workers_per_trial
+    if workers < 1:
+        raise QdeepError(f"--workers-per-trial must be at least 1, got {workers}")
+    if gpus < 0 or gpus % workers:
+        raise QdeepError(f"--gpus-per-trial {gpus:g} with --workers-per-trial {workers} gives each worker "
+                         f"{gpus / workers:g} GPU, so DDP ranks would share a device; use --gpus-per-trial 0 "
+                         f"(CPU) or a multiple of --workers-per-trial ({workers}, {2 * workers}, ...)")
 
 
 def _check_grid(sweep: Sweep, num_labels: int) -> None:

@@ -107,6 +107,19 @@ def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_
     assert "histogram_rf" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(120)  # before the check, the trial waited forever for half a GPU
+@pytest.mark.parametrize("workers, gpus", [(2, "1"), (1, "0.5"), (2, "3")])
+def test_fractional_gpus_per_worker_are_refused_before_any_trial(planet_dir, tmp_path, capsys, workers, gpus):
+    out = tmp_path / "out"
+    assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18", "--epochs", "1", "--out", str(out),
+                 "--workers-per-trial", str(workers), "--gpus-per-trial", gpus,
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *SMALL]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("qdeep: error: --gpus-per-trial ")
+    assert "--workers-per-trial" in errors[0] and "share a device" in errors[0]
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
 def test_sweep_file_grids_samplers_and_fixed_settings(tmp_path):
     from ray import tune
 
