@@ -1,6 +1,11 @@
 """`qdeep features`: descriptors of real JPEGs through Ray Data into a verified feature store."""
 
+import csv
+import json
+import logging
+
 import numpy as np
+import pytest
 import torch
 
 from qdeep.cli import main
@@ -11,11 +16,29 @@ from qdeep.data.transforms import to_tensor
 from qdeep.models import embed
 
 
-def test_features_store_holds_every_image_with_the_backbones_descriptor(planet_dir, ray_cluster, tmp_path):
+@pytest.fixture
+def ray_data_warnings():
+    """What Ray Data logs while planning a dataset (its deprecation notices among them)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("ray.data._internal.util")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _deprecations(records) -> list[str]:
+    return [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
+def test_features_store_holds_every_image_with_the_backbones_descriptor(planet_dir, ray_cluster, tmp_path,
+                                                                         ray_data_warnings):
     out = tmp_path / "store"
     images = planet_dir / "test-jpg"
     assert main(["features", "--images", str(images), "--arch", "efficientnet_lite0", "--weights", "bundled",
                  "--image-size", "32", "--batch-size", "16", "--out", str(out)]) == 0
+    assert _deprecations(ray_data_warnings) == []  # the actor pool is a compute=ActorPoolStrategy
     store = FeatureStore(out)
     store.verify()
     assert store.total_rows == 40 and store.dim == 1280
@@ -31,3 +54,25 @@ def test_features_store_holds_every_image_with_the_backbones_descriptor(planet_d
         with torch.no_grad():
             expected = embed(model, x)[0].numpy()
         np.testing.assert_allclose(feats[list(ids).index(name)], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_runs_its_actor_pool_without_deprecated_arguments(planet_dir, ray_cluster, tmp_path,
+                                                                  ray_data_warnings):
+    """`qdeep predict` on an exported model (an untrained resnet18, exported as `qdeep train` does)."""
+    from qdeep.models import build_model
+    from qdeep.parts.targets import TARGETS
+    from qdeep.train import CNN_KIND
+
+    labels = ["clear", "cloudy", "haze"]
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.save(build_model("resnet18", len(labels), "none", "none").state_dict(), model_dir / "model.pt")
+    TARGETS.get("multilabel")(labels).save(model_dir / "labels.json")
+    (model_dir / "config.json").write_text(json.dumps({"kind": CNN_KIND, "task": "multilabel", "arch": "resnet18",
+                                                       "image_size": 32, "num_labels": len(labels)}))
+    submission = tmp_path / "sub.csv"
+    assert main(["predict", "--model", str(model_dir), "--images", str(planet_dir / "test-jpg"),
+                 "--out", str(submission)]) == 0
+    assert _deprecations(ray_data_warnings) == []
+    rows = list(csv.reader(open(submission)))
+    assert len(rows) == 1 + 40 and all(set(r[1].split()) <= set(labels) for r in rows[1:])

@@ -88,6 +88,6 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     ds = (ray.data.from_items(rows)
           .map_batches(decode, fn_kwargs={"size": size, "mean": spec.mean, "std": spec.std}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0))
+                       batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=int(use_gpu)))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
                                     extra={"image_root": str(root), **(extra or {})})

@@ -78,7 +78,7 @@ class CNNPredictor:
             CNNInference,
             fn_constructor_kwargs={"model_dir": str(self.model_dir), "tta": self.tta},
             batch_size=self.batch_size,
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
             num_gpus=1 if gpus else 0,
         )
         proba = np.zeros((len(items), 0), dtype=np.float32)
