@@ -59,6 +59,7 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
     weights = weights or default_weights(arch)
     base = task_parts(base)
     with ray_session(address):
+        tracking.check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
         prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
                                 base.validation)
         validation = VALIDATIONS.get(prepared.validation)

@@ -61,20 +61,36 @@ def write_json(path: str, obj) -> None:
         f.write(json.dumps(obj, indent=2).encode())
 
 
-def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Refuse to start a run on a multi-node cluster whose storage path some node cannot see.
+STORAGE_REMEDY = ("a multi-node run needs --storage-path on shared storage: an NFS directory mounted at the same "
+                  "path on every node, or an s3:// URI")
 
-    Call it on the driver, inside a Ray session. Object-store URIs pass without probing; any path
-    passes on a one-node cluster. Otherwise a marker file with a unique name and content is written
-    under the path here, a task pinned to every alive node reads it back, and the marker is
-    removed. Nodes that join later (an autoscaler's) are not probed: they must mount the same
-    storage, as the nodes up now do.
+
+def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S, what: str = "storage path",
+                         remedy: str = STORAGE_REMEDY) -> None:
+    """Refuse to start a run on a Ray cluster whose storage path some node cannot see, or may not see.
+
+    Call it on the driver, inside a Ray session. Object-store URIs pass without probing. On more
+    than one alive node, a marker file with a unique name and content is written under the path
+    here, a task pinned to every alive node reads it back, and the marker is removed. On one alive
+    node, a local path passes only on a plain local Ray (`runtime.is_local_ray`): any other cluster
+    may gain nodes (an autoscaler's GPU nodes start once the run asks for them) that would write to
+    their own disks, and with no second node up nothing shows the path is shared. Nodes that join
+    after the probe must mount the same storage, as the nodes up at the start do. `what` and
+    `remedy` name the path and say what to do in the one-line refusal.
     """
+    from qdeep.runtime import is_local_ray
+
     if is_object_store(storage_path):
         return
     nodes = alive_nodes()
     if len(nodes) < 2:
-        return
+        if is_local_ray(nodes):
+            return
+        here = nodes[0].get("NodeManagerAddress", "?") if nodes else "?"
+        raise QdeepError(f"{what} {storage_path} cannot be shown to be shared: this Ray cluster can gain nodes "
+                         f"(it is not a local Ray started by qdeep) and only {here} is up, so no other node can "
+                         f"check it (an NFS path is checked once worker nodes are up); {remedy}; or leave out "
+                         "--address and RAY_ADDRESS to run on a local Ray")
     local = Path(storage_path.removeprefix("file://")).resolve()
     token = uuid.uuid4().hex
     marker = local / f"{MARKER_PREFIX}{token}"
@@ -82,12 +98,12 @@ def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S) ->
         local.mkdir(parents=True, exist_ok=True)
         marker.write_text(token)
     except OSError as exc:
-        raise QdeepError(f"cannot write to storage path {storage_path}: {exc.strerror or exc}") from None
+        raise QdeepError(f"cannot write to {what} {storage_path}: {exc.strerror or exc}") from None
     try:
         seen = nodes_seeing(str(marker), token, [n["NodeID"] for n in nodes], timeout)
     finally:
         marker.unlink(missing_ok=True)
-    refuse_unless_shared(storage_path, nodes, seen, timeout)
+    refuse_unless_shared(storage_path, nodes, seen, timeout, what, remedy)
 
 
 def alive_nodes() -> list[dict]:
@@ -112,17 +128,16 @@ def nodes_seeing(path: str, content: str, node_ids: list[str], timeout: float = 
     return {node: (ray.get(ref) == content) if ref in ready else None for node, ref in refs.items()}
 
 
-def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, timeout: float = PROBE_TIMEOUT_S) -> None:
+def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, timeout: float = PROBE_TIMEOUT_S,
+                         what: str = "storage path", remedy: str = STORAGE_REMEDY) -> None:
     """Raise one line naming the path and every node that could not see the marker."""
     blind = [n for n in nodes if not seen.get(n["NodeID"])]
     if not blind:
         return
     names = ", ".join(f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:8]}"
                       f"{'' if seen.get(n['NodeID']) is False else f', no answer in {timeout:g} s'})" for n in blind)
-    raise QdeepError(f"storage path {storage_path} is not shared by all {len(nodes)} nodes of this Ray cluster: "
-                     f"a file written there on the driver's node is not visible on {names}; a multi-node run "
-                     "needs --storage-path on shared storage: an NFS directory mounted at the same path on every "
-                     "node, or an s3:// URI")
+    raise QdeepError(f"{what} {storage_path} is not shared by all {len(nodes)} nodes of this Ray cluster: "
+                     f"a file written there on the driver's node is not visible on {names}; {remedy}")
 
 
 def _read_text(path: str) -> str | None:

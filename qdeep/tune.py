@@ -151,6 +151,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
     uri = tracking.tracking_uri(tracking_uri)
     with ray_session(address):
         storage.check_shared_storage(storage_path)
+        tracking.check_shared_tracking(tracking_uri)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
                                 sweep.base.task, sweep.base.validation)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric

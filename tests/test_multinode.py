@@ -77,7 +77,7 @@ class Job:
 
 
 class LoopbackCluster:
-    """Two `ray start --block` processes; `submit` runs a job with `ray job submit`."""
+    """Two `ray start --block` processes (or the head alone); `submit` runs a job with `ray job submit`."""
 
     def __init__(self, base: Path):
         self.base = base
@@ -108,7 +108,8 @@ class LoopbackCluster:
             time.sleep(0.5)
         return proc
 
-    def start(self) -> None:
+    def start(self, nodes: int = 2) -> None:
+        """The head, then (nodes=2) the second node."""
         temp = self.base / "ray"  # one temp dir for both nodes, apart from the session's /tmp/ray
         common = ["--num-cpus", "1", "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", str(temp),
                   "--disable-usage-stats"]
@@ -125,6 +126,9 @@ class LoopbackCluster:
              "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics), *common],
             self.base / "head.log",
             {**env, "DASHBOARD_METRIC_PORT": str(dash_metrics), "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
+        if nodes == 1:
+            self._wait_for_nodes(1)
+            return
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = self._node_ports
         # Its own mount namespace (private propagation): the tmpfs over local/ exists for this node only.
         unshare = ["unshare", "--mount", "--propagation", "private"]
@@ -137,9 +141,9 @@ class LoopbackCluster:
              "--metrics-export-port", str(metrics), *common],
             self.base / "node.log", env,
             prefix=[*unshare, "sh", "-c", 'mount -t tmpfs qdeep-node-local "$0" && exec "$@"', str(self.local)])
-        self._wait_for_two_nodes()
+        self._wait_for_nodes(2)
 
-    def _wait_for_two_nodes(self) -> None:
+    def _wait_for_nodes(self, n: int) -> None:
         deadline, out = time.time() + START_TIMEOUT_S, ""
         while time.time() < deadline:
             try:
@@ -150,10 +154,10 @@ class LoopbackCluster:
                 time.sleep(1)
                 continue
             out = self.ray("status", "--address", self.gcs, timeout=60).stdout
-            if len(re.findall(r"^\s*1 node_", out, re.M)) == 2:
+            if len(re.findall(r"^\s*1 node_", out, re.M)) == n:
                 return
             time.sleep(1)
-        raise RuntimeError(f"the two-node cluster did not come up; ray status:\n{out}")
+        raise RuntimeError(f"the {n}-node cluster did not come up; ray status:\n{out}")
 
     def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
@@ -220,6 +224,46 @@ def _train_args(c: LoopbackCluster, out: str, *extra: str) -> list[str]:
             "--tracking-uri", f"sqlite:///{c.shared / 'mlflow.db'}", *TINY, *extra]
 
 
+def _one_error(job: Job) -> str:
+    errors = [line for line in job.logs.splitlines() if line.startswith("qdeep: error:")]
+    assert len(errors) == 1, job
+    return errors[0]
+
+
+@pytest.fixture
+def lone_head():
+    """A `ray start --head` with no other node up yet: what an autoscaling cluster is before its GPU
+    nodes start. Function-scoped and first in this file, so it is gone before the two-node cluster starts."""
+    base = Path(tempfile.mkdtemp(prefix="qdmh-", dir="/tmp"))
+    c = LoopbackCluster(base)
+    try:
+        c.start(nodes=1)
+        yield c
+    finally:
+        try:
+            c.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_cluster_that_can_gain_nodes_refuses_local_paths_while_one_node_is_up(lone_head):
+    c = lone_head
+    runs = c.shared / "runs"
+    job = c.qdeep(*_train_args(c, "out-lone", "--storage-path", str(runs)), timeout=120)
+    assert job.status == "FAILED", job
+    error = _one_error(job)
+    assert f"storage path {runs} cannot be shown to be shared: this Ray cluster can gain nodes" in error, job
+    assert f"only {HEAD_IP} is up" in error and "s3://" in error and "RAY_ADDRESS" in error
+    # Shared storage, but the default-style MLflow store: a SQLite file rank 0 on a GPU node could not open.
+    db = c.shared / "mlflow.db"
+    job = c.qdeep(*_train_args(c, "out-lone", "--storage-path", "s3://qdeep-no-such-bucket/runs"), timeout=120)
+    assert job.status == "FAILED", job
+    error = _one_error(job)
+    assert f"MLflow store sqlite:///{db}: its directory {c.shared} cannot be shown to be shared" in error, job
+    assert "MLFLOW_TRACKING_URI=http://HEAD:5000" in error and "--tracking-uri" in error
+    assert not db.exists() and not (c.shared / "out-lone" / "metrics.json").exists()
+
+
 def test_two_workers_train_on_two_nodes(cluster):
     job = cluster.qdeep(*_train_args(cluster, "out2", "--workers", "2", "--name", "two",
                                      "--storage-path", str(cluster.shared / "runs")))
@@ -263,6 +307,19 @@ def test_deepcluster_job(cluster):
     assert [h["iteration"] for h in m["iterations"]] == [1] and m["final"]["k"] == 3, job
     assert (out / "assignments.parquet").is_file() and (out / "iterations" / "iter_01" / "model.pt").is_file()
     assert len(list((out / "grids").glob("cluster_*.png"))) >= 1
+
+
+def test_node_local_mlflow_store_is_refused(cluster):
+    db = cluster.local / "mlflow.db"
+    args = _train_args(cluster, "out-mlflow", "--workers", "2", "--storage-path", str(cluster.shared / "runs"),
+                       "--name", "mlflow-local")
+    args[args.index("--tracking-uri") + 1] = f"sqlite:///{db}"
+    job = cluster.qdeep(*args, timeout=120)
+    assert job.status == "FAILED", job
+    error = _one_error(job)
+    assert f"MLflow store sqlite:///{db}: its directory {cluster.local} is not shared" in error, job
+    assert f"not visible on {NODE_IP} (node " in error and "MLFLOW_TRACKING_URI=http://HEAD:5000" in error
+    assert not db.exists() and not (cluster.shared / "runs" / "mlflow-local").exists()
 
 
 def test_node_local_storage_path_is_refused(cluster):

@@ -27,6 +27,51 @@ def test_object_store_uris_are_shared_without_probing(ray_cluster, uri):
     storage.check_shared_storage(uri)  # offline: touching the bucket would fail
 
 
+JOINED = """
+import sys, ray
+from qdeep import runtime, storage, tracking
+ray.init(address=sys.argv[1])
+assert runtime.is_local_ray(storage.alive_nodes())
+storage.check_shared_storage(sys.argv[2])
+tracking.check_shared_tracking("sqlite:///" + sys.argv[2] + "/mlflow.db")
+print("accepted")
+"""
+
+
+def test_a_process_that_joins_qdeeps_local_ray_keeps_local_paths(ray_cluster, tmp_path):
+    """A job or a test's subprocess joins by address, yet the Ray it joins never gains a node."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "-c", JOINED, ray_cluster.get_runtime_context().gcs_address, str(runs)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "accepted" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_local_mlflow_store_passes_on_qdeeps_local_ray(ray_cluster, tmp_path, monkeypatch):
+    from qdeep import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking.check_shared_tracking(None)  # the default: sqlite:///CWD/mlflow.db
+    tracking.check_shared_tracking(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}")
+    tracking.check_shared_tracking("http://10.0.0.1:5000")  # a server: nothing to probe, nothing touched
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri, directory", [
+    ("sqlite:////srv/x/mlflow.db", "/srv/x"), ("sqlite:////srv/x/mlflow.db?timeout=5", "/srv/x"),
+    ("sqlite:///rel/mlflow.db", "{cwd}/rel"), ("file:///srv/mlruns", "/srv/mlruns"), ("mlruns", "{cwd}/mlruns"),
+    ("http://head:5000", None), ("https://mlflow.example.com", None), ("databricks", None),
+    ("databricks://profile", None), ("postgresql://user@db/mlflow", None)])
+def test_which_mlflow_stores_live_in_a_directory(uri, directory, tmp_path, monkeypatch):
+    from qdeep.tracking import store_directory
+
+    monkeypatch.chdir(tmp_path)
+    assert store_directory(uri) == (directory and directory.format(cwd=tmp_path))
+
+
 def test_file_uris_and_paths_are_local():
     assert not storage.is_object_store("/mnt/nfs/runs")
     assert not storage.is_object_store("file:///mnt/nfs/runs")

@@ -96,6 +96,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     with ray_session(address):
         check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
         check_shared_storage(storage_path)
+        tracking.check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
         check_model(config.train_config(config.weights, 0), config.k)
         parent_id = claim_out(out, config, len(coll.paths))

@@ -148,6 +148,7 @@ def run_train(
 
     with ray_session(address):
         check_shared_storage(storage_path)
+        tracking.check_shared_tracking(tracking_uri)
         prepared = prepared or prepare_data(data, labels, images, on_bad_image, config.val_fraction, config.seed,
                                             config.task, config.validation)
         check_model(config, len(prepared.targets))
