@@ -24,11 +24,17 @@ from qdeep.report import ladder_plot, per_label_heatmap
 from qdeep.runtime import ray_session
 from qdeep.train.config import TrainConfig
 from qdeep.parts import VALIDATIONS, load_plugins
-from qdeep.workflows.train import TrainingData, check_model, loop_config, prepare_data, resolve_weights, task_parts
+from qdeep.workflows.train import (TrainingData, check_model, loop_config, prepare_data, resolve_weight_path,
+                                   resolve_weights, task_parts)
 
 SWEPT = ("arch", "weights", "freeze", "lr")
 SWEEP_FILE = "qdeep_sweep.json"
 TRIAL_CPU = 0.01  # the Tune function only waits on its trainer; the workers hold the real resources
+# Every Ray head has this resource (Ray pins its own Train and Data state actors to the head with it). A
+# trial's driver asks for a sliver of it, so it runs on the head, which is on-demand in cluster.yaml, and
+# not on a spot GPU node that would take the trial down with it; the workers still go where the GPUs are.
+HEAD_RESOURCE = "node:__internal_head__"
+TRIAL_RESOURCES = {"cpu": TRIAL_CPU, HEAD_RESOURCE: 0.001}
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Sweep:
     max_concurrent: int | None = None
     workers_per_trial: int = 1
     gpus_per_trial: float = 0
+    max_failures: int = 2  # a failed trial (a worker's node lost) is retried, resuming from its last checkpoint
 
     @classmethod
     def from_yaml(cls, path: str | Path, **defaults) -> "Sweep":
@@ -86,7 +93,7 @@ def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     load_plugins(sweep["plugins"])
-    train_config = resolve_weights(replace(TrainConfig(**sweep["base"]), **{k: config[k] for k in SWEPT}))
+    train_config = replace(TrainConfig(**sweep["base"]), **{k: config[k] for k in SWEPT})  # paths made absolute
     run_id = tracking.child_run(sweep["mlflow_uri"], sweep["parent_run_id"], trial_id, f"trial-{trial_id}",
                                 {**train_config.as_dict(), "trial_id": trial_id})
     name = f"{sweep['name']}-{trial_id}"
@@ -143,7 +150,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
 
     load_plugins(plugins)
     _check_gpus(sweep)
-    sweep = replace(sweep, base=task_parts(sweep.base))
+    sweep = replace(sweep, base=task_parts(resolve_weights(sweep.base)), space=_resolved_weights(sweep.space))
     started = time.time()
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
@@ -167,7 +174,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                         "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
                         "workers_per_trial": sweep.workers_per_trial, "gpus_per_trial": sweep.gpus_per_trial}
             trainable = tune.with_resources(tune.with_parameters(tune_trial, data=prepared, sweep=settings),
-                                            {"cpu": TRIAL_CPU})
+                                            TRIAL_RESOURCES)
             if tune.Tuner.can_restore(experiment):
                 tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
@@ -177,7 +184,8 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                     param_space=param_space(sweep.space),
                     tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=sweep.num_samples,
                                                 scheduler=_scheduler(sweep), max_concurrent_trials=concurrency(sweep)),
-                    run_config=tune.RunConfig(name=name, storage_path=storage_path),
+                    run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                              failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
                 )
             grid = tuner.fit()
             unfinished = _unfinished(experiment, expected_trials(sweep))
@@ -211,6 +219,19 @@ def _unfinished(experiment: str, expected: int) -> int:
     return max(expected - ended, 0)
 
 
+def _resolved_weights(space: dict) -> dict:
+    """The space with each weights PATH made absolute on the driver: a trial runs in its own
+    directory, maybe on another node."""
+    value = space.get("weights")
+    if isinstance(value, str):
+        value = resolve_weight_path(value)
+    elif isinstance(value, list):
+        value = [resolve_weight_path(w) for w in value]
+    elif isinstance(value, dict) and isinstance(value.get("choice"), list):
+        value = {"choice": [resolve_weight_path(w) for w in value["choice"]]}
+    return {**space, "weights": value} if "weights" in space else space
+
+
 def _check_gpus(sweep: Sweep) -> None:
     """Each worker of a trial is one DDP rank on a device of its own: --gpus-per-trial must give every
     worker a whole GPU (Ray would hand two fractional workers the same device, and NCCL refuses two
@@ -231,7 +252,7 @@ def _check_grid(sweep: Sweep, num_labels: int) -> None:
         return value if isinstance(value, list) else value.get("choice", [getattr(sweep.base, key)])
 
     for arch, weights, freeze in itertools.product(*map(options, ("arch", "weights", "freeze"))):
-        check_model(resolve_weights(replace(sweep.base, arch=arch, weights=weights, freeze=freeze)), num_labels)
+        check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels)
 
 
 def _scheduler(sweep: Sweep):

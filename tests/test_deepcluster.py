@@ -90,3 +90,20 @@ def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path):
     code = main(["deepcluster", "--images", str(scenes), "--arch", "resnet18", "--weights", "none", "--k", "2",
                  "--final-k", "2", "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert code == 2
+
+
+def test_a_relative_weights_path_is_resolved_where_the_command_runs(ray_cluster, tmp_path, sqlite_uri, monkeypatch):
+    """The embedding actors and training workers run in Ray's directories, not the caller's."""
+    import torch
+
+    from qdeep.models import build_model
+
+    write_synthetic_classes(tmp_path / "scenes", n_per_class=6, size=32, seed=5)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    torch.save(build_model("resnet18", 3, "none", "none").state_dict(), tmp_path / "w" / "r18.pt")
+    out = tmp_path / "out"
+    assert main(["deepcluster", "--images", "scenes", "--arch", "resnet18", "--weights", "w/r18.pt",
+                 "--image-size", "32", "--k", "3", "--iterations", "0", "--final-k", "3", "--loader-workers", "0",
+                 "--out", str(out), "--tracking-uri", sqlite_uri]) == 0
+    assert json.loads((out / "metrics.json").read_text())["final"]["weights"] == str(tmp_path / "w" / "r18.pt")

@@ -107,6 +107,32 @@ def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_
     assert "histogram_rf" in capsys.readouterr().out
 
 
+def test_trials_run_on_the_head_are_retried_and_find_a_relative_weights_path(planet_dir, ray_cluster, tmp_path,
+                                                                            sqlite_uri, monkeypatch):
+    """A trial's driver asks for the head's own resource (never a spot GPU node's), Tune retries a failed
+    trial, and a relative --weights PATH is the caller's, though a trial runs in a directory of its own."""
+    import torch
+    from ray.tune import ExperimentAnalysis
+
+    from qdeep.models import build_model
+    from qdeep.tune import HEAD_RESOURCE, TRIAL_CPU
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    torch.save(build_model("resnet18", 17, "none", "none").state_dict(), tmp_path / "w" / "r18.pt")
+    out = tmp_path / "out"
+    assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18", "--weights", "w/r18.pt", "--freeze", "head",
+                 "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--out", str(out),
+                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["weights"], r["status"]) for r in rows] == [(str(tmp_path / "w" / "r18.pt"), "completed")]
+    (trial,) = ExperimentAnalysis(str(out / "ray_results" / "sweep")).trials
+    (bundle,) = trial.placement_group_factory.bundles
+    assert bundle[HEAD_RESOURCE] > 0 and bundle["CPU"] == TRIAL_CPU
+    assert HEAD_RESOURCE in ray_cluster.nodes()[0]["Resources"]  # the head has it: the trial could run
+    assert trial.max_failures == 2
+
+
 @pytest.mark.timeout(120)  # before the check, the trial waited forever for half a GPU
 @pytest.mark.parametrize("workers, gpus", [(2, "1"), (1, "0.5"), (2, "3")])
 def test_fractional_gpus_per_worker_are_refused_before_any_trial(planet_dir, tmp_path, capsys, workers, gpus):

@@ -93,6 +93,9 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     _check(config)
+    from qdeep.workflows.train import resolve_weights
+
+    config = resolve_weights(config)  # a relative --weights PATH is the driver's; workers and actors run elsewhere
     with ray_session(address):
         check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
         check_shared_storage(storage_path)

@@ -76,11 +76,16 @@ def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error
     return TrainingData(targets, [str(p) for p in train.paths], y, is_val, policy, dataset.source, validation)
 
 
-def resolve_weights(config: TrainConfig) -> TrainConfig:
-    """Workers run elsewhere: a weights path must be absolute."""
-    if config.weights in NAMED_WEIGHTS:
-        return config
-    return replace(config, weights=str(Path(config.weights).resolve()))
+def resolve_weight_path(weights: str) -> str:
+    """A weights PATH made absolute here, on the driver; the named weights as they are."""
+    return weights if weights in NAMED_WEIGHTS else str(Path(weights).resolve())
+
+
+def resolve_weights(config):
+    """The config (a TrainConfig, a DeepClusterConfig: any dataclass with `weights`) with its weights
+    path resolved on the driver: workers, trials and embedding actors run elsewhere, in other
+    working directories, maybe on other nodes."""
+    return replace(config, weights=resolve_weight_path(config.weights))
 
 
 def check_model(config: TrainConfig, num_labels: int) -> None:
