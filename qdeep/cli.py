@@ -66,11 +66,18 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
                    help="each block below the head trains at this factor of the lr above it (default 1: off)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch, shared out among the workers (default 64)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--min-lr-factor", type=float, default=0.0,
+                   help="cosine: the learning rate decays to this fraction of --lr (default 0)")
     p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
+    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="d4",
+                   help="d4: flips and 90-degree rotations (tiles seen from above, the default); "
+                        "flip: left-right flips only (images with an up); strong: random-resized crops, "
+                        "flips and colour jitter; none")
     p.add_argument("--balance", choices=["none", "weights", "uniform"], default="none",
                    help="weights: rare tags/classes weigh more in the loss; uniform: sample classes uniformly "
                         "(one-class tasks)")
@@ -89,8 +96,9 @@ def _train_config(args, **swept):
     from qdeep.train.config import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                       schedule=args.schedule, warmup_steps=args.warmup_steps, image_size=args.image_size,
-                       crop=args.crop, balance=args.balance, val_fraction=args.val_fraction, seed=args.seed,
+                       schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_factor=args.min_lr_factor,
+                       image_size=args.image_size, crop=args.crop, augment=args.augment, refit=getattr(args, "refit", False),
+                       balance=args.balance, val_fraction=args.val_fraction, seed=args.seed,
                        loader_workers=args.loader_workers, task=_task(args), validation=args.validation,
                        fit_strategy=args.fit_strategy, head_epochs=args.head_epochs,
                        finetune_lr_factor=args.finetune_lr_factor, discriminative_lr=args.discriminative_lr,
@@ -147,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
+    p.add_argument("--refit", action="store_true",
+                   help="after the epochs and thresholds are chosen on the validation split, retrain on every row "
+                        "for those epochs and export that network (the scores stay the validation run's)")
     _add_gpu_arg(p)
     _add_train_knobs(p)
     _add_run_args(p)
@@ -227,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", default="none", help="head | last:N | none (default: the whole network trains)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="strong",
+                   help="pseudo-label training's augmentation (default strong: random-resized crops, flips, "
+                        "colour jitter)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, shared out among the workers")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -352,7 +366,8 @@ def cmd_deepcluster(args) -> None:
     config = DeepClusterConfig(arch=args.arch, weights=args.weights, k=args.k, iterations=args.iterations,
                                epochs_per_iteration=args.epochs_per_iteration, final_k=args.final_k,
                                ctrl_fraction=args.ctrl_fraction, balance=args.balance, pca=args.pca,
-                               freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
+                               freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, augment=args.augment,
+                               batch_size=args.batch_size,
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
                         storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),

@@ -3,6 +3,7 @@ rotations are label-preserving, which makes them the augmentation of choice here
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -10,28 +11,69 @@ import numpy as np
 import torch
 from PIL import Image
 
+AUGMENTS = ("d4", "flip", "strong", "none")
+JITTER = 0.4  # `strong`: brightness, contrast and saturation each scaled by a factor in [1 - 0.4, 1 + 0.4]
+CROP_SCALE = (0.2, 1.0)  # `strong`: a random-resized crop covers this fraction of the image's area
 
-def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize (any input size) and normalise with the architecture's own statistics."""
+
+def to_unit(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize (any input size) to a (3, size, size) float tensor in [0, 1]."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def augment(x: torch.Tensor, rng: random.Random, crop: float = 0.0) -> torch.Tensor:
-    """Random flips and 90-degree rotations; with crop > 0, a random crop of up to that fraction
-    of the side, resized back."""
-    if rng.random() < 0.5:
+def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Resize (any input size) and normalise with the architecture's own statistics."""
+    return normalize(to_unit(image, size), mean, std)
+
+
+def augment(x: torch.Tensor, rng: random.Random, crop: float = 0.0, kind: str = "d4") -> torch.Tensor:
+    """Augment a [0, 1] image tensor (before normalisation).
+
+    `d4`: random flips and 90-degree rotations (the 8 symmetries of a square: tiles seen from
+    above); `flip`: left-right flips only (photos, scans with an "up"); `strong`: DeepCluster's
+    pretext-task augmentation, a random-resized crop (`CROP_SCALE` of the area, aspect 3/4 to 4/3),
+    a left-right flip and colour jitter, so a network cannot learn its own clusters from pixels
+    alone; `none`. With crop > 0, also a random crop of up to that fraction of the side, resized back.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if kind not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
+    side = x.shape[1]
+    if kind == "strong":
+        top, left, h, w = _resized_crop_box(side, side, rng)
+        x = F.resized_crop(x, top, left, h, w, [side, side], antialias=True)
+        for adjust in rng.sample([F.adjust_brightness, F.adjust_contrast, F.adjust_saturation], 3):
+            x = adjust(x, rng.uniform(1 - JITTER, 1 + JITTER))
+        x = x.clamp(0, 1)
+    if kind != "none" and rng.random() < 0.5:
         x = x.flip(2)
-    if rng.random() < 0.5:
-        x = x.flip(1)
-    x = torch.rot90(x, rng.randrange(4), dims=(1, 2))
+    if kind == "d4":
+        if rng.random() < 0.5:
+            x = x.flip(1)
+        x = torch.rot90(x, rng.randrange(4), dims=(1, 2))
     if crop > 0:
-        side = x.shape[1]
         cut = rng.randint(0, int(side * crop))
         if cut:
             top, left = rng.randint(0, cut), rng.randint(0, cut)
             x = x[:, top : top + side - cut, left : left + side - cut]
             x = torch.nn.functional.interpolate(x[None], size=(side, side), mode="bilinear", align_corners=False)[0]
     return x
+
+
+def _resized_crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop draws it, from `rng`."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return 0, 0, height, width

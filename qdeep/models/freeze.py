@@ -41,19 +41,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def apply_freeze(model: nn.Module, freeze: str) -> None:
     """Set ``requires_grad`` for ``freeze``; the stem stays frozen for ``head`` and ``last:N``."""
+    parts = _trained_parts(model, freeze)
+    unwrap(model).requires_grad_(parts is None)
+    for module in parts or []:
+        module.requires_grad_(True)
+
+
+def _trained_parts(model: nn.Module, freeze: str) -> list[nn.Module] | None:
+    """The modules that train at depth ``freeze`` (the head, the last N blocks' modules); None: all."""
     kind, n = parse_freeze(freeze)
     model = unwrap(model)
     spec = model.qdeep_arch
     blocks = spec.blocks(model)
     if n > len(blocks):
         raise QdeepError(f"freeze last:{n}: {spec.name} has only {len(blocks)} blocks (use last:1..last:{len(blocks)})")
-    model.requires_grad_(kind == "none")
     if kind == "none":
-        return
-    spec.head(model).requires_grad_(True)
-    for block in blocks[len(blocks) - n:]:
-        for module in block:
-            module.requires_grad_(True)
+        return None
+    return [spec.head(model), *(module for block in blocks[len(blocks) - n:] for module in block)]
 
 
 def _is_frozen(module: nn.Module) -> bool:
@@ -61,10 +65,23 @@ def _is_frozen(module: nn.Module) -> bool:
     return bool(params) and not any(p.requires_grad for p in params)
 
 
-def set_train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, then frozen BatchNorm layers back to eval so their statistics stay put."""
+def set_train_mode(model: nn.Module, bn_stats: str | None = None) -> nn.Module:
+    """``model.train()``, then frozen BatchNorm layers back to eval so their statistics stay put.
+
+    ``bn_stats`` (a freeze depth) chooses instead which BatchNorm layers follow the batch: those a
+    run at that depth trains, whether or not their weights train now. A two-stage fit's head-only
+    stage passes its final depth, so the head learns on the features the next stage will see.
+    """
     model.train()
-    for module in unwrap(model).modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _is_frozen(module):
+    bare = unwrap(model)
+    if bn_stats is None:
+        keep = None
+    else:
+        parts = _trained_parts(bare, bn_stats)
+        keep = None if parts is None else {id(m) for part in parts for m in part.modules()}
+    for module in bare.modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if (keep is None and bn_stats is None and _is_frozen(module)) or (keep is not None and id(module) not in keep):
             module.eval()
     return model

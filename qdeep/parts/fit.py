@@ -25,6 +25,7 @@ class Stage:
     end: int  # one past its last epoch
     freeze: str  # head | last:N | none
     lr: float  # the head's learning rate; lower blocks get less with --discriminative-lr
+    bn_stats: str | None = None  # the depth whose BatchNorm layers follow the batch (None: those that train)
 
 
 @FIT_STRATEGIES.register("single")
@@ -35,14 +36,21 @@ class SingleStage:
 
 @FIT_STRATEGIES.register("two-stage")
 class TwoStage:
-    """`head_epochs` epochs of head only at `lr`, then `freeze` (last:N or none) at `lr * finetune_lr_factor`."""
+    """`head_epochs` epochs of head only at `lr`, then `freeze` (last:N or none) at `lr * finetune_lr_factor`.
+
+    In the first stage the BatchNorm layers of the blocks the second stage trains already follow
+    the batch (their weights stay frozen), so the head learns on the features it will see: were they
+    switched from ImageNet statistics to batch statistics only when the blocks unfreeze, every
+    feature under the head would shift at once. One learning-rate curve spans both stages (see
+    `worker.lr_factor`), so the second stage does not restart a warm-up.
+    """
 
     def stages(self, config: dict) -> list[Stage]:
         if parse_freeze(config["freeze"])[0] == "head":
             raise QdeepError("--fit-strategy two-stage unfreezes blocks in its second stage: "
                              "give --freeze last:N or none (the first stage always trains the head only)")
         head = min(config["head_epochs"], config["epochs"])
-        return [Stage(0, head, "head", config["lr"]),
+        return [Stage(0, head, "head", config["lr"], bn_stats=config["freeze"]),
                 Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"])]
 
 

@@ -11,14 +11,16 @@ class TrainConfig:
     weights: str = "none"  # none | imagenet | bundled | PATH
     freeze: str = "none"  # head | last:N | none (for two-stage: the second stage's depth)
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 64  # the global batch, shared out among the workers
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
-    schedule: str = "cosine"  # cosine | step, after a linear warm-up
+    schedule: str = "cosine"  # cosine | step | constant, after a linear warm-up
     warmup_steps: int = 50
+    min_lr_factor: float = 0.0  # cosine: where the decay ends, as a fraction of the lr
     weight_decay: float = 1e-4
     image_size: int | None = None  # None: the architecture's own input size
     crop: float = 0.0  # random crops of up to this fraction of the side
+    augment: str = "d4"  # d4 (flips + 90-degree rotations) | flip | none
     task: str = "multilabel"  # a targets part: multilabel | multiclass | pseudo | a plugin's
     validation: str | None = None  # a validation part; None: the task's own (f2 | accuracy)
     fit_strategy: str = "single"  # single | two-stage | a plugin's
@@ -27,9 +29,11 @@ class TrainConfig:
     discriminative_lr: float = 1.0  # each block below the head trains at this factor of the one above
     balance: str = "none"  # none | weights (rare tags/classes weigh more) | uniform (classes sampled uniformly)
     val_fraction: float = 0.2
+    refit: bool = False  # after choosing the epochs and thresholds on the validation split, retrain on every row
     seed: int = 0
     loader_workers: int = 2  # JPEG-decoding processes per Ray worker
     reset_head: bool = False  # DeepCluster: a fresh head even when the weights file has one that fits
+    optimizer_from: str | None = None  # DeepCluster: optimizer state (by parameter name) to start from
 
     def as_dict(self) -> dict:
         return asdict(self)

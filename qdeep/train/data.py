@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qdeep.data.images import load_rgb
-from qdeep.data.transforms import augment, to_tensor
+from qdeep.data.transforms import augment, normalize, to_unit
 
 
 class ImageDataset(Dataset):
@@ -20,19 +20,20 @@ class ImageDataset(Dataset):
     loader processes, which never see attribute changes made in the trainer."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int, mean, std,
-                 train: bool = False, crop: float = 0.0, seed: int = 0):
+                 train: bool = False, crop: float = 0.0, seed: int = 0, augment: str = "d4"):
         self.paths, self.targets = list(paths), targets
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        self.train, self.crop, self.seed = train, crop, seed
+        self.train, self.crop, self.seed, self.augment = train, crop, seed, augment
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key):
         epoch, i = key
-        x = to_tensor(load_rgb(self.paths[i]), self.size, self.mean, self.std)
+        x = to_unit(load_rgb(self.paths[i]), self.size)
         if self.train:
-            x = augment(x, random.Random(hash((self.seed, epoch, i))), self.crop)
+            x = augment(x, random.Random(hash((self.seed, epoch, i))), self.crop, self.augment)
+        x = normalize(x, self.mean, self.std)
         y = torch.as_tensor(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return i, x, y
 

@@ -48,13 +48,15 @@ def train_func(config: dict) -> None:
     size = config["image_size"] or spec.input_size
     y_train, y_val = np.asarray(config["y_train"], targets.dtype), np.asarray(config["y_val"], targets.dtype)
     train_set = ImageDataset(config["train_paths"], y_train, size, spec.mean, spec.std, train=True,
-                             crop=config["crop"], seed=config["seed"])
+                             crop=config["crop"], seed=config["seed"], augment=config.get("augment", "d4"))
     val_set = ImageDataset(config["val_paths"], y_val, size, spec.mean, spec.std)
     loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
     plan = (lambda epoch: uniform_class_sample(y_train, seed=config["seed"] + epoch)) \
         if config.get("balance") == "uniform" else None
-    train_loader = make_loader(train_set, config["batch_size"], shuffle=True, plan=plan, **loader_args)
-    val_loader = make_loader(val_set, config["batch_size"], shuffle=False, **loader_args)
+    batch = worker_batch(config["batch_size"], world)
+    train_loader = make_loader(train_set, batch, shuffle=True, plan=plan, **loader_args)
+    val_loader = make_loader(val_set, batch, shuffle=False, **loader_args)
+    schedule = lr_factor(config, config["epochs"] * len(train_loader))
     weights = targets.loss_weights(y_train) if config.get("balance") == "weights" else None
     loss_fn = targets.loss(weights).to(device)
 
@@ -73,15 +75,19 @@ def train_func(config: dict) -> None:
         if stage_of(stages, epoch) != stage_index:  # a new stage: what trains, and at which rate
             stage_index = stage_of(stages, epoch)
             stage = stages[stage_index]
-            model, optimizer, scheduler, scaler = _start_stage(bare, stage, config, len(train_loader), device)
+            model, optimizer, scaler = _start_stage(bare, stage, config, device)
             if resumed and resumed.get("stage") == stage_index and epoch == start_epoch:
-                optimizer.load_state_dict(resumed["optimizer"])
-                scheduler.load_state_dict(resumed["scheduler"])
-                scaler.load_state_dict(resumed["scaler"])
+                load_optimizer_state(optimizer, bare, resumed["optimizer"])
+                if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
+                    scaler.load_state_dict(resumed["scaler"])
+            elif epoch == 0 and config.get("optimizer_from"):  # DeepCluster: the body's state, not the old head's
+                carried = torch.load(config["optimizer_from"], map_location="cpu", weights_only=True)
+                load_optimizer_state(optimizer, bare, carried, skip=spec.head_path if config.get("reset_head") else None)
         _maybe_crash(config.get("crash"), rank, epoch, config.get("run_dir"))
         started = time.time()
         train_loader.sampler.set_epoch(epoch)
-        loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, device)
+        loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device,
+                                                  lambda i: schedule(epoch * len(train_loader) + i), stage.bn_stats)
         loss_total, correct_total, seen_total, images_per_s = _sum_across_workers(
             [loss_sum, correct, seen, seen / (time.time() - started)], device)
         val = validate(model, val_loader, loss_fn, device, y_val, targets, validation)
@@ -108,8 +114,7 @@ def train_func(config: dict) -> None:
         thresholds = val["score"].thresholds
         state = {
             "model": bare.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer_state(optimizer, bare),
             "scaler": scaler.state_dict(),
             "epoch": epoch,
             "stage": stage_index,
@@ -129,26 +134,38 @@ def train_func(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _start_stage(bare, stage, config: dict, steps_per_epoch: int, device):
+def worker_batch(global_batch: int, world: int) -> int:
+    """`--batch-size` is the global batch: each of `world` workers takes its share, so the number
+    of optimizer steps (and what the learning rate means) does not depend on the worker count."""
+    return max(1, global_batch // world)
+
+
+def _start_stage(bare, stage, config: dict, device):
     """Freeze to the stage's depth, (re)wrap for DDP (which only syncs what trains when it is
-    built), and a fresh optimizer and schedule over the stage's steps."""
+    built), and a fresh optimizer over what trains, at the stage's rates."""
     import ray.train.torch
 
     apply_freeze(bare, stage.freeze)
     model = ray.train.torch.prepare_model(bare)
     optimizer = make_optimizer(config, param_groups(bare, stage.lr, config.get("discriminative_lr", 1.0)))
-    steps = (stage.end - stage.start) * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    return model, optimizer, scheduler, scaler
+    return model, optimizer, scaler
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device) -> tuple[float, int, int]:
-    """One pass over this worker's shard: (summed loss, correct class predictions, images). AMP on CUDA."""
-    set_train_mode(model)
+def train_one_epoch(model, loader, optimizer, scaler, loss_fn, device, lr_at=None,
+                    bn_stats: str | None = None) -> tuple[float, int, int]:
+    """One pass over this worker's shard: (summed loss, correct class predictions, images). AMP on
+    CUDA. `lr_at(i)` is the learning-rate factor for the epoch's i-th step (of the whole run's schedule)."""
+    set_train_mode(model, bn_stats)
     use_amp = device.type == "cuda"
     loss_sum, correct, seen = 0.0, 0, 0
-    for _, x, y in loader:
+    for i, (_, x, y) in enumerate(loader):
+        if lr_at is not None:
+            factor = lr_at(i)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=use_amp):
             logits = model(x)
@@ -157,12 +174,36 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
         loss_sum += loss.item() * len(x)
         if not y.is_floating_point():
             correct += int((logits.argmax(1) == y).sum())
         seen += len(x)
     return loss_sum, correct, seen
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model) -> dict[str, dict]:
+    """The optimizer's per-parameter state (Adam moments, momentum buffers) by parameter name, so
+    it loads into an optimizer over other groups: a resumed stage, or a network with a new head."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: dict(state) for p, state in optimizer.state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model, by_name: dict[str, dict],
+                         skip: str | None = None) -> int:
+    """Load `optimizer_state`'s output into the optimizer's parameters of the same name and shape
+    (except those under the module `skip`); returns how many parameters got their state."""
+    params = dict(model.named_parameters())
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    loaded = 0
+    for name, state in by_name.items():
+        p = params.get(name)
+        if p is None or id(p) not in optimized or (skip and name.startswith(skip + ".")):
+            continue
+        if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in state.values()):
+            continue
+        optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v for k, v in state.items()}
+        loaded += 1
+    return loaded
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
@@ -172,16 +213,22 @@ def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
 
 
 def lr_factor(config: dict, total_steps: int):
-    """Linear warm-up, then cosine decay or step decay (x0.1 at 1/2 and 3/4 of training)."""
+    """The whole run's learning-rate factor at a global step (all stages share one curve, so a new
+    stage does not restart it): a linear warm-up, then cosine decay to `min_lr_factor`, step decay
+    (x0.1 at 1/2 and 3/4 of training) or constant. Steps count global batches, the same whatever
+    the number of workers, so the curve does not move when an elastic run resizes."""
     warmup = min(config["warmup_steps"], max(total_steps // 4, 0))
+    floor = config.get("min_lr_factor", 0.0)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(total_steps - warmup, 1)
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         if config["schedule"] == "step":
             return 0.1 ** (int(progress >= 0.5) + int(progress >= 0.75))
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if config["schedule"] == "constant":
+            return 1.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 

@@ -102,10 +102,12 @@ def check_model(config: TrainConfig, num_labels: int) -> None:
 
 
 def loop_config(config: TrainConfig, data: TrainingData, mlflow_uri: str | None, mlflow_run_id: str | None,
-                plugins: list[str] | None = None) -> dict:
-    """Everything `worker.train_func` needs, as plain values."""
+                plugins: list[str] | None = None, train_on_all: bool = False) -> dict:
+    """Everything `worker.train_func` needs, as plain values. `train_on_all`: the validation rows
+    are trained on too (a refit; its validation scores are then no longer held out)."""
     paths = np.asarray(data.paths)
-    train, val = ~data.is_val, data.is_val
+    val = data.is_val
+    train = np.ones_like(val) if train_on_all else ~val
     return {
         **config.as_dict(),
         "task": data.targets.kind,
@@ -164,7 +166,11 @@ def run_train(
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:
             lc = loop_config(config, prepared, tracking.tracking_uri(tracking_uri), run.info.run_id, plugins)
             outcome = driver.fit(lc, workers, name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
-            metrics = export(out, outcome, prepared, config, started, run.info.run_id)
+            refit = None
+            if config.refit:
+                refit = refit_all_rows(config, prepared, outcome, workers, name, storage_path, max_failures,
+                                       use_gpu, plugins)
+            metrics = export(out, outcome, prepared, config, started, run.info.run_id, refit)
             m = metrics["per_label_metric"]
             tracking.log_metrics({f"best_{prepared.score_metric}": metrics[prepared.score_metric],
                                   "n_skipped": prepared.policy.n_skipped,
@@ -173,9 +179,20 @@ def run_train(
     return metrics
 
 
+def refit_all_rows(config: TrainConfig, data: TrainingData, outcome: driver.TrainOutcome, workers, name: str,
+                   storage_path: str, max_failures: int, use_gpu: bool | None, plugins) -> dict:
+    """`--refit`, as Kaggle teams did: the same training on every row (validation rows included)
+    for the number of epochs the validation split chose; returns the last epoch's state."""
+    epochs = int(outcome.best["epoch"]) + 1
+    refit_config = replace(config, epochs=epochs, refit=False)
+    lc = loop_config(refit_config, data, None, None, plugins, train_on_all=True)
+    return driver.fit(lc, workers, f"{name}-refit", storage_path, max_failures=max_failures, use_gpu=use_gpu).latest
+
+
 def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: TrainConfig, started: float,
-           run_id: str) -> dict:
-    """OUT/model/ (the best epoch, for `qdeep predict`) and OUT/metrics.json."""
+           run_id: str, refit: dict | None = None) -> dict:
+    """OUT/model/ (the best epoch, for `qdeep predict`; with a refit, the refit network and the
+    validation run's thresholds) and OUT/metrics.json (scores always from the validation run)."""
     best, latest = outcome.best, outcome.latest
     vocab = data.targets.vocabulary
     validation = VALIDATIONS.get(data.validation)
@@ -184,7 +201,7 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
     per_label = dict(zip(vocab, np.round(best["per_label"], 6).tolist()))
     thresholds = None if best["thresholds"] is None else dict(zip(vocab, np.round(best["thresholds"], 4).tolist()))
     with io.atomic_dir(out / "model") as model_dir:
-        torch.save(best["model"], model_dir / "model.pt")
+        torch.save((refit or best)["model"], model_dir / "model.pt")
         data.targets.save(model_dir / "labels.json")
         if thresholds is not None:
             io.write_json(model_dir / "thresholds.json", thresholds)
@@ -204,6 +221,7 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
         "history": history,
         "epochs_completed": len(history),
         "restarts": int(latest["restarts"]),
+        **({"refit_epochs": len(refit["history"])} if refit else {}),
         **data.sizes,
         "n_skipped": data.policy.n_skipped,
         "skipped": data.policy.skipped,

@@ -1,0 +1,128 @@
+"""The training recipe's pieces, without Ray: the learning-rate curve, the global batch, BatchNorm
+statistics in a second stage, optimizer state carried past a new head, DeepCluster's augmentation
+and its k-means sample."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from qdeep.data.transforms import augment
+from qdeep.models import apply_freeze, build_model, reset_head, set_train_mode
+from qdeep.parts import FIT_STRATEGIES
+from qdeep.train.worker import load_optimizer_state, lr_factor, optimizer_state, worker_batch
+
+
+def _curve(schedule: str, total: int, warmup: int = 0, floor: float = 0.0) -> list[float]:
+    f = lr_factor({"schedule": schedule, "warmup_steps": warmup, "min_lr_factor": floor}, total)
+    return [f(step) for step in range(total)]
+
+
+def test_cosine_ends_at_its_floor_and_constant_stays_flat_after_warmup():
+    cosine = _curve("cosine", 100, floor=0.1)
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert min(_curve("cosine", 100)) < 1e-3  # no floor: down to 0
+    constant = _curve("constant", 100, warmup=10)
+    assert constant[0] < constant[9] < 1.0 and set(constant[10:]) == {1.0}
+    assert _curve("step", 100)[-1] == pytest.approx(0.01)
+
+
+def test_one_curve_spans_both_stages_of_a_two_stage_fit():
+    """The worker indexes the run's curve by global step: the second stage continues it (no new
+    warm-up, no restart at the top), at the stage's own base rate."""
+    stages = FIT_STRATEGIES.get("two-stage")().stages(
+        {"epochs": 3, "freeze": "last:2", "lr": 1e-3, "head_epochs": 1, "finetune_lr_factor": 0.5})
+    steps_per_epoch = 10
+    curve = _curve("cosine", 3 * steps_per_epoch, warmup=5)
+    lr = [stages[0 if step < steps_per_epoch else 1].lr * curve[step] for step in range(30)]
+    assert lr[steps_per_epoch] == pytest.approx(0.5 * lr[steps_per_epoch - 1], rel=0.05)
+    assert stages[0].bn_stats == "last:2" and stages[1].bn_stats is None
+
+
+def test_the_batch_size_is_global():
+    assert [worker_batch(64, w) for w in (1, 2, 4, 128)] == [64, 32, 16, 1]
+
+
+def test_a_head_only_stage_lets_the_next_stages_batchnorm_follow_the_batch():
+    model = build_model("resnet18", 3, "none", "head")
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    set_train_mode(model)
+    assert not any(m.training for m in bns.values())  # frozen weights: ImageNet statistics kept
+    set_train_mode(model, "last:1")  # two-stage, first stage, ending at last:1
+    assert all(m.training == n.startswith("layer4") for n, m in bns.items())
+    assert not any(p.requires_grad for m in bns.values() for p in m.parameters())  # weights still frozen
+    before = bns["layer4.1.bn2"].running_mean.clone()
+    frozen = bns["layer1.0.bn1"].running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert not torch.equal(before, bns["layer4.1.bn2"].running_mean)
+    assert torch.equal(frozen, bns["layer1.0.bn1"].running_mean)
+    set_train_mode(model, "none")
+    assert all(m.training for m in bns.values())
+
+
+def _step(model, optimizer):
+    optimizer.zero_grad()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+
+
+def test_a_new_head_gets_fresh_optimizer_state_and_the_body_keeps_its_own():
+    model = build_model("resnet18", 5, "none", "none")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, optimizer)
+    saved = optimizer_state(optimizer, model)
+    assert "fc.weight" in saved and "layer4.1.conv2.weight" in saved
+
+    reset_head(model)  # the next DeepCluster iteration: same network, new head, new optimizer
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loaded = load_optimizer_state(fresh, model, saved, skip="fc")
+    params = dict(model.named_parameters())
+    assert loaded == len(params) - 2  # all but fc.weight and fc.bias
+    assert torch.equal(fresh.state[params["layer4.1.conv2.weight"]]["exp_avg"], saved["layer4.1.conv2.weight"]["exp_avg"])
+    assert params["fc.weight"] not in fresh.state
+    _step(model, fresh)  # and the optimizer steps on with it
+
+
+def test_optimizer_state_loads_only_into_parameters_it_optimizes():
+    model = build_model("resnet18", 5, "none", "none")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, optimizer)
+    saved = optimizer_state(optimizer, model)
+    apply_freeze(model, "head")
+    head_only = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert load_optimizer_state(head_only, model, saved) == 2
+
+
+def test_strong_augmentation_is_seeded_and_stays_an_image():
+    x = torch.rand(3, 32, 32)
+    a = augment(x, random.Random(1), kind="strong")
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, augment(x, random.Random(1), kind="strong"))
+    assert not torch.equal(a, augment(x, random.Random(2), kind="strong"))
+    assert torch.equal(augment(x, random.Random(1), kind="none"), x)
+    flipped = {augment(x, random.Random(s), kind="flip").sum(0)[0, 0].item() for s in range(20)}
+    assert flipped <= {x.sum(0)[0, 0].item(), x.sum(0)[0, -1].item()}  # only left-right flips
+    with pytest.raises(ValueError, match="augment"):
+        augment(x, random.Random(0), kind="mixup")
+
+
+def test_cluster_store_trains_kmeans_on_every_sampled_row(tmp_path, monkeypatch):
+    """DeepCluster's centroids come from the whole sample (the reference clusters every row), not
+    from KMeans' throughput default of 16 rows per centroid."""
+    from sklearn.datasets import make_blobs
+
+    from qdeep.cluster import deepcluster
+    from qdeep.cluster.store import FeatureStore, StoreWriter
+
+    x, _ = make_blobs(n_samples=900, centers=3, n_features=16, random_state=0)
+    with StoreWriter(tmp_path / "store", 16, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},
+                     rows_per_shard=300) as writer:
+        writer.write([f"img{i}" for i in range(900)], x.astype(np.float32))
+    seen = []
+    original = deepcluster.new_kmeans
+    monkeypatch.setattr(deepcluster, "new_kmeans", lambda k, seed: seen.append(original(k, seed)) or seen[-1])
+    deepcluster.cluster_store(FeatureStore(tmp_path / "store"), k=3, pca_dim=2)
+    assert seen[0].n_train_ == 900
+    assert deepcluster.new_kmeans(3, 0).max_points_per_centroid >= deepcluster.SAMPLE_PER_CLUSTER
