@@ -235,7 +235,11 @@ def lr_factor(config: dict, total_steps: int):
 
 @torch.no_grad()
 def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validation) -> dict:
-    """Scores the whole validation set: every worker's shard is gathered before scoring."""
+    """Scores the whole validation set on rank 0 alone: every worker's shard is gathered there,
+    into one float32 (n_val x k) array, and scored once; the other ranks receive only the loss and
+    the score's metrics, per-label values and thresholds (a few numbers per label), never the rows."""
+    from qdeep.parts.validation import Score
+
     model.eval()
     use_amp = device.type == "cuda"
     indices, probas, loss_sum = [], [], 0.0
@@ -247,22 +251,64 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
         indices.append(idx.numpy())
         probas.append(targets.activation(logits.float()).cpu().numpy())
     local = (np.concatenate(indices), np.concatenate(probas), loss_sum)
-    shards = _gather(local)
-    proba = np.zeros((len(y_val), len(targets)), dtype=np.float64)
-    for idx, p, _ in shards:  # the sampler pads with repeats; rows land on their own index
-        proba[idx] = p
-    n_seen = sum(len(idx) for idx, _, _ in shards)
-    return {"score": validation.score(y_val, proba), "loss": sum(s[2] for s in shards) / max(n_seen, 1)}
+    shards = _gather_to_rank0(local)
+    del local, indices, probas  # this rank's copy has been sent
+    summary = None
+    if shards is not None:  # rank 0
+        # float32: the activations are float32 already; the scorers promote where they compare.
+        proba = np.zeros((len(y_val), len(targets)), dtype=np.float32)
+        for idx, p, _ in shards:  # the sampler pads with repeats; rows land on their own index
+            proba[idx] = p
+        n_seen = sum(len(idx) for idx, _, _ in shards)
+        loss = sum(s[2] for s in shards) / max(n_seen, 1)
+        del shards
+        score = validation.score(y_val, proba)
+        del proba
+        summary = (loss, score.metrics, score.per_label, score.thresholds)
+    loss, metrics, per_label, thresholds = _broadcast_from_rank0(summary)
+    if summary is None:
+        score = Score(metrics, per_label, thresholds)
+    return {"score": score, "loss": loss}
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _gather(obj) -> list:
+    """Every rank's `obj`, on every rank (small objects only: node ids, weight hashes)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _gather_to_rank0(obj) -> list | None:
+    """Every rank's `obj` on rank 0 (in rank order); None on the other ranks. With NCCL the
+    objects travel through the current CUDA device, which Ray Train sets for each worker."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _sum_across_workers(values: list[float], device) -> list[float]:
