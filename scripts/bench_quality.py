@@ -285,7 +285,8 @@ def deepcluster_rows(s: ImageSet, work: Path, args) -> list[dict]:
     k = len(set(truth))
     started = time.time()
     model = bundled_lite0(1000)
-    start_nmi = kmeans_nmi(reference_outputs(model, rows, [], args.image_size, False, features=True), truth, k, pca=32)
+    features = reference_outputs(model, rows, sorted(set(truth)), args.image_size, False, features=True)
+    start_nmi = kmeans_nmi(features, truth, k, pca=32)
     pixels, hists = pixel_baselines(rows, args.image_size)
     pixel_nmi, hist_nmi = kmeans_nmi(pixels, truth, k), kmeans_nmi(hists, truth, k)
     baseline_s = time.time() - started

@@ -38,19 +38,19 @@ def test_one_curve_spans_both_stages_of_a_two_stage_fit():
     curve = _curve("cosine", 3 * steps_per_epoch, warmup=5)
     lr = [stages[0 if step < steps_per_epoch else 1].lr * curve[step] for step in range(30)]
     assert lr[steps_per_epoch] == pytest.approx(0.5 * lr[steps_per_epoch - 1], rel=0.05)
-    assert stages[0].bn_stats == "last:2" and stages[1].bn_stats is None
+    assert stages[0].bn_stats is None and stages[1].bn_stats == "head"  # the second stage keeps BN statistics
 
 
 def test_the_batch_size_is_global():
     assert [worker_batch(64, w) for w in (1, 2, 4, 128)] == [64, 32, 16, 1]
 
 
-def test_a_head_only_stage_lets_the_next_stages_batchnorm_follow_the_batch():
+def test_bn_stats_choose_which_batchnorm_layers_follow_the_batch():
     model = build_model("resnet18", 3, "none", "head")
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     set_train_mode(model)
     assert not any(m.training for m in bns.values())  # frozen weights: ImageNet statistics kept
-    set_train_mode(model, "last:1")  # two-stage, first stage, ending at last:1
+    set_train_mode(model, "last:1")  # the BatchNorm of the last block follows the batch, weights frozen or not
     assert all(m.training == n.startswith("layer4") for n, m in bns.items())
     assert not any(p.requires_grad for m in bns.values() for p in m.parameters())  # weights still frozen
     before = bns["layer4.1.bn2"].running_mean.clone()
@@ -60,6 +60,9 @@ def test_a_head_only_stage_lets_the_next_stages_batchnorm_follow_the_batch():
     assert torch.equal(frozen, bns["layer1.0.bn1"].running_mean)
     set_train_mode(model, "none")
     assert all(m.training for m in bns.values())
+    apply_freeze(model, "last:2")  # a two-stage fit's second stage: blocks train, statistics stay
+    set_train_mode(model, "head")
+    assert not any(m.training for m in bns.values()) and any(p.requires_grad for p in bns["layer4.1.bn2"].parameters())
 
 
 def _step(model, optimizer):

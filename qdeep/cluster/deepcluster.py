@@ -18,8 +18,9 @@ from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
 
 __all__ = ["Clustering", "balanced_class_weights", "cluster_store", "pseudo_labels", "uniform_cluster_sample"]
 
-SAMPLE_PER_CLUSTER = 256  # rows k-means trains on per centroid (faiss' own default cap)
+SAMPLE_PER_CLUSTER = 256  # rows drawn from the store per centroid (faiss' own default cap), at least MIN_SAMPLE
 MIN_SAMPLE = 50_000
+EVERY_ROW = 10_000_000  # k-means' max_points_per_centroid: train on every row given, as the reference does
 ASSIGN_BLOCK = 8192  # rows whitened and assigned at a time: a whitened copy of a block, not of a shard
 
 
@@ -49,10 +50,16 @@ class Clustering:
         return n_empty_clusters(self.sizes)
 
 
+def new_kmeans(k: int, seed: int) -> KMeans:
+    """DeepCluster's k-means: centroids learnt from every row it is given (the sample, for a store),
+    not from KMeans' throughput default of 16 rows per centroid."""
+    return KMeans(k, seed=seed, max_points_per_centroid=EVERY_ROW)
+
+
 def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed: int = 0) -> Clustering:
     """Cluster descriptors into k pseudo-classes, as the reference's `Kmeans.cluster` does."""
     x, _ = preprocess_features(features, pca_dim)
-    km = KMeans(k, seed=seed).fit(x)
+    km = new_kmeans(k, seed).fit(x)
     return Clustering(km.labels_, km.centroids_, sq_distances(x, km.centroids_, km.labels_))
 
 
@@ -67,7 +74,7 @@ def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
     _, sample = store.sample(sample_size, seed)
     pca = fit_pca_whitening(sample, choose_pca_dim(len(sample), store.dim, pca_dim))
     sample = preprocess(sample, pca)  # the raw sample goes as soon as it is whitened
-    km = KMeans(k, seed=seed).fit(sample)
+    km = new_kmeans(k, seed).fit(sample)
     del sample
     images: list[str] = []
 

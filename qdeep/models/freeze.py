@@ -69,8 +69,9 @@ def set_train_mode(model: nn.Module, bn_stats: str | None = None) -> nn.Module:
     """``model.train()``, then frozen BatchNorm layers back to eval so their statistics stay put.
 
     ``bn_stats`` (a freeze depth) chooses instead which BatchNorm layers follow the batch: those a
-    run at that depth trains, whether or not their weights train now. A two-stage fit's head-only
-    stage passes its final depth, so the head learns on the features the next stage will see.
+    run at that depth trains, whether or not their weights train now; the others keep their
+    statistics. A two-stage fit's second stage passes ``"head"``: every BatchNorm layer keeps the
+    statistics the head was fitted under.
     """
     model.train()
     bare = unwrap(model)

@@ -38,10 +38,11 @@ class SingleStage:
 class TwoStage:
     """`head_epochs` epochs of head only at `lr`, then `freeze` (last:N or none) at `lr * finetune_lr_factor`.
 
-    In the first stage the BatchNorm layers of the blocks the second stage trains already follow
-    the batch (their weights stay frozen), so the head learns on the features it will see: were they
-    switched from ImageNet statistics to batch statistics only when the blocks unfreeze, every
-    feature under the head would shift at once. One learning-rate curve spans both stages (see
+    Every BatchNorm layer keeps its pretrained running statistics in the second stage too (its
+    scale and shift train): the head was fitted to features normalised with them, and switching the
+    unfrozen blocks to batch statistics would shift every feature under it at once (measured on the
+    digits benchmark: accuracy 0.47 with the switch, 0.92 without; letting those layers follow the
+    batch from the first stage on gave 0.80). One learning-rate curve spans both stages (see
     `worker.lr_factor`), so the second stage does not restart a warm-up.
     """
 
@@ -50,8 +51,9 @@ class TwoStage:
             raise QdeepError("--fit-strategy two-stage unfreezes blocks in its second stage: "
                              "give --freeze last:N or none (the first stage always trains the head only)")
         head = min(config["head_epochs"], config["epochs"])
-        return [Stage(0, head, "head", config["lr"], bn_stats=config["freeze"]),
-                Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"])]
+        return [Stage(0, head, "head", config["lr"]),
+                Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"],
+                      bn_stats="head")]
 
 
 def stage_of(stages: list[Stage], epoch: int) -> int:

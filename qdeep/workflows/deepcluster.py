@@ -37,6 +37,7 @@ from qdeep.workflows.common import check_images
 from qdeep.workflows.train import TrainingData, check_model, loop_config
 
 STATE_FILE = "deepcluster.json"
+OPTIMIZER_FILE = "optimizer.pt"
 GRID_SIZE = 16
 
 
@@ -52,9 +53,10 @@ class DeepClusterConfig:
     balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
     pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
     freeze: str = "none"  # the reference trains the whole network
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    batch_size: int = 32
+    lr: float = 1e-3  # constant across iterations (after a warm-up in the first)
+    optimizer: str = "adamw"  # its state for the network's body carries over from one iteration to the next
+    augment: str = "strong"  # random-resized crops, flips, colour jitter (d4 | flip | strong | none)
+    batch_size: int = 64
     image_size: int | None = None
     loader_workers: int = 2
     seed: int = 0
@@ -63,12 +65,15 @@ class DeepClusterConfig:
         """What must not change when a run is resumed (more iterations may be asked for)."""
         return {k: v for k, v in asdict(self).items() if k not in ("iterations", "loader_workers")}
 
-    def train_config(self, weights: str, iteration: int) -> TrainConfig:
+    def train_config(self, weights: str, iteration: int, optimizer_from: str | None = None) -> TrainConfig:
+        """Iteration `iteration`'s training: a new head (and its optimizer state) on the network, whose
+        body keeps the optimizer state of the iteration before (`optimizer_from`), at a constant lr."""
         return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
-                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                           image_size=self.image_size, task="pseudo", validation="accuracy", balance=self.balance,
-                           warmup_steps=10, seed=self.seed + iteration, loader_workers=self.loader_workers,
-                           val_fraction=self.ctrl_fraction, reset_head=True)
+                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, schedule="constant",
+                           augment=self.augment, image_size=self.image_size, task="pseudo", validation="accuracy",
+                           balance=self.balance, warmup_steps=0 if optimizer_from else 10, seed=self.seed + iteration,
+                           loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction, reset_head=True,
+                           optimizer_from=optimizer_from)
 
 
 @dataclass
@@ -210,12 +215,16 @@ def network(out: Path, config: DeepClusterConfig, t: int) -> str:
 
 
 def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path, k: int, seed: int,
-                 use_gpu: bool | None = None) -> Clustering:
+                 use_gpu: bool | None = None, phases: dict | None = None) -> Clustering:
     """Descriptors of every image with `weights` into a feature store, clustered shard by shard
-    into k groups; rows put in the collection's order."""
+    into k groups; rows put in the collection's order. `phases` gets the seconds of each step."""
+    started = time.time()
     store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
                          image_size=config.image_size, use_gpu=use_gpu)
+    embedded = time.time()
     ids, clustering = cluster_store(store, k, config.pca, seed=seed)
+    if phases is not None:
+        phases.update(embed_s=round(embedded - started, 2), cluster_s=round(time.time() - embedded, 2))
     position = {image: i for i, image in enumerate(ids)}
     order = np.array([position[i] for i in coll.ids])
     clustering.labels, clustering.distances = clustering.labels[order], clustering.distances[order]
@@ -233,18 +242,24 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     run_name = f"{out.name}-{folder.name}"
     _remove_run(storage_path, run_name)  # its checkpoints belong to pseudo-labels that are gone
     weights = network(out, config, t)
-    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu)
+    optimizer_from = str(iteration_dir(out, t - 1) / OPTIMIZER_FILE) if t > 1 else None
+    phases: dict = {}
+    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu, phases)
     shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
 
     data = TrainingData(PseudoTargets.for_clusters(config.k), coll.paths, clustering.labels, coll.is_ctrl,
                         coll.policy, str(coll.root), "accuracy")
-    train_config = config.train_config(weights, t)
+    train_config = config.train_config(weights, t, optimizer_from)
     with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
         lc = loop_config(train_config, data, uri, child.info.run_id)
+        fit_started = time.time()
         outcome = driver.fit(lc, workers, run_name, storage_path, use_gpu=use_gpu)
+        phases["train_s"] = round(time.time() - fit_started, 2)
     epochs = outcome.latest["history"]
     with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included
         torch.save(outcome.latest["model"], tmp)
+    with io.atomic_path(folder / OPTIMIZER_FILE) as tmp:  # the next iteration's body starts from it
+        torch.save(outcome.latest["optimizer"], tmp)
     with io.atomic_path(folder / "labels.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, clustering.labels)
 
@@ -263,6 +278,11 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
                    for e in epochs],
         "seconds": round(time.time() - started, 2),
     }
+    # Where an iteration's time goes: train_s is the whole Ray Train run (worker start, model load, the
+    # epochs); its epochs' own seconds are train_epochs_s, and the rest of the iteration is overhead.
+    phases["train_epochs_s"] = round(sum(e["epoch_seconds"] for e in epochs), 2)
+    phases["overhead_s"] = round(metrics["seconds"] - phases["embed_s"] - phases["cluster_s"] - phases["train_epochs_s"], 2)
+    metrics["phases"] = phases
     first_step = (t - 1) * config.epochs_per_iteration
     for e in epochs:
         tracking.log_metrics({"train_loss": e["train_loss"], "train_acc": e["train_acc"], "ctrl_loss": e["val_loss"],
