@@ -4,8 +4,8 @@ For every image set it is given, this runs one after the other, in one process:
 - a plain single-process PyTorch reference written here (timm model, the same bundled
   EfficientNet-Lite0 weights, the same trainable blocks, a DataLoader, AdamW at a constant lr, BCE
   with a fixed 0.3 threshold or cross-entropy, every training row, the same epochs and batch);
-- the matching qdeep commands, as a user types them: `qdeep train` (single stage and
-  `--fit-strategy two-stage`), then `qdeep predict` on the held-out test images;
+- the matching qdeep commands, as a user types them: `qdeep train` (single stage, with
+  `--refit`, and `--fit-strategy two-stage`), then `qdeep predict` on the held-out test images;
 - on one-class sets, `qdeep deepcluster` next to two plain baselines: k-means over all rows on the
   starting network's features, and k-means on raw pixels / colour histograms.
 
@@ -51,6 +51,7 @@ class ImageSet:
     train: list[tuple[str, list[str]]]  # (path, labels)
     test: list[tuple[str, list[str]]]
     train_args: tuple[str, ...] = ()  # what a user of this set would add to `qdeep train`
+    source: Path | None = None  # folder-per-class sets: every image, one sub-folder per class
 
 
 def planet_set(root: Path, name: str) -> ImageSet:
@@ -79,7 +80,7 @@ def split_folders(source: Path, root: Path, name: str, test_fraction: float = 0.
             dest = root / ("test" if i in test else "train") / label / Path(path).name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.symlink_to(path)
-    return ImageSet(name, "multiclass", root, folder_rows(root / "train"), folder_rows(root / "test"))
+    return ImageSet(name, "multiclass", root, folder_rows(root / "train"), folder_rows(root / "test"), source=source)
 
 
 def digits_images(out: Path) -> Path:
@@ -238,7 +239,7 @@ def run(argv: list[str]) -> None:
 def qdeep_score(s: ImageSet, work: Path, recipe: str, common: list[str]) -> float:
     out, sub = work / f"{s.name}-{recipe}", work / f"{s.name}-{recipe}.csv"
     data = ["--data", str(s.root)] if s.kind == "multilabel" else ["--images", str(s.root / "train")]
-    extra = ["--fit-strategy", "two-stage"] if recipe == "two-stage" else []
+    extra = {"train": [], "refit": ["--refit"], "two-stage": ["--fit-strategy", "two-stage"]}[recipe]
     run([QDEEP, "train", *data, *common, *s.train_args, *extra, "--out", str(out)])
     if s.kind == "multilabel":
         run([QDEEP, "predict", "--model", str(out / "model"), "--data", str(s.root), "--out", str(sub)])
@@ -293,7 +294,7 @@ def deepcluster_rows(s: ImageSet, work: Path, args) -> list[dict]:
 
     out = work / f"{s.name}-deepcluster"
     started = time.time()
-    run([QDEEP, "deepcluster", "--images", str(s.root), "--data", str(s.root), "--k", str(k),
+    run([QDEEP, "deepcluster", "--images", str(s.source), "--data", str(s.source), "--k", str(k),
          "--final-k", str(k), "--iterations", str(args.iterations), "--image-size", str(args.image_size),
          "--workers", str(args.workers), "--out", str(out), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
          *args.deepcluster_args.split()])
@@ -319,7 +320,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default="planet,scenes,digits", help="comma-separated: planet, scenes, digits ('' for none)")
     p.add_argument("--data", action="append", default=[], help="also a Planet-layout or folder-per-class set")
-    p.add_argument("--recipes", default="train,two-stage,deepcluster")
+    p.add_argument("--recipes", default="train,refit,two-stage,deepcluster",
+                   help="train (qdeep train), refit (qdeep train --refit), two-stage, deepcluster")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64, help="the reference's batch = qdeep's global batch")
@@ -346,11 +348,11 @@ def main() -> None:
         for s in sets:
             print(f"{s.name}: {len(s.train)} train, {len(s.test)} test images ({s.kind})", flush=True)
             metric = "test F2" if s.kind == "multilabel" else "test accuracy"
-            if {"train", "two-stage"} & set(recipes):
+            if {"train", "refit", "two-stage"} & set(recipes):
                 started = time.time()
                 ref = reference_score(s, args.epochs, args.image_size, args.batch_size, args.lr, args.last)
                 ref_s = time.time() - started
-                for recipe in [r for r in recipes if r in ("train", "two-stage")]:
+                for recipe in [r for r in recipes if r in ("train", "refit", "two-stage")]:
                     started = time.time()
                     score = qdeep_score(s, work, recipe, common)
                     table.append({"set": s.name, "recipe": f"{recipe} ({metric})", "reference": ref, "qdeep": score,

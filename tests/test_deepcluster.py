@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
 from qdeep.cli import main
@@ -41,6 +42,15 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
         assert h["score"] < 0 and 0 <= h["train_acc"] <= 1 and 0 <= h["ctrl_acc"] <= 1 and h["ctrl_loss"] > 0
         assert 0 <= h["nmi_true"] <= 1 and -1 <= h["ari_true"] <= 1 and 0 < h["purity_true"] <= 1
     assert its[0]["nmi_prev"] is None and 0 <= its[1]["nmi_prev"] <= 1
+    for h in its:  # where each iteration's time went
+        phases = h["phases"]
+        assert set(phases) == {"embed_s", "cluster_s", "train_s", "train_epochs_s", "overhead_s"}
+        assert 0 < phases["train_epochs_s"] <= phases["train_s"] and phases["embed_s"] > 0
+        assert phases["overhead_s"] >= 0
+    # what the second iteration's body starts from: the first one's optimizer state, by parameter name
+    carried = torch.load(out / "iterations" / "iter_01" / "optimizer.pt", weights_only=True)
+    assert carried["blocks.6.0.conv_pw.weight"]["exp_avg"].shape == (1152, 192, 1, 1)
+    assert not any(name.startswith("blocks.5.") for name in carried)  # --freeze last:1: frozen blocks have none
     assert its[1]["weights"].endswith("iter_01/model.pt")
     final = m["final"]
     assert final["k"] == 6 and sum(final["sizes"]) + sum(final["sizes_ctrl"]) == 80

@@ -125,7 +125,15 @@ def test_cluster_store_trains_kmeans_on_every_sampled_row(tmp_path, monkeypatch)
         writer.write([f"img{i}" for i in range(900)], x.astype(np.float32))
     seen = []
     original = deepcluster.new_kmeans
-    monkeypatch.setattr(deepcluster, "new_kmeans", lambda k, seed: seen.append(original(k, seed)) or seen[-1])
+    monkeypatch.setattr(deepcluster, "new_kmeans", lambda k, seed, n: seen.append(original(k, seed, n)) or seen[-1])
     deepcluster.cluster_store(FeatureStore(tmp_path / "store"), k=3, pca_dim=2)
     assert seen[0].n_train_ == 900
-    assert deepcluster.new_kmeans(3, 0).max_points_per_centroid >= deepcluster.SAMPLE_PER_CLUSTER
+    assert deepcluster.new_kmeans(3, 0, 10**7).max_points_per_centroid >= deepcluster.SAMPLE_PER_CLUSTER
+
+
+def test_deepcluster_kmeans_restarts_only_while_cheap():
+    from qdeep.cluster.deepcluster import MAX_RESTARTS, new_kmeans
+
+    assert new_kmeans(10, 0, 1_800).nredo == MAX_RESTARTS  # a small collection: the best of 10
+    assert new_kmeans(10_000, 0, 2_560_000).nredo == 1  # ImageNet-sized: one run, as the reference
+    assert new_kmeans(10, 0, 1_800).tol == 0 and new_kmeans(10, 0, 1_800).niter == 50

