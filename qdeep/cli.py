@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: balanced class weights; uniform: the reference's uniform per-cluster sampler")
     p.add_argument("--pca", type=int, help="whitened dimensions (default: chosen from the number of images)")
     p.add_argument("--freeze", default="none", help="head | last:N | none (default: the whole network trains)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--lr", type=float, default=0.01, help="constant (default 0.01)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd",
+                   help="default sgd (momentum 0.9), as the reference")
     p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="strong",
                    help="pseudo-label training's augmentation (default strong: random-resized crops, flips, "
                         "colour jitter)")

@@ -53,8 +53,8 @@ class DeepClusterConfig:
     balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
     pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
     freeze: str = "none"  # the reference trains the whole network
-    lr: float = 1e-3  # constant across iterations (after a warm-up in the first)
-    optimizer: str = "adamw"  # its state for the network's body carries over from one iteration to the next
+    lr: float = 0.01  # constant across iterations (after a warm-up in the first)
+    optimizer: str = "sgd"  # momentum 0.9, as the reference; the body's state carries over between iterations
     augment: str = "strong"  # random-resized crops, flips, colour jitter (d4 | flip | strong | none)
     batch_size: int = 64
     image_size: int | None = None
