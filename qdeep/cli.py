@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (default 0)")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from, restarting from the last "
+                   "checkpoint (default 0; 3 for elastic --workers MIN-MAX)")
     p.add_argument("--refit", action="store_true",
                    help="after the epochs and thresholds are chosen on the validation split, retrain on every row "
                         "for those epochs and export that network (the scores stay the validation run's)")
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--storage-path", help="where Ray Train checkpoints live (default: OUT/ray_results)")
+    p.add_argument("--max-failures", type=int, help="worker failures each iteration's training recovers from "
+                   "(default 0; 3 for elastic --workers MIN-MAX)")
     _add_gpu_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_deepcluster)
@@ -372,7 +375,7 @@ def cmd_deepcluster(args) -> None:
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
                         storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),
-                        tracking_uri=args.tracking_uri, address=args.address)
+                        tracking_uri=args.tracking_uri, address=args.address, max_failures=args.max_failures)
     final = m["final"]
     text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
     if "nmi_true" in final:

@@ -137,3 +137,16 @@ def test_deepcluster_kmeans_restarts_only_while_cheap():
     assert new_kmeans(10, 0, 1_800).nredo == MAX_RESTARTS  # a small collection: the best of 10
     assert new_kmeans(10_000, 0, 2_560_000).nredo == 1  # ImageNet-sized: one run, as the reference
     assert new_kmeans(10, 0, 1_800).tol == 0 and new_kmeans(10, 0, 1_800).niter == 50
+
+
+def test_elastic_runs_recover_from_failures_by_default():
+    """The README's promise: an elastic run carries on when a (spot) node goes; a fixed one stops
+    at its first failure unless --max-failures says otherwise."""
+    from qdeep.cli import build_parser
+    from qdeep.train.driver import ELASTIC_MAX_FAILURES, default_max_failures
+
+    assert default_max_failures(2, None) == 0 and default_max_failures("1-4", None) == ELASTIC_MAX_FAILURES > 0
+    assert default_max_failures("1-4", 0) == 0 and default_max_failures(2, 5) == 5
+    for command in (["train", "--data", "d"], ["deepcluster", "--images", "d"]):
+        assert build_parser().parse_args([*command, "--out", "o"]).max_failures is None
+        assert build_parser().parse_args([*command, "--out", "o", "--max-failures", "2"]).max_failures == 2

@@ -88,9 +88,22 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
     )
 
 
+ELASTIC_MAX_FAILURES = 3  # an elastic run (MIN < MAX workers) restarts this often by default: spot nodes go
+
+
+def default_max_failures(workers: int | str | tuple[int, int], max_failures: int | None) -> int:
+    """`max_failures` as given; by default 0 for a fixed worker count (a failure ends the run, with its
+    error) and ELASTIC_MAX_FAILURES for an elastic one, which carries on with the workers left."""
+    if max_failures is not None:
+        return max_failures
+    lo, hi = worker_range(workers)
+    return ELASTIC_MAX_FAILURES if lo < hi else 0
+
+
 def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
-        max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
+        max_failures: int | None = None, use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
     """Run training to the end (or resume it) and load its best and latest checkpoints."""
+    max_failures = default_max_failures(workers, max_failures)
     trainer = make_trainer(loop_config, workers, name, storage_path, max_failures, use_gpu, cpus)
     outcome = outcome_of(fit_keeping_ctrl_c(trainer), name, loop_config["score_metric"])
     if outcome.latest["epoch"] + 1 < loop_config["epochs"]:  # Ray Train ends a run early only on Ctrl+C

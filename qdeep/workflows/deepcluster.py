@@ -92,7 +92,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                     data: str | Path | None = None, workers: int | str = 2, storage_path: str | None = None,
                     on_bad_image: str = "error", use_gpu: bool | None = None,
                     tracking_uri: str | None = None, address: str | None = None,
-                    progress=print) -> dict:
+                    max_failures: int | None = None, progress=print) -> dict:
     """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
     started = time.time()
     out = Path(out).resolve()
@@ -120,7 +120,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
             for t in range(len(history) + 1, config.iterations + 1):
-                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path, use_gpu))
+                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path, use_gpu, max_failures))
                 progress(_summary(history[-1]))
             final, clustering = over_cluster(out, coll, config, history, use_gpu)
             metrics = {"iterations": history, "final": final, "n_images": len(coll.paths),
@@ -232,7 +232,7 @@ def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, stor
 
 
 def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
-                  storage_path: str, use_gpu: bool | None = None) -> dict:
+                  storage_path: str, use_gpu: bool | None = None, max_failures: int | None = None) -> dict:
     """Cluster with the current network, train a fresh head (and the network) on the pseudo-labels."""
     import mlflow
 
@@ -253,7 +253,7 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
         lc = loop_config(train_config, data, uri, child.info.run_id)
         fit_started = time.time()
-        outcome = driver.fit(lc, workers, run_name, storage_path, use_gpu=use_gpu)
+        outcome = driver.fit(lc, workers, run_name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
         phases["train_s"] = round(time.time() - fit_started, 2)
     epochs = outcome.latest["history"]
     with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included

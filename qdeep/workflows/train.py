@@ -134,7 +134,7 @@ def run_train(
     workers: int | str | tuple[int, int] = 2,  # N, or MIN-MAX / (MIN, MAX): elastic
     name: str | None = None,
     storage_path: str | None = None,
-    max_failures: int = 0,
+    max_failures: int | None = None,  # None: 0, or driver.ELASTIC_MAX_FAILURES for MIN-MAX workers
     on_bad_image: str = "error",
     tracking_uri: str | None = None,
     address: str | None = None,
@@ -162,7 +162,7 @@ def run_train(
         driver.claim_run(storage_path, name, {**config.as_dict(), **prepared.sizes,
                                               "labels": prepared.targets.vocabulary, "workers": workers})
         params = {**config.as_dict(), "workers": workers, "source": prepared.source, "name": name,
-                  "max_failures": max_failures, **prepared.sizes}
+                  "max_failures": driver.default_max_failures(workers, max_failures), **prepared.sizes}
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:
             lc = loop_config(config, prepared, tracking.tracking_uri(tracking_uri), run.info.run_id, plugins)
             outcome = driver.fit(lc, workers, name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
@@ -180,7 +180,7 @@ def run_train(
 
 
 def refit_all_rows(config: TrainConfig, data: TrainingData, outcome: driver.TrainOutcome, workers, name: str,
-                   storage_path: str, max_failures: int, use_gpu: bool | None, plugins) -> dict:
+                   storage_path: str, max_failures: int | None, use_gpu: bool | None, plugins) -> dict:
     """`--refit`, as Kaggle teams did: the same training on every row (validation rows included)
     for the number of epochs the validation split chose; returns the last epoch's state."""
     epochs = int(outcome.best["epoch"]) + 1
