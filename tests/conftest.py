@@ -15,6 +15,18 @@ from qdeep.data.synth import write_synthetic_planet
 from qdeep.runtime import start_local_ray
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: where torch sees no GPU they are skipped (and counted), with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here (see `make gpu-check`)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray bound to 127.0.0.1, started once and shut down at the end."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -16,6 +17,7 @@ from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
 from conftest import interrupt_when
 
 
+@pytest.mark.slow
 def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_uri):
     scenes = tmp_path / "scenes"
     write_synthetic_classes(scenes, n_per_class=16, size=40, seed=5)

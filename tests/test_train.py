@@ -4,9 +4,12 @@ import csv
 import json
 
 import mlflow
+import pytest
 
 from qdeep.cli import main
 from qdeep.train.worker import CRASH_ENV
+
+pytestmark = pytest.mark.slow  # Ray Train runs: `make test-fast` leaves this module out
 
 # A small model at a small input size keeps each run to seconds on 2 cores.
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",

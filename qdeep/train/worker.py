@@ -34,6 +34,7 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(config["seed"])
     n_nodes = len(set(_gather(ray.get_runtime_context().get_node_id())))
     load_plugins(config.get("plugins"))

@@ -1,0 +1,107 @@
+"""The GPU tier (`make gpu-check`): the same commands and library calls as on CPU, on one CUDA GPU.
+
+Every test here is marked `gpu`; tests/conftest.py skips them, with a reason, where torch sees
+no CUDA device. Nothing here forks the code: the tests drive `qdeep train`, `qdeep features` and
+KMeans exactly as a user would, with `--gpu` or `use_gpu` choosing the device.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from qdeep.cli import main
+from qdeep.train.worker import CHECKPOINT_FILE, CRASH_ENV
+
+pytestmark = pytest.mark.gpu
+
+# As tests/test_train.py: a small model at a small input size, a few seconds per epoch.
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",
+        "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def separated_blobs(n: int, k: int, d: int, sep: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, sep, size=(k, d))
+    truth = rng.integers(k, size=n)
+    return (centres[truth] + rng.normal(size=(n, d))).astype(np.float32), truth
+
+
+def test_faiss_kmeans_on_the_gpu_finds_the_cpu_partition():
+    from qdeep.cluster.kmeans import KMeans, nmi
+
+    x, truth = separated_blobs(n=50_000, k=100, d=64, sep=10.0)
+    cpu = KMeans(100, seed=0, use_gpu=False).fit(x)
+    gpu = KMeans(100, seed=0, use_gpu=True).fit(x)  # raises if this faiss has no GPU support
+    assert cpu.gpu_ is False and gpu.gpu_ is True
+    assert nmi(gpu.labels_, cpu.labels_) > 0.999  # the same partition
+    assert gpu.inertia_ == pytest.approx(cpu.inertia_, rel=0.01)
+    assert nmi(gpu.labels_, truth) > 0.999
+
+
+def _checkpoints(run_dir) -> list[dict]:
+    return [torch.load(p / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists()]
+
+
+def test_train_with_amp_resumes_across_devices(planet_dir, ray_cluster, tmp_path, sqlite_uri, monkeypatch):
+    """One GPU worker with AMP for 4 epochs under one --name, stopped after each of the first three
+    (a worker dies, no retries) and rerun: on the GPU (the scaler's state loads), then on the CPU
+    from the GPU checkpoint (a disabled scaler ignores it), then on the GPU from the CPU checkpoint
+    (its empty scaler state is skipped). `--gpu` is not part of a run's settings, so every rerun
+    resumes the same run."""
+    out = tmp_path / "out"
+    run_dir = out / "ray_results" / "devices"
+
+    def launch(gpu: str, crash_epoch: int | None) -> int:
+        if crash_epoch is None:
+            monkeypatch.delenv(CRASH_ENV, raising=False)
+        else:  # rank 0 exits hard at the start of that epoch, once its last checkpoint is registered
+            monkeypatch.setenv(CRASH_ENV, f"0:{crash_epoch}:{tmp_path / f'crashed-{crash_epoch}'}")
+        return main(["train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri,
+                     "--workers", "1", "--gpu", gpu, "--epochs", "4", "--name", "devices", *TINY])
+
+    for gpu, crash_epoch in [("yes", 1), ("yes", 2), ("no", 3)]:
+        assert launch(gpu, crash_epoch) != 0
+        latest = max(_checkpoints(run_dir), key=lambda s: s["epoch"])
+        assert latest["epoch"] == crash_epoch - 1  # this launch trained exactly one epoch
+        assert bool(latest["scaler"]) == (gpu == "yes")  # AMP's scaler state on the GPU; none on the CPU
+    assert launch("yes", None) == 0
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [0, 1, 2, 3] and m["restarts"] == 0
+    assert all(np.isfinite(h["train_loss"]) for h in m["history"])
+    assert max(_checkpoints(run_dir), key=lambda s: s["epoch"])["scaler"]  # the last epoch ran on the GPU
+    mlflow.set_tracking_uri(sqlite_uri)
+    steps = [s.step for s in mlflow.MlflowClient().get_metric_history(m["mlflow_run_id"], "val_f2")]
+    assert steps == [3]  # the last launch trained only the epoch the others had not
+
+
+def test_features_on_a_gpu_actor_equal_the_cpu_result(planet_dir, ray_cluster, tmp_path):
+    from qdeep.cluster.features import load_backbone
+    from qdeep.cluster.store import FeatureStore
+    from qdeep.data.images import load_rgb
+    from qdeep.data.transforms import to_tensor
+    from qdeep.models import embed
+
+    assert ray_cluster.cluster_resources().get("GPU", 0) >= 1  # so `qdeep features` runs GPU actors
+    out, images = tmp_path / "store", planet_dir / "test-jpg"
+    assert main(["features", "--images", str(images), "--arch", "efficientnet_lite0", "--weights", "bundled",
+                 "--image-size", "64", "--batch-size", "16", "--out", str(out)]) == 0
+    store = FeatureStore(out)
+    store.verify()
+    ids, feats = store.to_numpy()
+    assert len(ids) == 40
+
+    model = load_backbone("efficientnet_lite0", "bundled")  # float32, on the CPU
+    spec = model.qdeep_arch
+    x = torch.stack([to_tensor(load_rgb(images / name), 64, spec.mean, spec.std) for name in ids])
+    with torch.no_grad():
+        expected = embed(model, x).numpy()
+    cosine = (feats * expected).sum(1) / (np.linalg.norm(feats, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.999
+    np.testing.assert_allclose(feats, expected, rtol=2e-2, atol=2e-2)
