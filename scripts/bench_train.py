@@ -35,14 +35,17 @@ def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
     loader = make_loader(data, config["batch_size"], shuffle=True, workers=config["loader_workers"], world_size=1,
                          rank=0, seed=0)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, epochs * len(loader)))
+    schedule = lr_factor(config, epochs * len(loader))
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rate = 0.0
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         start = time.time()
-        _, _, seen = train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device)
+        _, _, seen = train_one_epoch(model, loader, optimizer, scaler, loss_fn, device,
+                                     lambda i, e=epoch: schedule(e * len(loader) + i))
         rate = seen / (time.time() - start)
     return rate
 
