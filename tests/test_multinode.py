@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import contextlib
 import shutil
 import signal
 import socket
@@ -208,11 +209,19 @@ class LoopbackCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    base = Path(tempfile.mkdtemp(prefix="qdmn-", dir="/tmp"))  # short: Ray's socket paths live under it
+    with _loopback("qdmn-") as c:
+        write_synthetic_planet(c.shared / "data", n=160, size=32, seed=1, n_test=8)
+        yield c
+
+
+@contextlib.contextmanager
+def _loopback(prefix: str, nodes: int = 2):
+    """A started LoopbackCluster under a fresh short /tmp dir (Ray's socket paths live under it),
+    stopped and removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     c = LoopbackCluster(base)
     try:
-        c.start()
-        write_synthetic_planet(c.shared / "data", n=160, size=32, seed=1, n_test=8)
+        c.start(nodes=nodes)
         yield c
     finally:
         try:
@@ -236,16 +245,8 @@ def _one_error(job: Job) -> str:
 def lone_head():
     """A `ray start --head` with no other node up yet: what an autoscaling cluster is before its GPU
     nodes start. Function-scoped and first in this file, so it is gone before the two-node cluster starts."""
-    base = Path(tempfile.mkdtemp(prefix="qdmh-", dir="/tmp"))
-    c = LoopbackCluster(base)
-    try:
-        c.start(nodes=1)
+    with _loopback("qdmh-", nodes=1) as c:
         yield c
-    finally:
-        try:
-            c.stop()
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_cluster_that_can_gain_nodes_refuses_local_paths_while_one_node_is_up(lone_head):
