@@ -1,6 +1,8 @@
 """Per-image work fanned out over the Ray cluster in chunks, with a progress bar.
 
-Decode failures come back as data, not exceptions, so the caller's bad-input policy decides.
+Decode failures come back as data, not exceptions, so the caller's bad-input policy decides. A file
+the driver listed but a node cannot find is not bad input: the images are not on storage that node
+shares, and that stops the run whatever the policy (`ImagesNotVisible`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,94 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.errors import QdeepError
+
+VISIBILITY_SAMPLE = 64  # paths each node checks before a run reads images there
+
+
+class ImagesNotVisible(QdeepError):
+    """Images the driver's node listed are missing on another node: the data is not shared."""
+
+
+def node_name() -> str:
+    """This process's Ray node, as its IP and short id (the driver's, outside a task)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
+
+
+def not_visible(missing: Sequence[str], checked: int, node: str) -> ImagesNotVisible:
+    return ImagesNotVisible(
+        f"images not visible from node {node}: {len(missing)} of {checked} checked paths do not exist there, "
+        f"e.g. {missing[0]} (the driver's node lists them); put the images on storage every node mounts at the "
+        "same path (NFS), or run where every node sees them")
+
+
+def spread(paths: Sequence[str], n: int = VISIBILITY_SAMPLE) -> list[str]:
+    """Up to n paths evenly spread over the list, first and last included."""
+    if len(paths) <= n:
+        return list(paths)
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, n).round()]
+
+
+def require_visible(paths: Sequence[str]) -> None:
+    """Raise `ImagesNotVisible` naming this node if any of an evenly spread sample of `paths` is
+    missing here. Run where the images will be read: a Ray Train worker, a task pinned to a node."""
+    sample = spread([str(p) for p in paths])
+    missing = [p for p in sample if not Path(p).exists()]
+    if missing:
+        raise not_visible(missing, len(sample), node_name())
+
+
+def check_visible_everywhere(paths: Sequence[str], timeout: float = 60.0) -> None:
+    """On a cluster of more than one alive node, `require_visible` on each of them (a task pinned to
+    every node), before any image is decoded. Nodes that join later check on their own: Ray Train
+    workers call `require_visible` as they start."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or not paths:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(require_visible)
+    sample = spread([str(p) for p in paths])
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sample)
+            for n in nodes]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise_user_error(exc)
+    if pending:
+        raise QdeepError(f"{len(pending)} of {len(nodes)} nodes did not answer within {timeout:g} s whether they "
+                         "see the images; is the cluster healthy?")
+
+
+def user_error(exc: BaseException) -> QdeepError | None:
+    """The first `QdeepError` inside what Ray raised for a task, actor or Train worker (a
+    `RayTaskError`'s cause, a `WorkerGroupError`'s worker failures, chained exceptions), or None."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, QdeepError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
+def raise_user_error(exc: BaseException):
+    """Raise the `QdeepError` inside `exc` on its own (the CLI prints it as one line), else `exc`."""
+    err = user_error(exc)
+    if err is None:
+        raise exc
+    raise err from None
 
 
 def _featurize_chunk(fn: Callable, paths: Sequence[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -19,6 +109,8 @@ def _featurize_chunk(fn: Callable, paths: Sequence[str]) -> tuple[np.ndarray, li
     for i, path in enumerate(paths):
         try:
             feats.append(fn(load_rgb(path)))
+        except FileNotFoundError:
+            raise not_visible([path], 1, node_name()) from None
         except ImageDecodeError as exc:
             errors.append((i, exc.reason))
             feats.append(None)
@@ -50,7 +142,10 @@ def map_images(
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             start = pending.pop(done[0])
-            feats, errs = ray.get(done[0])
+            try:
+                feats, errs = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                raise_user_error(exc)
             chunks[start] = feats
             errors.extend((start + i, reason) for i, reason in errs)
             bar.update(len(feats))

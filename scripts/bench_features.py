@@ -36,6 +36,7 @@ import torch
 
 from qdeep.cluster.features import decode, embed_images, load_backbone
 from qdeep.data.synth import write_synthetic_classes
+from qdeep.data.transforms import normalize
 from qdeep.models import embed
 from qdeep.runtime import ray_session
 
@@ -47,8 +48,9 @@ def plain_loop(paths, arch: str, weights: str, batch_size: int, out: Path) -> No
     parts = []
     with torch.no_grad():
         for s in range(0, len(paths), batch_size):
-            batch = decode({"image": None, "path": paths[s : s + batch_size]}, spec.input_size, spec.mean, spec.std)
-            parts.append(embed(model, torch.from_numpy(batch["pixels"])).float().numpy())
+            batch = decode({"image": None, "path": paths[s : s + batch_size]}, spec.input_size)
+            x = normalize(torch.from_numpy(batch["pixels"]).float() / 255, spec.mean, spec.std)
+            parts.append(embed(model, x).float().numpy())
     np.save(out, np.concatenate(parts))
 
 

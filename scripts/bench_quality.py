@@ -362,7 +362,7 @@ def main() -> None:
                 table.extend(deepcluster_rows(s, work, args))
 
     print()
-    print(f"| set | recipe | reference | qdeep | qdeep - reference | reference s | qdeep s |")
+    print("| set | recipe | reference | qdeep | qdeep - reference | reference s | qdeep s |")
     print("|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['set']} | {r['recipe']} | {r['reference']:.4f} | {r['qdeep']:.4f} | "

@@ -46,7 +46,8 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert its[0]["nmi_prev"] is None and 0 <= its[1]["nmi_prev"] <= 1
     for h in its:  # where each iteration's time went
         phases = h["phases"]
-        assert set(phases) == {"embed_s", "cluster_s", "train_s", "train_epochs_s", "overhead_s"}
+        assert set(phases) == {"embed_s", "cluster_s", "train_s", "train_epochs_s", "overhead_s", "kmeans_on"}
+        assert phases["kmeans_on"] == "driver"  # a local Ray: the driver's machine is the only one
         assert 0 < phases["train_epochs_s"] <= phases["train_s"] and phases["embed_s"] > 0
         assert phases["overhead_s"] >= 0
     # what the second iteration's body starts from: the first one's optimizer state, by parameter name

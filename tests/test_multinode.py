@@ -309,6 +309,8 @@ def test_deepcluster_job(cluster):
     m = json.loads((out / "metrics.json").read_text())
     assert [h["iteration"] for h in m["iterations"]] == [1] and m["final"]["k"] == 3, job
     assert (out / "assignments.parquet").is_file() and (out / "iterations" / "iter_01" / "model.pt").is_file()
+    # A cluster that may gain nodes: k-means ran as a Ray task (asking for memory, or a GPU), not in the driver.
+    assert m["iterations"][0]["phases"]["kmeans_on"] in (f"task on {HEAD_IP}", f"task on {NODE_IP}"), m
     assert len(list((out / "grids").glob("cluster_*.png"))) >= 1
 
 
@@ -323,6 +325,22 @@ def test_node_local_mlflow_store_is_refused(cluster):
     assert f"MLflow store sqlite:///{db}: its directory {cluster.local} is not shared" in error, job
     assert f"not visible on {NODE_IP} (node " in error and "MLFLOW_TRACKING_URI=http://HEAD:5000" in error
     assert not db.exists() and not (cluster.shared / "runs" / "mlflow-local").exists()
+
+
+def test_images_on_the_head_alone_are_refused_naming_the_blind_node(cluster):
+    """Images on the head's disk only: with `--on-bad-image skip` the check used to drop, as
+    undecodable, whatever the other node's tasks could not open."""
+    data = cluster.local / "data"
+    write_synthetic_planet(data, n=24, size=32, seed=2, n_test=4)
+    args = _train_args(cluster, "out-images", "--workers", "2", "--storage-path", str(cluster.shared / "runs"),
+                       "--name", "images-local", "--on-bad-image", "skip")
+    args[args.index("--data") + 1] = str(data)
+    job = cluster.qdeep(*args, timeout=120)
+    assert job.status == "FAILED", job
+    error = _one_error(job)
+    assert f"images not visible from node {NODE_IP} (node " in error and "do not exist there" in error, job
+    assert "cannot decode" not in job.logs and HEAD_IP not in error
+    assert not (cluster.shared / "runs" / "images-local").exists()
 
 
 def test_node_local_storage_path_is_refused(cluster):

@@ -150,3 +150,38 @@ def test_elastic_runs_recover_from_failures_by_default():
     for command in (["train", "--data", "d"], ["deepcluster", "--images", "d"]):
         assert build_parser().parse_args([*command, "--out", "o"]).max_failures is None
         assert build_parser().parse_args([*command, "--out", "o", "--max-failures", "2"]).max_failures == 2
+
+
+def test_the_kmeans_task_asks_for_a_gpu_or_for_the_memory_of_its_sample():
+    """Issue 13, defect 7: k-means leaves the CPU head. At k=10,000 over 5M 1280-d descriptors the
+    sample is 2.56M rows: 13 GB raw plus 2.6 GB whitened, which the task must ask for."""
+    from qdeep.workflows.deepcluster import KMEANS_BASE_MEMORY, kmeans_options
+
+    gpu = kmeans_options(5_000_000, 1280, 10_000, None, use_gpu=True)
+    assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 1
+    sample = 2_560_000 * (1280 + 256) * 4
+    assert sample + KMEANS_BASE_MEMORY < gpu["memory"] < 1.5 * sample + KMEANS_BASE_MEMORY
+    small = kmeans_options(1_000, 64, 5, 8, use_gpu=True)
+    assert KMEANS_BASE_MEMORY < small["memory"] < KMEANS_BASE_MEMORY + (1 << 20)
+
+
+def test_the_kmeans_task_runs_on_the_cluster_like_the_driver(ray_cluster, tmp_path):
+    """The task Ray places (CPU: every CPU of the largest node) gives the driver's clustering."""
+    from sklearn.datasets import make_blobs
+
+    from qdeep.cluster.deepcluster import cluster_store
+    from qdeep.cluster.store import FeatureStore, StoreWriter
+    from qdeep.workflows.deepcluster import _cluster_task, kmeans_options
+
+    x, _ = make_blobs(n_samples=600, centers=4, n_features=16, random_state=3)
+    with StoreWriter(tmp_path / "store", 16, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},
+                     rows_per_shard=200) as writer:
+        writer.write([f"img{i}" for i in range(600)], x.astype(np.float32))
+    store = FeatureStore(tmp_path / "store")
+    options = kmeans_options(store.total_rows, store.dim, 4, 4, use_gpu=False)
+    assert options["num_cpus"] == 2 and "num_gpus" not in options  # the test Ray's one node has 2 CPUs
+    task = ray_cluster.remote(_cluster_task).options(**options)
+    ids, remote, node = ray_cluster.get(task.remote(str(store.path), 4, 4, 0))
+    local_ids, local = cluster_store(store, 4, 4, seed=0)
+    assert node == "127.0.0.1" and ids == local_ids
+    assert np.array_equal(remote.labels, local.labels) and np.allclose(remote.distances, local.distances)

@@ -130,3 +130,15 @@ def test_min_max_workers_make_an_elastic_trainer(ray_cluster, tmp_path):
     assert elastic.scaling_config.resources_per_worker == {"CPU": 1}
     fixed = driver.make_trainer({"score_metric": "val_f2"}, "2-2", "f", str(tmp_path))
     assert fixed.scaling_config.num_workers == 2 and not fixed.scaling_config.elasticity_enabled
+
+
+def test_gpu_workers_reserve_a_cpu_per_decoding_process(ray_cluster, tmp_path):
+    """Issue 13, defect 12: a GPU worker with 3 loader processes asks for 3 CPUs, not 1 (Ray would
+    otherwise pack more workers on a node than its CPUs can feed); CPU workers share the CPUs out."""
+    gpu = driver.make_trainer({"score_metric": "val_f2", "loader_workers": 3}, 2, "g", str(tmp_path), use_gpu=True)
+    assert gpu.scaling_config.resources_per_worker == {"CPU": 3, "GPU": 1}
+    no_loaders = driver.make_trainer({"score_metric": "val_f2", "loader_workers": 0}, 2, "g0", str(tmp_path),
+                                     use_gpu=True)
+    assert no_loaders.scaling_config.resources_per_worker == {"CPU": 1, "GPU": 1}
+    cpu = driver.make_trainer({"score_metric": "val_f2", "loader_workers": 3}, 2, "c", str(tmp_path), use_gpu=False)
+    assert cpu.scaling_config.resources_per_worker == {"CPU": 1}

@@ -14,8 +14,9 @@ import torch
 
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import load_rgb
-from qdeep.data.transforms import to_tensor
+from qdeep.data.transforms import to_uint8
 from qdeep.models import build_model, embed, weights_sha256
+from qdeep.parallel import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.runtime import ray_session
 from qdeep.workflows.common import check_images
 
@@ -25,10 +26,14 @@ def load_backbone(arch: str, weights: str) -> torch.nn.Module:
     return build_model(arch, None, weights, "none").eval()
 
 
-def decode(batch: dict, size: int, mean, std) -> dict:
-    """CPU stage: paths -> normalised pixels. A function, so that Ray Data runs it in tasks on the
-    free CPUs beside GPU actors, or fuses it into each CPU actor."""
-    pixels = np.stack([to_tensor(load_rgb(p), size, mean, std).numpy() for p in batch["path"]])
+def decode(batch: dict, size: int) -> dict:
+    """CPU stage: paths -> resized uint8 pixels (N, 3, size, size), a quarter of float32's bytes
+    through the object store. A function, so that Ray Data runs it in tasks on the free CPUs beside
+    GPU actors, or fuses it into each CPU actor. The actor normalises on its device."""
+    try:
+        pixels = np.stack([to_uint8(load_rgb(p), size) for p in batch["path"]])
+    except FileNotFoundError as exc:
+        raise not_visible([exc.filename], len(batch["path"]), node_name()) from None
     return {"image": batch["image"], "pixels": pixels}
 
 
@@ -38,10 +43,14 @@ class Embedder:
     def __init__(self, arch: str, weights: str):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_backbone(arch, weights).to(self.device)
+        spec = self.model.qdeep_arch
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         x = torch.from_numpy(np.require(batch["pixels"], requirements="W")).to(self.device)
+        x = (x.float() / 255 - self.mean) / self.std
         with torch.autocast(self.device, enabled=self.device == "cuda"):
             features = embed(self.model, x).float().cpu().numpy()
         return {"image": batch["image"], "features": features}
@@ -62,9 +71,10 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
 
 def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None,
-                 use_gpu: bool | None = None):
+                 use_gpu: bool | None = None, max_gpu_actors: int = 1):
     """Descriptors of already-checked images into the store at `out` (call inside a Ray session).
-    GPU actors when the cluster has GPUs (use_gpu None), or when asked (an autoscaler adds them)."""
+    GPU actors when the cluster has GPUs (use_gpu None), or when asked (an autoscaler adds them):
+    the pool starts with one and grows, as GPUs join, to `max_gpu_actors` (or the GPUs up now)."""
     import ray
 
     from qdeep.cluster.store import write_store_from_dataset
@@ -83,11 +93,19 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     # a plain all-cores loop on 2 cores, against 0.54x for one actor (scripts/bench_features.py).
     cpus = int(resources.get("CPU", 1))
     batches = -(-len(paths) // batch_size)
-    actors = max(1, int(gpus)) if use_gpu else max(1, min(cpus, batches))
+    if use_gpu:
+        most = max(1, int(gpus), max_gpu_actors)
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=min(most, max(1, int(gpus))))
+    else:
+        pool = ray.data.ActorPoolStrategy(size=max(1, min(cpus, batches)))
+    check_visible_everywhere(paths)
     rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
     ds = (ray.data.from_items(rows)
-          .map_batches(decode, fn_kwargs={"size": size, "mean": spec.mean, "std": spec.std}, batch_size=batch_size)
+          .map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=int(use_gpu)))
-    return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
-                                    extra={"image_root": str(root), **(extra or {})})
+                       batch_size=batch_size, compute=pool, num_gpus=int(use_gpu)))
+    try:
+        return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
+                                        extra={"image_root": str(root), **(extra or {})})
+    except Exception as exc:  # images missing on a node that joined after the check: say so in one line
+        raise_user_error(exc)

@@ -29,11 +29,15 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any supported image to 8-bit RGB; corrupt or truncated files raise BadInputError."""
+    """Decode any supported image to 8-bit RGB; corrupt or truncated files raise ImageDecodeError.
+    A missing file raises FileNotFoundError: the caller listed it, so where it is missing (another
+    node, storage that went away) is a setup problem for the caller to name, not bad input to skip."""
     try:
         with Image.open(path) as img:
             img.load()  # decodes and releases the file; the pixels outlive the `with`
             return img if img.mode == "RGB" else to_rgb(img)
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(path, f"cannot decode image ({exc})") from None
 

@@ -16,11 +16,16 @@ JITTER = 0.4  # `strong`: brightness, contrast and saturation each scaled by a f
 CROP_SCALE = (0.2, 1.0)  # `strong`: a random-resized crop covers this fraction of the image's area
 
 
-def to_unit(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize (any input size) to a (3, size, size) float tensor in [0, 1]."""
+def to_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """Resize (any input size) to (3, size, size) uint8 pixels: what travels between processes."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def to_unit(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize (any input size) to a (3, size, size) float tensor in [0, 1]."""
+    return torch.from_numpy(to_uint8(image, size)).float() / 255.0
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

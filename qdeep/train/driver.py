@@ -27,13 +27,15 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def cpus_per_worker(workers: int, use_gpu: bool) -> int:
+def cpus_per_worker(workers: int, use_gpu: bool, loader_workers: int = 0) -> int:
     """CPU-only clusters: share the CPUs out, so each worker's torch gets as many threads as it has
-    cores (Ray sets OMP_NUM_THREADS from this). GPU workers compute on the GPU: one CPU each."""
+    cores (Ray sets OMP_NUM_THREADS from this). GPU workers compute on the GPU and decode JPEGs in
+    their `loader_workers` processes: they reserve a CPU for each of those (at least one), so Ray does
+    not put more workers on a node than its CPUs can feed (gpu.4x: 4 workers x 2 of its 48 vCPUs)."""
     import ray
 
     if use_gpu:
-        return 1
+        return max(1, loader_workers)
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
 
 
@@ -68,7 +70,7 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
         loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     lo, hi = worker_range(workers)
-    resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu), **({"GPU": gpus} if use_gpu else {})}
+    resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0)), **({"GPU": gpus} if use_gpu else {})}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -118,12 +120,25 @@ def fit_keeping_ctrl_c(trainer):
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
+        return _fit(trainer)
     previous = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
+        return _fit(trainer)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _fit(trainer):
+    """`trainer.fit()`; a worker's `QdeepError` (images not visible from its node, ...) comes out as
+    itself, for the CLI's one-line message, not inside Ray Train's `TrainingFailedError`."""
+    from ray.train import TrainingFailedError
+
+    from qdeep.parallel import raise_user_error
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        raise_user_error(exc)
 
 
 def outcome_of(result, name: str, score_metric: str) -> TrainOutcome:

@@ -12,6 +12,7 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
+from qdeep.parallel import node_name, not_visible, raise_user_error
 from qdeep.parts.targets import load_targets
 
 
@@ -44,6 +45,8 @@ class CNNInference:
                 tensors.append(to_tensor(load_rgb(path), self.size, self.mean, self.std))
                 ok.append(True)
                 errors.append("")
+            except FileNotFoundError:  # listed by the driver, missing on this node
+                raise not_visible([path], len(batch["path"]), node_name()) from None
             except ImageDecodeError as exc:
                 ok.append(False)
                 errors.append(exc.reason)
@@ -83,7 +86,7 @@ class CNNPredictor:
         )
         proba = np.zeros((len(items), 0), dtype=np.float32)
         keep = np.ones(len(items), dtype=bool)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _batches(ds):
             if proba.shape[1] == 0:
                 proba = np.zeros((len(items), batch["proba"].shape[1]), dtype=np.float32)
             proba[batch["index"]] = batch["proba"]
@@ -92,3 +95,11 @@ class CNNPredictor:
                     policy.report(str(images.paths[i]), error)
                     keep[i] = False
         return proba[keep], images.subset(keep.tolist())
+
+
+def _batches(ds):
+    """The dataset's batches; a node's `ImagesNotVisible` comes out as itself, in one line."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as exc:
+        raise_user_error(exc)

@@ -18,6 +18,7 @@ import torch
 
 from qdeep.models import apply_freeze, build_model, reset_head, set_train_mode, weights_sha256
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
+from qdeep.parallel import require_visible
 from qdeep.parts.fit import param_groups, stage_of
 from qdeep.train.data import ImageDataset, make_loader, uniform_class_sample
 
@@ -38,6 +39,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(config["seed"])
     n_nodes = len(set(_gather(ray.get_runtime_context().get_node_id())))
     load_plugins(config.get("plugins"))
+    require_visible([*config["train_paths"], *config["val_paths"]])  # a node that joined after the driver's check
     targets = TARGETS.get(config["task"])(config["labels"])
     validation = VALIDATIONS.get(config["validation"])()
     stages = FIT_STRATEGIES.get(config["fit_strategy"])().stages(config)

@@ -9,7 +9,7 @@ import numpy as np
 
 from qdeep.data import BadInputPolicy, Dataset, ImageSet, load_class_folders, load_labeled_folder, load_planet
 from qdeep.errors import QdeepError
-from qdeep.parallel import map_images
+from qdeep.parallel import check_visible_everywhere, map_images
 
 
 def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
@@ -26,7 +26,9 @@ def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels:
 
 
 def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:
-    """Features of every decodable image; undecodable ones go to the policy and are left out."""
+    """Features of every decodable image; undecodable ones go to the policy and are left out. Images
+    some node cannot see stop the run (`ImagesNotVisible`), whatever the policy."""
+    check_visible_everywhere(images.paths)
     x, errors = map_images(fn, images.paths, desc=desc)
     keep = np.ones(len(images), dtype=bool)
     for i, reason in errors:

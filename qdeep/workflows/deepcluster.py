@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from qdeep import io, tracking
-from qdeep.cluster.deepcluster import Clustering, cluster_store
+from qdeep.cluster.deepcluster import MIN_SAMPLE, SAMPLE_PER_CLUSTER, Clustering, cluster_store
 from qdeep.cluster.features import embed_images
 from qdeep.cluster.kmeans import ground_truth_scores, nmi
+from qdeep.cluster.store import DEFAULT_ROWS_PER_SHARD as ROWS_PER_SHARD
+from qdeep.cluster.store import FeatureStore
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.errors import QdeepError
@@ -39,6 +41,7 @@ from qdeep.workflows.train import TrainingData, check_model, loop_config
 STATE_FILE = "deepcluster.json"
 OPTIMIZER_FILE = "optimizer.pt"
 GRID_SIZE = 16
+KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
 
 
 @dataclass
@@ -214,17 +217,63 @@ def network(out: Path, config: DeepClusterConfig, t: int) -> str:
     return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
 
 
+def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool) -> dict:
+    """What the k-means stage asks Ray for on a cluster (`ray.remote(...).options(**these)`): a GPU
+    when the run uses GPUs (faiss-gpu in the image runs it; an autoscaler starts a GPU node if none
+    is up), else the CPUs of the largest node (faiss' threads; nothing else runs meanwhile); and on
+    both, memory for the sample `cluster_store` draws (raw and whitened), one shard and the labels,
+    so that at k=10,000 over 1280-d descriptors (13 GB of sample) it is placed on a node that has it,
+    not on the head beside the GCS and MLflow."""
+    import ray
+
+    sample = min(n_rows, max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
+    whitened = min(dim, pca or 256)
+    need = 4 * sample * (dim + whitened) + 4 * min(n_rows, ROWS_PER_SHARD) * dim + 16 * n_rows
+    options = {"memory": int(need * 1.25) + KMEANS_BASE_MEMORY, "max_retries": 0}
+    if use_gpu:
+        return {**options, "num_cpus": 1, "num_gpus": 1}
+    cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return {**options, "num_cpus": max(1, int(cpus))}
+
+
+def cluster_placed(store, k: int, pca: int | None, seed: int,
+                   use_gpu: bool | None) -> tuple[list[str], Clustering, str]:
+    """`cluster_store` where it belongs: in this process on a plain local Ray (one machine: its GPU,
+    if any, is this process's too), else as a Ray task with `kmeans_options`, on a GPU node or a
+    node with the memory, rather than on the driver's CPU head. Also returns where it ran
+    ("driver", or "task on IP")."""
+    import ray
+
+    from qdeep.runtime import is_local_ray
+    from qdeep.storage import alive_nodes
+
+    if is_local_ray(alive_nodes()):
+        return *cluster_store(store, k, pca, seed=seed), "driver"
+    gpu = driver.cluster_has_gpus() if use_gpu is None else use_gpu
+    task = ray.remote(_cluster_task).options(**kmeans_options(store.total_rows, store.dim, k, pca, gpu))
+    ids, clustering, node = ray.get(task.remote(str(store.path), k, pca, seed))
+    return ids, clustering, f"task on {node}"
+
+
+def _cluster_task(store_path: str, k: int, pca: int | None, seed: int):
+    import ray
+
+    return *cluster_store(FeatureStore(store_path), k, pca, seed=seed), ray.util.get_node_ip_address()
+
+
 def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path, k: int, seed: int,
-                 use_gpu: bool | None = None, phases: dict | None = None) -> Clustering:
-    """Descriptors of every image with `weights` into a feature store, clustered shard by shard
-    into k groups; rows put in the collection's order. `phases` gets the seconds of each step."""
+                 use_gpu: bool | None = None, phases: dict | None = None, max_gpus: int = 1) -> Clustering:
+    """Descriptors of every image with `weights` into a feature store (on up to `max_gpus` GPU
+    actors when GPUs are used), clustered shard by shard into k groups; rows put in the collection's
+    order. `phases` gets the seconds of each step."""
     started = time.time()
     store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
-                         image_size=config.image_size, use_gpu=use_gpu)
+                         image_size=config.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
     embedded = time.time()
-    ids, clustering = cluster_store(store, k, config.pca, seed=seed)
+    ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
     if phases is not None:
-        phases.update(embed_s=round(embedded - started, 2), cluster_s=round(time.time() - embedded, 2))
+        phases.update(embed_s=round(embedded - started, 2), cluster_s=round(time.time() - embedded, 2),
+                      kmeans_on=where)
     position = {image: i for i, image in enumerate(ids)}
     order = np.array([position[i] for i in coll.ids])
     clustering.labels, clustering.distances = clustering.labels[order], clustering.distances[order]
@@ -244,7 +293,8 @@ def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig
     weights = network(out, config, t)
     optimizer_from = str(iteration_dir(out, t - 1) / OPTIMIZER_FILE) if t > 1 else None
     phases: dict = {}
-    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu, phases)
+    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu, phases,
+                              driver.worker_range(workers)[1])
     shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
 
     data = TrainingData(PseudoTargets.for_clusters(config.k), coll.paths, clustering.labels, coll.is_ctrl,

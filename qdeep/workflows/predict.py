@@ -14,6 +14,7 @@ from qdeep.baseline import KIND as HISTOGRAM_RF, HistogramForest, color_histogra
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
 from qdeep.errors import QdeepError
+from qdeep.parallel import check_visible_everywhere
 from qdeep.parts import FORMATTERS, load_plugins
 from qdeep.parts.formatters import default_format
 from qdeep.parts.targets import load_targets
@@ -84,6 +85,7 @@ def run_predict(
     if not len(todo):
         raise QdeepError(f"{images or data}: no images to predict")
     with ray_session(address):
+        check_visible_everywhere(todo.paths)
         proba, kept = predictor.predict_proba(todo, policy)
     pred = targets.decide(proba, None if thresholds is None else [thresholds[t] for t in targets.vocabulary])
     formatter.write(out, kept.names, targets, proba, pred)
