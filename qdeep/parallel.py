@@ -89,6 +89,10 @@ def user_error(exc: BaseException) -> QdeepError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError is also an instance of its cause's class: unwrap it
+        if isinstance(cause, BaseException):
+            todo.insert(0, cause)
+            continue
         if isinstance(e, QdeepError):
             return e
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__,

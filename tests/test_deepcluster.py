@@ -52,7 +52,7 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
         assert phases["overhead_s"] >= 0
     # what the second iteration's body starts from: the first one's optimizer state, by parameter name
     carried = torch.load(out / "iterations" / "iter_01" / "optimizer.pt", weights_only=True)
-    assert carried["blocks.6.0.conv_pw.weight"]["exp_avg"].shape == (1152, 192, 1, 1)
+    assert carried["blocks.6.0.conv_pw.weight"]["momentum_buffer"].shape == (1152, 192, 1, 1)  # SGD, momentum 0.9
     assert not any(name.startswith("blocks.5.") for name in carried)  # --freeze last:1: frozen blocks have none
     assert its[1]["weights"].endswith("iter_01/model.pt")
     final = m["final"]

@@ -80,3 +80,15 @@ def test_a_workers_qdeep_error_comes_out_of_ray_train_on_its_own():
             raise RuntimeError("wrapped") from exc
     except RuntimeError as outer:
         assert user_error(outer) is inner
+
+
+def test_a_tasks_qdeep_error_is_unwrapped_from_ray_task_error(ray_cluster, scenes):
+    """ray.get raises a RayTaskError that is also an instance of the task's exception class; the
+    CLI must print the task's own one-line message, not the wrapper's multi-line report."""
+    scenes[0].unlink()
+    ref = ray_cluster.remote(require_visible).remote([str(p) for p in scenes])
+    with pytest.raises(ray_cluster.exceptions.RayTaskError) as info:
+        ray_cluster.get(ref)
+    err = user_error(info.value)
+    assert type(err) is ImagesNotVisible and "\n" not in str(err)
+    assert str(err).startswith("images not visible from node 127.0.0.1 (node ")
