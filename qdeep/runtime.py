@@ -39,7 +39,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     Ray maps 127.0.0.1 to the machine's outward address unless multi-node support is off; its
     switch for that is named after Windows/macOS, where it is off by default. Its node carries the
     label LOCAL_LABEL, so any process using it (this one, a test's subprocess joining it by address)
-    knows that no other node will join it (see `is_local_ray`).
+    knows that no other node will join it (see `is_local_ray`). `address="local"`: a new instance
+    even when another Ray runs on this machine, which a bare `ray.init()` would find and join.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by raylet and workers
     import ray
@@ -47,7 +48,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     # The dashboard serves Ray's state API, which Ray Train uses to clean up after finished runs.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              labels={LOCAL_LABEL: "1"}, logging_level=logging.WARNING)
 
 

@@ -68,6 +68,66 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+OWNER_TAGS = ("qdeep.host", "qdeep.pid", "qdeep.pid_started")  # the process a RUNNING run belongs to
+
+
+def _owner_tags() -> dict:
+    import socket
+
+    pid = os.getpid()
+    return {"qdeep.host": socket.gethostname(), "qdeep.pid": str(pid), "qdeep.pid_started": _started(pid) or "?"}
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (Linux: clock ticks since boot, so a reused pid differs), "?" where
+    that is unknown but the process exists, None if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "?"
+        return "?"
+
+
+def _alive(pid: str, started: str) -> bool:
+    try:
+        now = _started(int(pid))
+    except ValueError:
+        return False
+    return now is not None and (now == started or "?" in (now, started))
+
+
+def close_dead_runs(experiment_id: str, uri: str) -> list[str]:
+    """Runs of this experiment left RUNNING by a qdeep command of this machine that died (SIGKILL,
+    a power cut: no `finally` ran) are marked KILLED, with their RUNNING child runs, so the UI does
+    not show them running for ever. Runs of live processes and of other machines are left alone.
+    Returns the ids closed."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                f"tags.`qdeep.host` = '{host}'")
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if _alive(tags.get("qdeep.pid", ""), tags.get("qdeep.pid_started", "")):
+            continue
+        children = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                     f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for r in [run, *children]:
+            client.set_tag(r.info.run_id, "qdeep_status", "died")
+            client.set_terminated(r.info.run_id, "KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 @contextmanager
 def mlflow_run(
     run_name: str,
@@ -76,14 +136,18 @@ def mlflow_run(
     experiment: str = DEFAULT_EXPERIMENT,
     nested: bool = False,
 ) -> Iterator[object]:
-    """Start (or nest) a run with its parameters logged; the run is marked FAILED on error."""
+    """Start (or nest) a run with its parameters logged; the run is marked FAILED on error. A run
+    records the process that owns it, and runs whose process died are closed first (`close_dead_runs`)."""
     import mlflow
 
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(mlflow, experiment, uri)
     nested = nested or mlflow.active_run() is not None  # inside a sweep or ladder: a child run
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested) as run:
+    if not nested:
+        close_dead_runs(experiment_id, uri)
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested,
+                          tags=_owner_tags()) as run:
         if params:
             mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in params.items()})
         yield run
@@ -95,7 +159,7 @@ def resume_run(run_id: str, uri: str | None = None) -> Iterator[object]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    with mlflow.start_run(run_id=run_id) as run:
+    with mlflow.start_run(run_id=run_id, tags=_owner_tags()) as run:
         yield run
 
 

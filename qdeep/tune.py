@@ -190,8 +190,8 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
             grid = tuner.fit()
             unfinished = _unfinished(experiment, expected_trials(sweep))
             if unfinished:  # Ctrl+C: Tune saved its state and returned early
-                raise QdeepError(f"sweep {name!r} interrupted with {unfinished} trial(s) unfinished; "
-                                 "rerun with the same --name to resume")
+                raise KeyboardInterrupt(f"sweep {name!r}: {unfinished} trial(s) unfinished; "
+                                        "rerun with the same --name to resume")
             rows = _rows(grid, prepared.targets.vocabulary, sweep.base.epochs, metric, prefix)
             for row in rows:
                 child = tracking.find_child(uri, parent.info.run_id, row["trial_id"])

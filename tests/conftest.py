@@ -53,17 +53,23 @@ def sqlite_uri(tmp_path):
 
 def interrupt_when(argv: list[str], ready, timeout: float = 300) -> None:
     """Run `qdeep ARGV` in its own process group and press Ctrl+C (SIGINT) as soon as `ready()`
-    is true; the command must then exit non-zero. Polls a condition, never a fixed sleep."""
+    is true, as a terminal does (the whole process group); the command must then say
+    `qdeep: interrupted` and exit 130. Polls a condition, never a fixed sleep."""
+    import tempfile
+
     qdeep = str(Path(sys.executable).with_name("qdeep"))
-    proc = subprocess.Popen([qdeep, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + timeout
-        while not ready() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the command ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([qdeep, *argv], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not ready() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            assert proc.poll() is None, "the command ended before it could be interrupted"
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        err.seek(0)
+        lines = [line for line in err.read().splitlines() if line.strip()]
+    assert code == 130 and lines and lines[-1].startswith("qdeep: interrupted"), (code, lines[-20:])

@@ -267,6 +267,25 @@ def test_a_cluster_that_can_gain_nodes_refuses_local_paths_while_one_node_is_up(
     assert not db.exists() and not (c.shared / "out-lone" / "metrics.json").exists()
 
 
+OWN = """
+import ray
+from qdeep.runtime import ray_session
+with ray_session():
+    print("gcs", ray.get_runtime_context().gcs_address)
+"""
+
+
+def test_without_an_address_a_command_starts_its_own_ray_beside_a_ray_start_head(lone_head):
+    """A `ray start --head` runs on this machine: a bare ray.init() finds its GCS process and joins
+    it; a qdeep command given no --address and no RAY_ADDRESS starts its own Ray, as the README says."""
+    # RAY_TMPDIR: where Ray looks for the latest `ray start`'s address (the head's --temp-dir is under it).
+    done = subprocess.run([str(BIN / "python"), "-c", OWN], capture_output=True, text=True, timeout=180,
+                          env={**lone_head.env, "RAY_TMPDIR": str(lone_head.base)}, cwd=lone_head.base)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("gcs "))
+    assert gcs.startswith("127.0.0.1:") and gcs != lone_head.gcs, done.stdout
+
+
 def test_two_workers_train_on_two_nodes(cluster):
     job = cluster.qdeep(*_train_args(cluster, "out2", "--workers", "2", "--name", "two",
                                      "--storage-path", str(cluster.shared / "runs")))

@@ -64,14 +64,13 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
     """A TorchTrainer for `train_func`: `workers` data-parallel workers, checkpoints kept by
     the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     if os.environ.get(CRASH_ENV):  # fault-injection tests only
         loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     lo, hi = worker_range(workers)
     resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0)), **({"GPU": gpus} if use_gpu else {})}
-    return TorchTrainer(
+    return _trainer_class()(
         train_func,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else hi, use_gpu=use_gpu,
@@ -113,9 +112,34 @@ def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, stor
     return outcome
 
 
+def _trainer_class():
+    """TorchTrainer that remembers a Ctrl+C. Ray Train's own SIGINT handler aborts the run
+    gracefully, after which fit() returns a result that may look finished (the abort came after the
+    last report) or the handler calls sys.exit(0); `interrupted` tells the caller it was the user."""
+    import signal
+
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller):
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                self.interrupted = True
+                ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Trainer
+
+
 def fit_keeping_ctrl_c(trainer):
     """`trainer.fit()`, then the caller's Ctrl+C handler back: Ray Train installs its own (which
-    aborts the run gracefully) and leaves it in place, so a later Ctrl+C would do nothing."""
+    aborts the run gracefully) and leaves it in place, so a later Ctrl+C would do nothing. A Ctrl+C
+    during the run raises KeyboardInterrupt here, whatever Ray Train made of it."""
     import signal
     import threading
 
@@ -123,9 +147,16 @@ def fit_keeping_ctrl_c(trainer):
         return _fit(trainer)
     previous = signal.getsignal(signal.SIGINT)
     try:
-        return _fit(trainer)
+        result = _fit(trainer)
+    except BaseException:  # SystemExit from Ray Train's handler, or an error of the aborted run
+        if getattr(trainer, "interrupted", False):
+            raise KeyboardInterrupt("training aborted by Ctrl+C") from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
+    if getattr(trainer, "interrupted", False):
+        raise KeyboardInterrupt("training aborted by Ctrl+C")
+    return result
 
 
 def _fit(trainer):
