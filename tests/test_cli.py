@@ -39,7 +39,14 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     r = _run("--debug", "baseline", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert r.returncode != 0 and "Traceback" in r.stderr and "data directory not found" in r.stderr
+    assert r.returncode != 0 and "Traceback" in r.stderr and "--data" in r.stderr and "no such directory" in r.stderr
+
+
+def test_a_bad_option_is_one_line_before_anything_starts(tmp_path):
+    r = _run("baseline", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--folds", "1", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["qdeep: error: --folds '1': expected an integer >= 2 (see 'qdeep baseline --help')"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_predict_rejects_a_folder_that_is_not_a_model(tmp_path):

@@ -187,3 +187,61 @@ def test_missing_folders_and_files_are_clear_errors(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(QdeepError, match="no train_v2.csv or train.csv"):
         load_planet(tmp_path / "d", BadInputPolicy())
+
+
+# ---- encodings, delimiters inside tags, EXIF orientation (issue 18) ----
+
+def test_a_utf8_csv_with_a_bom_loads(tmp_path):
+    root = _planet(tmp_path / "d", GOOD)
+    csv = root / "train_v2.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
+    assert load_planet(root, BadInputPolicy()).train.names == ["train_0", "train_1", "train_2"]
+
+
+def test_a_csv_that_is_not_utf8_names_the_file_and_line_or_is_read_with_its_encoding(tmp_path):
+    from qdeep.data.planet import csv_encoding
+
+    root = _planet(tmp_path / "d", GOOD)
+    (root / "train_v2.csv").write_bytes("image_name,tags\ntrain_0,clear primary\ntrain_1,haze \u00e9t\u00e9\n"
+                                        "train_2,cloudy\n".encode("latin-1"))
+    with pytest.raises(QdeepError, match=r"train_v2.csv:3: not utf-8 text \(byte 0xe9 at column 14\)"):
+        load_planet(root, BadInputPolicy("skip"))
+    with csv_encoding("latin-1"):
+        assert load_planet(root, BadInputPolicy()).train.tags[1] == ["haze", "\u00e9t\u00e9"]
+    with pytest.raises(QdeepError, match="not utf-8 text"):  # the encoding was the block's only
+        load_planet(root, BadInputPolicy())
+
+
+def test_a_tag_holding_the_delimiter_is_bad_input_naming_the_line(tmp_path):
+    root = _planet(tmp_path / "d", GOOD)
+    (root / "train_v2.csv").write_text('image_name,tags\ntrain_0,clear primary\ntrain_1,"haze,primary"\n'
+                                       "train_2,cloudy\n")
+    with pytest.raises(BadInputError, match=r"train_v2.csv:3: tag 'haze,primary' contains the delimiter ','"):
+        load_planet(root, BadInputPolicy())
+    policy = BadInputPolicy("skip")
+    ds = load_planet(root, policy)  # the row is skipped, and so its image, which then has no row
+    assert ds.train.names == ["train_0", "train_2"] and "haze,primary" not in ds.train.vocabulary()
+    assert [s["file"].rsplit("/", 1)[-1] for s in policy.skipped] == ["train_v2.csv:3", "train_1.jpg"]
+
+
+@pytest.mark.parametrize("body, line", [('train_0,"clear primary\ntrain_1,haze\n', 2), ('train_0,clear\ntrain_1,"clear"x\n', 3)])
+def test_a_stray_quote_names_the_line(tmp_path, body, line):
+    root = _planet(tmp_path / "d", GOOD)
+    (root / "train_v2.csv").write_text("image_name,tags\n" + body)
+    with pytest.raises(QdeepError, match=rf"train_v2.csv:{line}: not a readable CSV"):
+        load_planet(root, BadInputPolicy("skip"))
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (20, 10)), (3, (20, 10)), (6, (10, 20)), (8, (10, 20))])
+def test_exif_orientation_is_applied(tmp_path, orientation, size):
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # the left half red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "x.jpg", "JPEG", exif=exif, quality=95)
+    out = np.asarray(load_rgb(tmp_path / "x.jpg")).astype(int)
+    assert out.shape[:2] == (size[1], size[0])
+    red = out[..., 0] > 128
+    # 1: red left; 3 (180 degrees): red right; 6 (90 degrees clockwise to view): red on top; 8: red at the bottom
+    where = {1: red[:, :5].all(), 3: red[:, -5:].all(), 6: red[:5].all(), 8: red[-5:].all()}[orientation]
+    assert where and red.mean() == pytest.approx(0.5, abs=0.1)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
-from qdeep.data.images import load_rgb
+from qdeep.data.images import IMAGE_EXTENSIONS, load_rgb
 from qdeep.data.transforms import to_uint8
+from qdeep.errors import QdeepError
 from qdeep.models import build_model, embed, weights_sha256
 from qdeep.parallel import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.runtime import ray_session
@@ -62,9 +63,13 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
     """Build the store at `out` from every image under `images` (ids relative to `images`)."""
     root = Path(images).resolve()
     policy = BadInputPolicy(on_bad_image)
+    found = scan_images(root, policy)
+    if not found:
+        raise QdeepError(f"{root}: no images to describe ({', '.join(IMAGE_EXTENSIONS)}, in or below it)")
     with ray_session(address):
-        found = scan_images(root, policy)
         good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        if not good.paths:
+            raise QdeepError(f"{root}: none of its {len(found)} images could be decoded ({policy.n_skipped} skipped)")
         return embed_images(root, good.paths, arch, weights, out, batch_size, image_size, rows_per_shard,
                             extra={"n_skipped": policy.n_skipped, "skipped": policy.skipped})
 
@@ -82,8 +87,12 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     model = load_backbone(arch, weights)
     spec = model.qdeep_arch
     size = image_size or spec.input_size
-    with torch.no_grad():
-        dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
+    try:
+        with torch.no_grad():
+            dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
+    except RuntimeError as exc:
+        raise QdeepError(f"{arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
+                         "use a larger --image-size") from None
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from qdeep.errors import BadInputError
 
@@ -28,18 +28,32 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any supported image to 8-bit RGB; corrupt or truncated files raise ImageDecodeError.
+    """Decode any supported image to 8-bit RGB, upright (its EXIF orientation applied, as viewers
+    show it); corrupt or truncated files raise ImageDecodeError.
     A missing file raises FileNotFoundError: the caller listed it, so where it is missing (another
     node, storage that went away) is a setup problem for the caller to name, not bad input to skip."""
     try:
         with Image.open(path) as img:
             img.load()  # decodes and releases the file; the pixels outlive the `with`
+            img = upright(img)
             return img if img.mode == "RGB" else to_rgb(img)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(path, f"cannot decode image ({exc})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation tag says it is seen (rotated/flipped); unchanged without one."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored
+        return img
+    return img if orientation in (0, 1) else ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

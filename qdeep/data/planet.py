@@ -6,7 +6,12 @@ bad-input policy (error naming file and line, or a counted skip).
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import contextvars
 import csv
+import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +24,42 @@ TRAIN_CSVS = ("train_v2.csv", "train.csv")
 TRAIN_DIR = "train-jpg"
 TEST_DIRS = ("test-jpg", "test-jpg-additional")
 SAMPLE_SUBMISSION = "sample_submission_v2.csv"
+DELIMITER = ","
+
+# The CSVs' text encoding: UTF-8 (a BOM is dropped) unless a command says otherwise (`--encoding`).
+_ENCODING: contextvars.ContextVar[str] = contextvars.ContextVar("qdeep_csv_encoding", default="utf-8")
+
+
+@contextlib.contextmanager
+def csv_encoding(encoding: str | None) -> Iterator[None]:
+    """Read every CSV in the block as `encoding` (None: leave the current one, UTF-8 by default)."""
+    if not encoding:
+        yield
+        return
+    codecs.lookup(encoding)  # LookupError for an unknown codec
+    token = _ENCODING.set(encoding)
+    try:
+        yield
+    finally:
+        _ENCODING.reset(token)
+
+
+def decode_csv(csv_path: Path, encoding: str | None = None) -> str:
+    """The text of `csv_path`; bytes that are not `encoding` are an error naming the file, line and column."""
+    encoding = encoding or _ENCODING.get()
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    try:
+        data = csv_path.read_bytes()
+    except OSError as exc:
+        raise QdeepError(f"{csv_path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise QdeepError(f"{csv_path}:{line}: not {encoding} text (byte 0x{data[exc.start]:02x} at column {column}); "
+                         "save the file as UTF-8, or give its encoding with --encoding (e.g. --encoding latin-1)"
+                         ) from None
 
 
 @dataclass
@@ -128,7 +169,7 @@ def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
         names = sorted(by_name)
         return ImageSet(names=names, paths=[by_name[n] for n in names])
     out = ImageSet()
-    for line, name, _ in _read_rows(sample, policy):
+    for line, name, _ in _read_rows(sample, policy, check_tags=False):
         if name not in by_name:
             policy.report(f"{sample}:{line}", f"image {name!r} not found in {' or '.join(map(str, dirs)) or TEST_DIRS[0]}")
             continue
@@ -139,32 +180,59 @@ def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
     return out
 
 
-def _read_rows(csv_path: Path, policy: BadInputPolicy) -> list[tuple[int, str, list[str]]]:
-    """(line, image_name, tags) for each well-formed, first-seen row; the rest go to the policy."""
+def _read_rows(csv_path: Path, policy: BadInputPolicy, check_tags: bool = True) -> list[tuple[int, str, list[str]]]:
+    """(line, image_name, tags) for each well-formed, first-seen row; the rest go to the policy.
+    A tag holding the delimiter (a quoted "clear,primary") is a malformed row, not a label."""
     if not csv_path.is_file():
         raise QdeepError(f"{csv_path}: file not found")
+    text = decode_csv(csv_path)
+    with io.StringIO(text, newline="") as f:
+        return _parse_rows(csv_path, _records(csv_path, csv.reader(f, delimiter=DELIMITER, strict=True)), policy,
+                           check_tags)
+
+
+def _records(csv_path: Path, reader) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record (its last line, for a quoted field spanning lines). A stray or
+    unclosed quote is an error naming the line its record starts on: the rows after it cannot be trusted."""
+    end = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise QdeepError(f"{csv_path}:{end + 1}: not a readable CSV ({exc}; a stray or unclosed quote?)") from None
+        end = reader.line_num
+        yield end, row
+
+
+def _parse_rows(csv_path: Path, records: Iterator[tuple[int, list[str]]], policy: BadInputPolicy,
+                check_tags: bool) -> list[tuple[int, str, list[str]]]:
+    """The rows of `_read_rows`, from the CSV's records."""
     rows, first_line, n_data_rows = [], {}, 0
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise QdeepError(f"{csv_path}: empty CSV (expected header 'image_name,tags' and rows)")
-        if [h.strip() for h in header] != HEADER:
-            raise QdeepError(f"{csv_path}:1: expected header 'image_name,tags', got {','.join(header)!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            n_data_rows += 1
-            if len(row) != 2 or not row[0].strip():
-                policy.report(f"{csv_path}:{line}", f"malformed row {','.join(row)!r} (expected image_name,tags)")
-                continue
-            name, tags = row[0].strip(), sorted(set(row[1].split()))
-            if name in first_line:
-                policy.report(f"{csv_path}:{line}", f"duplicate image_name {name!r} (first on line {first_line[name]})")
-                continue
-            first_line[name] = line
-            rows.append((line, name, tags))
+    _, header = next(records, (0, None))
+    if header is None:
+        raise QdeepError(f"{csv_path}: empty CSV (expected header 'image_name,tags' and rows)")
+    if [h.strip() for h in header] != HEADER:
+        raise QdeepError(f"{csv_path}:1: expected header 'image_name,tags', got {','.join(header)!r}")
+    for line, row in records:
+        if not row:
+            continue
+        n_data_rows += 1
+        if len(row) != 2 or not row[0].strip():
+            policy.report(f"{csv_path}:{line}", f"malformed row {','.join(row)!r} (expected image_name,tags)")
+            continue
+        name, tags = row[0].strip(), sorted(set(row[1].split()))
+        bad = [t for t in tags if DELIMITER in t] if check_tags else []
+        if bad:
+            policy.report(f"{csv_path}:{line}", f"tag {bad[0]!r} contains the delimiter {DELIMITER!r} "
+                                                f"(tags are separated by spaces, e.g. 'clear primary')")
+            continue
+        if name in first_line:
+            policy.report(f"{csv_path}:{line}", f"duplicate image_name {name!r} (first on line {first_line[name]})")
+            continue
+        first_line[name] = line
+        rows.append((line, name, tags))
     if n_data_rows == 0:
         raise QdeepError(f"{csv_path}: empty CSV (header only, no rows)")
     return rows

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy
+from qdeep.errors import QdeepError
 from qdeep.parts.formatters import write_kaggle_submission
 from qdeep.parts.targets import MultiLabelTargets
 from qdeep.metrics import binarize
@@ -34,11 +35,15 @@ def run_baseline(
     """Fit and evaluate the histogram Random Forest; write OUT/metrics.json, OUT/model/, submission."""
     started = time.time()
     out = Path(out)
+    if folds < 2 or trees < 1:
+        raise QdeepError(f"--folds must be >= 2 and --trees >= 1, got {folds} and {trees}")
     policy = BadInputPolicy(on_bad_image)
     dataset = load_dataset(policy, data=data, labels=labels, images=images)
+    _check_folds(folds, len(dataset.train), dataset.source)
     with ray_session(address):
         x, train = image_features(color_histogram, dataset.train, policy, "histograms (train)")
         x_test, test = image_features(color_histogram, dataset.test, policy, "histograms (test)")
+    _check_folds(folds, len(train), dataset.source)
 
     targets = MultiLabelTargets.from_tags(train.tags)
     y = targets.encode(train.tags)
@@ -87,3 +92,10 @@ def run_baseline(
             tracking.log_metrics({"fold_f2": f}, step=k)
         tracking.log_artifacts(out / "metrics.json", *artifacts)
     return metrics
+
+
+def _check_folds(folds: int, n_images: int, source: str) -> None:
+    """K-fold needs at least one image per fold."""
+    if folds > n_images:
+        raise QdeepError(f"--folds {folds}: more folds than the {n_images} usable labelled images of {source} "
+                         "(each fold needs at least one)")

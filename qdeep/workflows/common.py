@@ -32,6 +32,9 @@ def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc:
     x, errors = map_images(fn, images.paths, desc=desc)
     keep = np.ones(len(images), dtype=bool)
     for i, reason in errors:
+        origin = images.origins[i] if images.origins else None
+        if origin and origin != str(images.paths[i]):  # the CSV line that names the image
+            reason = f"{reason}, named on {origin}"
         policy.report(str(images.paths[i]), reason)
         keep[i] = False
     if keep.all():

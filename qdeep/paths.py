@@ -1,0 +1,171 @@
+"""Up-front checks of the paths a command reads and writes, before Ray starts or any image is read.
+
+Each check raises a one-line `QdeepError` naming the option and the path: an input that is missing,
+of the wrong kind (a file where a folder is expected, or the other way round) or empty; an output
+that cannot be created (under a regular file, not writable, a file where a folder is expected); an
+output inside the input data (a rerun would read the previous run's outputs as images). No Ray here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
+from qdeep.errors import QdeepError
+
+NAMED_WEIGHTS = ("none", "imagenet", "bundled")
+TRAIN_CSVS = ("train_v2.csv", "train.csv")  # as qdeep.data.planet
+TEST_DIRS = ("test-jpg", "test-jpg-additional")
+
+
+def _name(path, option: str | None) -> str:
+    return f"{option} {path}" if option else str(path)
+
+
+def is_uri(path) -> bool:
+    """s3://, gs://, ...: not checked here (file:// is a local path)."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def _local(path) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+
+
+def input_dir(path, option: str | None = None) -> Path:
+    """An existing, readable, non-empty directory; returns it resolved."""
+    p = Path(path)
+    if not p.exists():
+        raise QdeepError(f"{_name(path, option)}: no such directory")
+    if not p.is_dir():
+        raise QdeepError(f"{_name(path, option)}: not a directory")
+    try:
+        with os.scandir(p) as entries:
+            empty = next(entries, None) is None
+    except OSError as exc:
+        raise QdeepError(f"{_name(path, option)}: cannot be read ({exc.strerror or exc})") from None
+    if empty:
+        raise QdeepError(f"{_name(path, option)}: empty directory")
+    return p.resolve()
+
+
+def input_file(path, option: str | None = None) -> Path:
+    """An existing, readable, non-empty regular file; returns it resolved."""
+    p = Path(path)
+    if not p.exists():
+        raise QdeepError(f"{_name(path, option)}: no such file")
+    if p.is_dir():
+        raise QdeepError(f"{_name(path, option)}: is a directory, not a file")
+    if not os.access(p, os.R_OK):
+        raise QdeepError(f"{_name(path, option)}: cannot be read (permission denied)")
+    if p.stat().st_size == 0:
+        raise QdeepError(f"{_name(path, option)}: empty file")
+    return p.resolve()
+
+
+def has_image(root: Path, recursive: bool = True) -> bool:
+    """Whether any file with an image extension lies in `root` (below it too, if `recursive`)."""
+    if not recursive:
+        return any(is_image_file(e.name) for e in os.scandir(root) if e.is_file())
+    return any(is_image_file(f) for _, _, files in os.walk(root) for f in files)
+
+
+def image_dir(path, option: str | None = "--images", recursive: bool = True) -> Path:
+    """A folder holding at least one image (recursively by default)."""
+    root = input_dir(path, option)
+    if not has_image(root, recursive):
+        where = "in or below" if recursive else "in"
+        raise QdeepError(f"{_name(path, option)}: no images ({', '.join(IMAGE_EXTENSIONS)}) {where} this folder")
+    return root
+
+
+def planet_dir(path, option: str | None = "--data", split: str = "train") -> Path:
+    """A Kaggle Planet layout: train_v2.csv (or train.csv) and train-jpg/ for `split` "train",
+    test-jpg/ (or test-jpg-additional/) for "test"."""
+    root = input_dir(path, option)
+    if split == "train":
+        csv = next((root / n for n in TRAIN_CSVS if (root / n).exists()), None)
+        if csv is None:
+            raise QdeepError(f"{_name(path, option)}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet "
+                             "layout: train_v2.csv, train-jpg/)")
+        input_file(csv)
+        if not (root / "train-jpg").is_dir():
+            raise QdeepError(f"{_name(path, option)}: no train-jpg/ folder (expected the Kaggle Planet layout)")
+    elif not any((root / d).is_dir() for d in TEST_DIRS):
+        raise QdeepError(f"{_name(path, option)}: no {' or '.join(TEST_DIRS)}/ folder of test images")
+    return root
+
+
+def weights_file(weights: str | None, option: str = "--weights") -> None:
+    """A weights PATH must be a non-empty file; the named weights (none, imagenet, bundled) pass."""
+    if weights and weights not in NAMED_WEIGHTS:
+        input_file(weights, option)
+
+
+def _creatable(p: Path, option: str | None, original) -> None:
+    """The nearest existing ancestor of `p` is a writable directory."""
+    anc = p
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise QdeepError(f"{_name(original, option)}: cannot be created: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise QdeepError(f"{_name(original, option)}: cannot be created: {anc} is not writable")
+
+
+def _not_inside(target: Path, option: str | None, original, inputs: Iterable[tuple[str, object]]) -> None:
+    for input_option, input_path in inputs:
+        if not input_path or is_uri(input_path):
+            continue
+        root = Path(input_path).resolve()
+        if target == root or root in target.parents:
+            raise QdeepError(f"{_name(original, option)}: is inside the input data ({input_option} {input_path}); "
+                             f"a rerun would read these outputs as input: choose an {option or 'output'} outside it")
+
+
+def output_dir(path, option: str | None = "--out", inputs: Iterable[tuple[str, object]] = ()) -> None:
+    """A directory that exists or can be created, and is neither one of `inputs` ((option, path)
+    pairs of input folders) nor inside one."""
+    if not path or is_uri(path):
+        return
+    p = _local(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise QdeepError(f"{_name(path, option)}: exists and is not a directory")
+    if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        raise QdeepError(f"{_name(path, option)}: not writable")
+    _creatable(p, option, path)
+    _not_inside(p.resolve(), option, path, inputs)
+
+
+def output_file(path, option: str | None = "--out", inputs: Iterable[tuple[str, object]] = ()) -> None:
+    """A file that can be written (replaced if it exists), and is not inside one of `inputs`."""
+    p = _local(path).absolute()
+    if p.is_dir():
+        raise QdeepError(f"{_name(path, option)}: is a directory (expected a file name)")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise QdeepError(f"{_name(path, option)}: not writable")
+    _creatable(p.parent, option, path)
+    _not_inside(p.resolve(), option, path, inputs)
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """`PATH: reason` for a filesystem error that names its path, else None."""
+    if exc.filename is None:
+        return None
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+    return f"{where}: {exc.strerror or type(exc).__name__}"
+
+
+def model_dir(path, option: str | None = "--model") -> Path:
+    """A saved model: a directory with config.json."""
+    p = Path(path)
+    if not p.exists():
+        raise QdeepError(f"{_name(path, option)}: no such directory")
+    if not p.is_dir():
+        raise QdeepError(f"{_name(path, option)}: not a directory (expected a model directory, e.g. OUT/model)")
+    if not (p / "config.json").is_file():
+        raise QdeepError(f"{_name(path, option)}: not a qdeep model directory (no config.json)")
+    return p.resolve()
