@@ -370,12 +370,14 @@ def cmd_compare(args) -> None:
     from qdeep.errors import QdeepError
     from qdeep.report import comparison_table
 
+    from qdeep.io import unfinished
+
     runs = {}
     for out in args.runs:
-        path = Path(out) / "metrics.json"
-        if not path.is_file():
-            raise QdeepError(f"{path}: not found (is {out} the output of qdeep baseline or train?)")
-        runs[Path(out).name] = json.loads(path.read_text())
+        why = unfinished(out)
+        if why:
+            raise QdeepError(why)
+        runs[Path(out).name] = json.loads((Path(out) / "metrics.json").read_text())
     print(comparison_table(runs))
 
 

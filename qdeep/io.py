@@ -53,3 +53,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+UNFINISHED = ".qdeep-unfinished"  # in OUT while a command writes its outputs there
+
+
+@contextmanager
+def outputs(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a command's outputs into `out`: OUT/.qdeep-unfinished is there from the first output to
+    the last (metrics.json) and goes only when the block succeeds, so outputs that a kill, a power
+    cut or an error interrupted never look complete (`unfinished` says so to predict and compare)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / UNFINISHED
+    write_json(marker, {"pid": os.getpid()})
+    yield out
+    marker.unlink()
+
+
+def unfinished(out: str | os.PathLike) -> str | None:
+    """Why the outputs in `out` are not those of a finished command, or None if they are."""
+    out = Path(out)
+    if (out / UNFINISHED).exists():
+        return (f"{out} holds the outputs of a command that did not finish (it was stopped or failed while writing "
+                f"them: {out / UNFINISHED} is there); rerun it")
+    if not (out / "metrics.json").is_file():
+        return f"{out}: no metrics.json (is it the output of a finished qdeep baseline or train?)"
+    return None

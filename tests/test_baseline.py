@@ -73,7 +73,7 @@ def test_baseline_end_to_end_then_predict(planet_dir, ray_cluster, tmp_path, sql
     for colour_tag in ("cloudy", "clear", "primary"):  # colour tags are learnable from histograms
         assert metrics["per_label_f2"][colour_tag] > 0.9, colour_tag
     assert sorted(p.name for p in (out / "model").iterdir()) == [
-        "config.json", "forests.joblib", "labels.json", "thresholds.json"]
+        "config.json", "forests.skops", "labels.json", "thresholds.json"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
     # Submission: Kaggle format, one row per test image in sample-submission order, known tags only.

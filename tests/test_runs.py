@@ -69,3 +69,33 @@ def test_a_reused_pid_does_not_keep_a_dead_run_open():
     assert not tracking._alive(me["qdeep.pid"], "1")  # same pid, another start
     assert not tracking._alive("999999999", "?") and not tracking._alive("", "")
     assert me["qdeep.pid"] == str(os.getpid())
+
+
+HOLD_OUTPUTS = """
+import os, signal, sys
+from qdeep import io
+with io.outputs(sys.argv[1]) as out:
+    (out / "metrics.json").write_text("{}")  # an old run's, say
+    os.kill(os.getpid(), signal.SIGKILL)  # killed between the model and the new metrics.json
+"""
+
+
+def test_outputs_a_killed_command_was_writing_are_refused_by_compare_and_predict(ray_cluster, planet_dir, tmp_path,
+                                                                                   capsys, sqlite_uri):
+    from qdeep.cli import main
+
+    out = tmp_path / "base"
+    assert main(["baseline", "--data", str(planet_dir), "--folds", "2", "--trees", "5", "--out", str(out),
+                 "--tracking-uri", sqlite_uri]) == 0
+    assert not (out / ".qdeep-unfinished").exists()  # a finished command leaves no marker
+    assert main(["compare", str(out)]) == 0
+    capsys.readouterr()
+
+    killed = subprocess.run([sys.executable, "-c", HOLD_OUTPUTS, str(out)], capture_output=True, timeout=60)
+    assert killed.returncode == -9
+    for argv in (["compare", str(out)],
+                 ["predict", "--model", str(out / "model"), "--data", str(planet_dir), "--out", str(tmp_path / "s.csv")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out} holds the outputs of a command that did not finish" in err[0], err
+    assert not (tmp_path / "s.csv").exists()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -208,27 +210,94 @@ def read_file(path: str | os.PathLike) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise QdeepError(f"weights file not found: {path} (--weights takes {' | '.join(CHOICES)} | PATH)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors of all kinds
-        raise QdeepError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
+    return read_state_dict(path)
+
+
+def read_state_dict(path: Path, what: str = "weights file") -> dict:
+    """The state_dict in the existing file ``path``; anything else is one line naming the file."""
+    state = load_tensors(path, what)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise QdeepError(f"weights file {path} holds no state_dict (a dict of tensors)")
-    if state and all(k.startswith("module.") for k in state):
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise QdeepError(f"{what} {path} holds no state_dict (a dict of tensors by parameter name), "
+                         f"but {_describe(state)}")
+    if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
-def load_strict(model: nn.Module, state: dict, origin: str) -> None:
+def load_tensors(path: Path, what: str = "weights file"):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+    Whatever fails (corrupt, truncated, not torch's, refused by the safe unpickler) is one
+    ``QdeepError`` line naming the file and the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol notice: the refusal stays one line
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip/OS errors of all kinds
+        raise QdeepError(f"cannot load {what} {path}: {load_failure(err)}") from err
+
+
+def load_failure(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words. Never torch's own text for a
+    refusal: that advises turning ``weights_only`` off, i.e. running whatever the file holds."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"refused by torch's safe loader (weights_only=True): it needs {found.group(1)}, "
+                    f"which is not a tensor or plain container (a file of weights never needs it)")
+        found = re.search(r"Unsupported operand (\S+)", text)
+        if found:
+            return (f"not a PyTorch weights file (pickle data with opcode {found.group(1)}, "
+                    f"which torch's safe loader refuses)")
+        return "refused by torch's safe loader (weights_only=True): it holds more than tensors and plain containers"
+    found = re.search(r"PytorchStreamReader failed ([^.]*)", text)
+    if found:
+        return f"corrupt or truncated PyTorch archive ({found.group(1)})"
+    if isinstance(err, EOFError):
+        return "empty or truncated file"
+    if isinstance(err, PermissionError):
+        return f"cannot read it ({err.strerror or text})"
+    if isinstance(err, OSError):
+        return f"corrupt or truncated file ({err.strerror or text})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a file saved by torch.save ({type(err).__name__}{': ' + first[:200] if first else ''})"
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        if not obj:
+            return "an empty dict"
+        odd = next((k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+        return f"a dict whose entry {str(odd)[:60]!r} is a {type(obj[odd]).__name__}"
+    return f"a {type(obj).__name__}"
+
+
+def load_strict(model: nn.Module, state: dict, origin, what: str = "weights file") -> None:
     """``load_state_dict(strict=True)`` with a one-line ``QdeepError`` when it does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(missing)} of the model's {len(own)} tensors missing{_eg(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected{_eg(unexpected)}" if unexpected else "",
+                 f"{len(reshaped)} of another shape (e.g. {reshaped[0]} {tuple(state[reshaped[0]].shape)} "
+                 f"vs {tuple(own[reshaped[0]].shape)})" if reshaped else ""]
+        raise QdeepError(f"{what} {origin} does not fit this model ({type(model).__name__}): "
+                         f"{', '.join(filter(None, parts))}; is it a state_dict of another architecture?")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())
-        raise QdeepError(f"weights file {origin} does not fit this model: {detail[:400]}") from err
+        raise QdeepError(f"{what} {origin} does not fit this model: {detail[:400]}") from err
+
+
+def _eg(keys: list[str]) -> str:
+    return f" (e.g. {', '.join(keys[:3])})"
 
 
 def weights_sha256(model: nn.Module) -> str:

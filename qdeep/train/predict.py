@@ -12,17 +12,49 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
+from qdeep.errors import QdeepError
 from qdeep.parallel import node_name, not_visible, raise_user_error
 from qdeep.parts.targets import load_targets
 
 
-def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
-    """The exported model (OUT/model), rebuilt from its arch and loaded with weights_only=True."""
-    from qdeep.models import build_model
+def read_config(model_dir: Path) -> dict:
+    """OUT/model/config.json of `qdeep train`, with the keys `load_exported` needs; else one line naming it."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QdeepError(f"{model_dir}: not a qdeep model directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QdeepError(f"cannot read model config {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(config, dict):
+        raise QdeepError(f"model config {path} is not a JSON object")
+    if not isinstance(config.get("arch"), str):
+        raise QdeepError(f"model config {path} names no arch")
+    labels = config.get("num_labels")
+    if not isinstance(labels, int) or isinstance(labels, bool) or labels < 1:
+        raise QdeepError(f"model config {path}: num_labels must be a positive integer, not {labels!r}")
+    size = config.get("image_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise QdeepError(f"model config {path}: image_size must be a positive integer or null, not {size!r}")
+    return config
 
-    config = json.loads((model_dir / "config.json").read_text())
-    model = build_model(config["arch"], config["num_labels"], "none", "none")
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location=device, weights_only=True))
+
+def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """The exported model (OUT/model), rebuilt from its arch and loaded with weights_only=True;
+    a missing, corrupt, refused or mismatched model.pt is one QdeepError line naming it."""
+    from qdeep.models import build_model
+    from qdeep.models.weights import load_strict, read_state_dict
+
+    config = read_config(model_dir)
+    path = model_dir / "model.pt"
+    if not path.is_file():
+        raise QdeepError(f"{model_dir}: no model.pt (not a complete `qdeep train` model directory)")
+    state = read_state_dict(path, "model file")
+    try:
+        model = build_model(config["arch"], config["num_labels"], "none", "none")
+    except QdeepError as err:  # e.g. an arch this qdeep does not know
+        raise QdeepError(f"model config {model_dir / 'config.json'}: {err}") from None
+    load_strict(model, state, path, "model file")
     return model.to(device).eval()
 
 
@@ -32,7 +64,7 @@ class CNNInference:
     def __init__(self, model_dir: str, tta: bool = False):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_exported(Path(model_dir), self.device)
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = read_config(Path(model_dir))
         spec = self.model.qdeep_arch
         self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
         self.tta, self.num_labels = tta, config["num_labels"]
@@ -70,6 +102,7 @@ class CNNPredictor:
 
     def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64, concurrency: int | None = None):
         self.model_dir, self.tta, self.batch_size, self.concurrency = model_dir, tta, batch_size, concurrency
+        self.num_labels = read_config(Path(model_dir))["num_labels"]
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         import ray

@@ -72,19 +72,20 @@ def run_baseline(
             "mlflow_run_id": run.info.run_id,
         }
 
-        with io.atomic_dir(out / "model") as model_dir:
-            final.save(model_dir)
-            targets.save(model_dir / "labels.json")
-            io.write_json(model_dir / "thresholds.json", thresholds)
-        artifacts = [out / "thresholds.json", out / "per_label_f2.png"]
-        io.write_json(out / "thresholds.json", thresholds)
-        per_label_bar_chart(per_label, out / "per_label_f2.png", f"histogram RF, OOF F2 = {result.f2:.3f}")
-        if len(test):
-            submission = targets.decode(binarize(final.predict_proba(x_test), result.thresholds))
-            write_kaggle_submission(out / "submission.csv", test.names, submission)
-            artifacts.append(out / "submission.csv")
-        metrics["seconds"] = round(time.time() - started, 2)
-        io.write_json(out / "metrics.json", metrics)
+        with io.outputs(out):  # metrics.json last: until then the outputs are marked unfinished
+            with io.atomic_dir(out / "model") as model_dir:
+                final.save(model_dir)
+                targets.save(model_dir / "labels.json")
+                io.write_json(model_dir / "thresholds.json", thresholds)
+            artifacts = [out / "thresholds.json", out / "per_label_f2.png"]
+            io.write_json(out / "thresholds.json", thresholds)
+            per_label_bar_chart(per_label, out / "per_label_f2.png", f"histogram RF, OOF F2 = {result.f2:.3f}")
+            if len(test):
+                submission = targets.decode(binarize(final.predict_proba(x_test), result.thresholds))
+                write_kaggle_submission(out / "submission.csv", test.names, submission)
+                artifacts.append(out / "submission.csv")
+            metrics["seconds"] = round(time.time() - started, 2)
+            io.write_json(out / "metrics.json", metrics)
 
         tracking.log_metrics({"f2_oof": result.f2, "n_images": len(train), "n_skipped": policy.n_skipped,
                               **{f"f2_{t}": v for t, v in per_label.items()}})

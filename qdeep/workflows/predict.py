@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qdeep import io
 from qdeep.baseline import KIND as HISTOGRAM_RF, HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
@@ -28,6 +29,7 @@ class HistogramPredictor:
 
     def __init__(self, model_dir: Path):
         self.model = HistogramForest.load(model_dir)
+        self.num_labels = len(self.model.forests_)
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         x, kept = image_features(color_histogram, images, policy, "histograms")
@@ -35,23 +37,67 @@ class HistogramPredictor:
 
 
 def _cnn_predictor(model_dir: Path, tta: bool = False):
-    from qdeep.train.predict import CNNPredictor
+    from qdeep.train.predict import CNNPredictor, load_exported
 
+    load_exported(model_dir)  # here, in one line, before Ray starts: not in every actor
     return CNNPredictor(model_dir, tta=tta)
 
 
 PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), CNN_KIND: _cnn_predictor}
 
 
+def _read_json(path: Path, what: str):
+    """A model directory's JSON file; unreadable or not JSON: one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QdeepError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
+
+
 def load_predictor(model_dir: str | Path, tta: bool = False):
     model_dir = Path(model_dir)
     config = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise QdeepError(f"{model_dir}: no such model directory (--model takes OUT/model of qdeep baseline or train)")
     if not config.is_file():
         raise QdeepError(f"{model_dir}: not a qdeep model directory (no config.json)")
-    kind = json.loads(config.read_text()).get("kind")
-    if kind not in PREDICTORS:
+    saved = _read_json(config, "model config")
+    kind = saved.get("kind") if isinstance(saved, dict) else None
+    if not isinstance(kind, str) or kind not in PREDICTORS:
         raise QdeepError(f"{config}: unknown model kind {kind!r} (known: {', '.join(PREDICTORS)})")
     return PREDICTORS[kind](model_dir, tta=tta)
+
+
+def load_labels(model_dir: Path):
+    """The model's labels.json as its targets part; missing or unreadable: one line naming it."""
+    path = model_dir / "labels.json"
+    if not path.is_file():
+        raise QdeepError(f"{model_dir}: no labels.json (not a complete qdeep model directory)")
+    saved = _read_json(path, "model labels")
+    labels = saved.get("labels") if isinstance(saved, dict) else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(t, str) for t in labels):
+        raise QdeepError(f"model labels {path}: `labels` must be a non-empty list of names")
+    if not isinstance(saved.get("kind", ""), str):
+        raise QdeepError(f"model labels {path}: `kind` must be a task name")
+    try:
+        return load_targets(path)
+    except QdeepError as err:  # e.g. a task kind no plugin registered
+        raise QdeepError(f"model labels {path}: {err}") from None
+
+
+def load_thresholds(model_dir: Path, vocabulary: list[str]) -> list[float] | None:
+    """The per-label thresholds of thresholds.json, in vocabulary order (None when there is none)."""
+    path = model_dir / "thresholds.json"
+    if not path.is_file():
+        return None
+    saved = _read_json(path, "model thresholds")
+    if not isinstance(saved, dict):
+        raise QdeepError(f"model thresholds {path}: not a JSON object of label: threshold")
+    missing = [t for t in vocabulary if not isinstance(saved.get(t), (int, float)) or isinstance(saved.get(t), bool)]
+    if missing:
+        raise QdeepError(f"model thresholds {path}: no number for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    return [float(saved[t]) for t in vocabulary]
 
 
 def run_predict(
@@ -68,13 +114,17 @@ def run_predict(
     """Predict labels for `--images DIR` (recursive) or the test split of `--data DIR`, written by
     the formatter `output_format` (default: kaggle-planet for tags, csv for one class per image)."""
     model = Path(model)
+    if (model.parent / io.UNFINISHED).exists():  # OUT/model of a baseline or train that did not finish
+        raise QdeepError(io.unfinished(model.parent))
     load_plugins(plugins)
     policy = BadInputPolicy(on_bad_image)
     predictor = load_predictor(model, tta=tta)
-    targets = load_targets(model / "labels.json")
+    targets = load_labels(model)
+    outputs = getattr(predictor, "num_labels", None)  # a plugin's predictor may not say
+    if outputs is not None and len(targets) != outputs:
+        raise QdeepError(f"{model / 'labels.json'}: {len(targets)} labels, but the model predicts {outputs}")
     formatter = FORMATTERS.get(output_format or default_format(targets))()
-    thresholds_file = model / "thresholds.json"
-    thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else None
+    thresholds = load_thresholds(model, targets.vocabulary)
     if bool(images) == bool(data):
         raise QdeepError("give exactly one of --images DIR or --data DIR")
     if images:
@@ -87,6 +137,6 @@ def run_predict(
     with ray_session(address):
         check_visible_everywhere(todo.paths)
         proba, kept = predictor.predict_proba(todo, policy)
-    pred = targets.decide(proba, None if thresholds is None else [thresholds[t] for t in targets.vocabulary])
+    pred = targets.decide(proba, thresholds)
     formatter.write(out, kept.names, targets, proba, pred)
     return {"n_predicted": len(kept), "n_skipped": policy.n_skipped, "skipped": policy.skipped, "out": str(out)}

@@ -200,37 +200,38 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
     scores = {k: round(float(v), 6) for k, v in best_epoch.items() if k.startswith("val_") and k != "val_loss"}
     per_label = dict(zip(vocab, np.round(best["per_label"], 6).tolist()))
     thresholds = None if best["thresholds"] is None else dict(zip(vocab, np.round(best["thresholds"], 4).tolist()))
-    with io.atomic_dir(out / "model") as model_dir:
-        torch.save((refit or best)["model"], model_dir / "model.pt")
-        data.targets.save(model_dir / "labels.json")
-        if thresholds is not None:
-            io.write_json(model_dir / "thresholds.json", thresholds)
-        io.write_json(model_dir / "config.json", {
-            "kind": CNN_KIND, "task": data.targets.kind, "arch": config.arch, "image_size": config.image_size,
-            "num_labels": len(vocab), "weights": config.weights, "freeze": config.freeze,
-            "epoch": best["epoch"], **scores})
-    history = latest["history"]
-    metrics = {
-        **scores,
-        "score_metric": data.score_metric,
-        "best_epoch": int(best["epoch"]),
-        "task": data.targets.kind,
-        "per_label_metric": validation.per_label_metric,
-        f"per_label_{validation.per_label_metric}": per_label,
-        **({"thresholds": thresholds} if thresholds is not None else {}),
-        "history": history,
-        "epochs_completed": len(history),
-        "restarts": int(latest["restarts"]),
-        **({"refit_epochs": len(refit["history"])} if refit else {}),
-        **data.sizes,
-        "n_skipped": data.policy.n_skipped,
-        "skipped": data.policy.skipped,
-        "ray_run_path": outcome.path,
-        "mlflow_run_id": run_id,
-        "seconds": round(time.time() - started, 2),
-    }
-    score = metrics[data.score_metric]
-    per_label_bar_chart(per_label, out / f"per_label_{validation.per_label_metric}.png",
-                        f"{config.arch}, {data.score_metric} = {score:.3f}", xlabel=validation.per_label_metric.upper())
-    io.write_json(out / "metrics.json", metrics)
+    with io.outputs(out):  # metrics.json last: until then the outputs are marked unfinished
+        with io.atomic_dir(out / "model") as model_dir:
+            torch.save((refit or best)["model"], model_dir / "model.pt")
+            data.targets.save(model_dir / "labels.json")
+            if thresholds is not None:
+                io.write_json(model_dir / "thresholds.json", thresholds)
+            io.write_json(model_dir / "config.json", {
+                "kind": CNN_KIND, "task": data.targets.kind, "arch": config.arch, "image_size": config.image_size,
+                "num_labels": len(vocab), "weights": config.weights, "freeze": config.freeze,
+                "epoch": best["epoch"], **scores})
+        history = latest["history"]
+        metrics = {
+            **scores,
+            "score_metric": data.score_metric,
+            "best_epoch": int(best["epoch"]),
+            "task": data.targets.kind,
+            "per_label_metric": validation.per_label_metric,
+            f"per_label_{validation.per_label_metric}": per_label,
+            **({"thresholds": thresholds} if thresholds is not None else {}),
+            "history": history,
+            "epochs_completed": len(history),
+            "restarts": int(latest["restarts"]),
+            **({"refit_epochs": len(refit["history"])} if refit else {}),
+            **data.sizes,
+            "n_skipped": data.policy.n_skipped,
+            "skipped": data.policy.skipped,
+            "ray_run_path": outcome.path,
+            "mlflow_run_id": run_id,
+            "seconds": round(time.time() - started, 2),
+        }
+        score = metrics[data.score_metric]
+        per_label_bar_chart(per_label, out / f"per_label_{validation.per_label_metric}.png",
+                            f"{config.arch}, {data.score_metric} = {score:.3f}", xlabel=validation.per_label_metric.upper())
+        io.write_json(out / "metrics.json", metrics)
     return metrics
