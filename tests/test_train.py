@@ -97,3 +97,17 @@ def test_a_name_cannot_be_resumed_with_other_settings(planet_dir, ray_cluster, t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "run 'r'" in err and "different settings (" in err
     assert "lr" in err and "arch" not in err  # names what changed, only that
+
+
+def test_ctrl_c_during_training_says_interrupted_and_exits_130(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+    """Ray Train's own SIGINT handler aborts the run (and may exit the process itself); the command
+    still prints `qdeep: interrupted` and exits 130, and a rerun of the name resumes."""
+    from conftest import interrupt_when
+
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri, "--workers", "2",
+            *TINY, "--epochs", "5", "--name", "stop-me",
+            "--address", ray_cluster.get_runtime_context().gcs_address]
+    runs = out / "ray_results" / "stop-me"
+    interrupt_when(argv, lambda: bool(list(runs.glob("checkpoint_*"))))  # Ctrl+C once epoch 0 is saved
+    assert not (out / "metrics.json").exists()
