@@ -13,11 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
+from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS
 from qdeep.errors import QdeepError
+from qdeep.storage import is_object_store
 
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")
-TRAIN_CSVS = ("train_v2.csv", "train.csv")  # as qdeep.data.planet
-TEST_DIRS = ("test-jpg", "test-jpg-additional")
 
 
 def _name(path, option: str | None) -> str:
@@ -26,8 +26,7 @@ def _name(path, option: str | None) -> str:
 
 def is_uri(path) -> bool:
     """s3://, gs://, ...: not checked here (file:// is a local path)."""
-    scheme, sep, _ = str(path).partition("://")
-    return bool(sep) and scheme.lower() != "file"
+    return is_object_store(str(path))
 
 
 def _local(path) -> Path:
