@@ -5,7 +5,6 @@ scikit-learn style (configure in __init__, learn in fit, answer in predict_proba
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -116,12 +115,7 @@ class HistogramForest:
 
 
 def _read_params(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QdeepError(f"{path.parent}: not a qdeep model directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QdeepError(f"cannot read model config {path}: {type(err).__name__}: {err}") from None
+    config = io.read_model_json(path)
     params = config.get("params") if isinstance(config, dict) else None
     known = set(HistogramForest().get_params())
     if not isinstance(params, dict) or not set(params) <= known or not all(

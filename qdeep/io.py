@@ -55,6 +55,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def read_model_json(path: str | os.PathLike, what: str = "model config"):
+    """A model directory's JSON file (config.json, labels.json, ...). Missing: "not a qdeep model
+    directory"; unreadable or not JSON: one line naming it and why."""
+    from qdeep.errors import QdeepError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QdeepError(f"{path.parent}: not a qdeep model directory (no {path.name})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QdeepError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
+
+
 UNFINISHED = ".qdeep-unfinished"  # in OUT while a command writes its outputs there
 
 

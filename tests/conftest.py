@@ -47,6 +47,22 @@ def planet_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the case if the command starts or joins Ray (even while the session's Ray is up): bad
+    input must be refused before that."""
+    import ray
+
+    import qdeep.runtime
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the command started Ray before refusing its input")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(qdeep.runtime, "start_local_ray", refuse)
+
+
+@pytest.fixture
 def sqlite_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

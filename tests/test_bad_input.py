@@ -18,25 +18,6 @@ from qdeep.cli import main
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 
 
-class RayStarted(Exception):
-    pass
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the case if the command tries to start or join Ray (even when the session's Ray is up)."""
-    import ray
-
-    import qdeep.runtime
-
-    def refuse(*_a, **_k):
-        raise RayStarted("the command started Ray before refusing its input")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(qdeep.runtime, "start_local_ray", refuse)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """12 training and 3 test images of 16 px, Planet layout; cases copy what they change."""

@@ -103,21 +103,6 @@ def test_the_payloads_are_live(tmp_path):
 
 # ---- fixtures: tiny data, a valid CNN and baseline model directory ---------------------------
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the case if the command starts or joins Ray: a bad model is refused before that."""
-    import ray
-
-    import qdeep.runtime
-
-    def refuse(*_a, **_k):
-        raise AssertionError("the command started Ray before refusing the model")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(qdeep.runtime, "start_local_ray", refuse)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """Tiny images, and good model files: a CNN model dir, a baseline model dir, state_dicts."""

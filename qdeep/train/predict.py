@@ -3,7 +3,6 @@ loads the model once per actor and decodes its own batches of images."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
 from qdeep.errors import QdeepError
+from qdeep.io import read_model_json
 from qdeep.parallel import node_name, not_visible, raise_user_error
 from qdeep.parts.targets import load_targets
 
@@ -20,12 +20,7 @@ from qdeep.parts.targets import load_targets
 def read_config(model_dir: Path) -> dict:
     """OUT/model/config.json of `qdeep train`, with the keys `load_exported` needs; else one line naming it."""
     path = model_dir / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QdeepError(f"{model_dir}: not a qdeep model directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QdeepError(f"cannot read model config {path}: {type(err).__name__}: {err}") from None
+    config = read_model_json(path)
     if not isinstance(config, dict):
         raise QdeepError(f"model config {path} is not a JSON object")
     if not isinstance(config.get("arch"), str):

@@ -5,7 +5,6 @@ Each saved model's config.json names its kind; PREDICTORS maps a kind to the cla
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +45,6 @@ def _cnn_predictor(model_dir: Path, tta: bool = False):
 PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), CNN_KIND: _cnn_predictor}
 
 
-def _read_json(path: Path, what: str):
-    """A model directory's JSON file; unreadable or not JSON: one line naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QdeepError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
-
-
 def load_predictor(model_dir: str | Path, tta: bool = False):
     model_dir = Path(model_dir)
     config = model_dir / "config.json"
@@ -61,7 +52,7 @@ def load_predictor(model_dir: str | Path, tta: bool = False):
         raise QdeepError(f"{model_dir}: no such model directory (--model takes OUT/model of qdeep baseline or train)")
     if not config.is_file():
         raise QdeepError(f"{model_dir}: not a qdeep model directory (no config.json)")
-    saved = _read_json(config, "model config")
+    saved = io.read_model_json(config, "model config")
     kind = saved.get("kind") if isinstance(saved, dict) else None
     if not isinstance(kind, str) or kind not in PREDICTORS:
         raise QdeepError(f"{config}: unknown model kind {kind!r} (known: {', '.join(PREDICTORS)})")
@@ -73,7 +64,7 @@ def load_labels(model_dir: Path):
     path = model_dir / "labels.json"
     if not path.is_file():
         raise QdeepError(f"{model_dir}: no labels.json (not a complete qdeep model directory)")
-    saved = _read_json(path, "model labels")
+    saved = io.read_model_json(path, "model labels")
     labels = saved.get("labels") if isinstance(saved, dict) else None
     if not isinstance(labels, list) or not labels or not all(isinstance(t, str) for t in labels):
         raise QdeepError(f"model labels {path}: `labels` must be a non-empty list of names")
@@ -90,7 +81,7 @@ def load_thresholds(model_dir: Path, vocabulary: list[str]) -> list[float] | Non
     path = model_dir / "thresholds.json"
     if not path.is_file():
         return None
-    saved = _read_json(path, "model thresholds")
+    saved = io.read_model_json(path, "model thresholds")
     if not isinstance(saved, dict):
         raise QdeepError(f"model thresholds {path}: not a JSON object of label: threshold")
     missing = [t for t in vocabulary if not isinstance(saved.get(t), (int, float)) or isinstance(saved.get(t), bool)]
