@@ -78,8 +78,10 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="global batch, shared out among the workers (default 64)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=50)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="constant",
+                   help="the lr over the run (default constant: for the few epochs of a fine-tuning budget it "
+                        "beat a cosine decay, see README Benchmarks)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps (default 0)")
     p.add_argument("--min-lr-factor", type=fraction_closed, default=0.0,
                    help="cosine: the learning rate decays to this fraction of --lr (default 0)")
     p.add_argument("--crop", type=crop_fraction, default=0.0, help="random crops of up to this fraction of the side")

@@ -14,8 +14,8 @@ class TrainConfig:
     batch_size: int = 64  # the global batch, shared out among the workers
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
-    schedule: str = "cosine"  # cosine | step | constant, after a linear warm-up
-    warmup_steps: int = 50
+    schedule: str = "constant"  # cosine | step | constant, after a linear warm-up (measured: scripts/bench_quality.py)
+    warmup_steps: int = 0
     min_lr_factor: float = 0.0  # cosine: where the decay ends, as a fraction of the lr
     weight_decay: float = 1e-4
     image_size: int | None = None  # None: the architecture's own input size
