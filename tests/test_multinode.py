@@ -246,6 +246,7 @@ def lone_head():
     """A `ray start --head` with no other node up yet: what an autoscaling cluster is before its GPU
     nodes start. Function-scoped and first in this file, so it is gone before the two-node cluster starts."""
     with _loopback("qdmh-", nodes=1) as c:
+        write_synthetic_planet(c.shared / "data", n=16, size=32, seed=1, n_test=4)  # the inputs must exist
         yield c
 
 
