@@ -58,23 +58,20 @@ def check_visible_everywhere(paths: Sequence[str], timeout: float = 60.0) -> Non
     every node), before any image is decoded. Nodes that join later check on their own: Ray Train
     workers call `require_visible` as they start."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    from qdeep.storage import alive_nodes, on_each_node
+
+    nodes = alive_nodes()
     if len(nodes) < 2 or not paths:
         return
-    probe = ray.remote(num_cpus=0, max_retries=0)(require_visible)
-    sample = spread([str(p) for p in paths])
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sample)
-            for n in nodes]
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    for ref in pending:
-        ray.cancel(ref, force=True)
-    for ref in ready:
+    done = on_each_node(require_visible, [n["NodeID"] for n in nodes], spread([str(p) for p in paths]),
+                        timeout=timeout)
+    for ref in filter(None, done.values()):
         try:
             ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             raise_user_error(exc)
+    pending = [node for node, ref in done.items() if ref is None]
     if pending:
         raise QdeepError(f"{len(pending)} of {len(nodes)} nodes did not answer within {timeout:g} s whether they "
                          "see the images; is the cluster healthy?")

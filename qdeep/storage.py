@@ -112,20 +112,29 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def nodes_seeing(path: str, content: str, node_ids: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict:
-    """{node id: True if a task on that node reads `content` from `path`, False if it reads
-    something else or nothing, None if it did not answer within `timeout` seconds}."""
+def on_each_node(fn, node_ids: list[str], *args, timeout: float = PROBE_TIMEOUT_S) -> dict:
+    """`fn(*args)` as a task pinned to each node (no CPU reserved, no retry): {node id: the task's
+    ref once it has finished, None if it did not finish within `timeout` seconds (then cancelled)}."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(num_cpus=0, max_retries=0)(_read_text)
-    refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path)
+    probe = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
             for node in node_ids}
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
     for ref in pending:
         ray.cancel(ref, force=True)
     ready = set(ready)
-    return {node: (ray.get(ref) == content) if ref in ready else None for node, ref in refs.items()}
+    return {node: ref if ref in ready else None for node, ref in refs.items()}
+
+
+def nodes_seeing(path: str, content: str, node_ids: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict:
+    """{node id: True if a task on that node reads `content` from `path`, False if it reads
+    something else or nothing, None if it did not answer within `timeout` seconds}."""
+    import ray
+
+    done = on_each_node(_read_text, node_ids, path, timeout=timeout)
+    return {node: None if ref is None else ray.get(ref) == content for node, ref in done.items()}
 
 
 def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, timeout: float = PROBE_TIMEOUT_S,

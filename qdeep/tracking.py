@@ -88,8 +88,8 @@ def _started(pid: int) -> str | None:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
-        except PermissionError:
-            return "?"
+        except PermissionError:  # another user's process: it exists
+            pass
         return "?"
 
 

@@ -63,6 +63,11 @@ def new_kmeans(k: int, seed: int, n: int) -> KMeans:
     return KMeans(k, seed=seed, max_points_per_centroid=EVERY_ROW, niter=KMEANS_NITER, tol=0.0, nredo=restarts)
 
 
+def sample_rows(n: int, k: int) -> int:
+    """How many of a store's n rows `cluster_store` trains PCA and k-means on."""
+    return min(n, max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
+
+
 def pseudo_labels(features: np.ndarray, k: int, pca_dim: int | None = None, seed: int = 0) -> Clustering:
     """Cluster descriptors into k pseudo-classes, as the reference's `Kmeans.cluster` does."""
     x, _ = preprocess_features(features, pca_dim)
@@ -77,7 +82,7 @@ def cluster_store(store, k: int, pca_dim: int | None = None, seed: int = 0,
     holds one shard plus the sample and its whitened copy (measured in scripts/bench_store.py).
     Returns the image ids in store order and their clustering."""
     n = store.total_rows
-    sample_size = min(n, sample_size or max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
+    sample_size = min(n, sample_size or sample_rows(n, k))
     _, sample = store.sample(sample_size, seed)
     pca = fit_pca_whitening(sample, choose_pca_dim(len(sample), store.dim, pca_dim))
     sample = preprocess(sample, pca)  # the raw sample goes as soon as it is whitened

@@ -13,7 +13,7 @@ from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
 from qdeep.errors import QdeepError
 from qdeep.io import read_model_json
-from qdeep.parallel import node_name, not_visible, raise_user_error
+from qdeep.parallel import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.parts.targets import load_targets
 
 
@@ -102,6 +102,7 @@ class CNNPredictor:
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         import ray
 
+        check_visible_everywhere(images.paths)  # before the actors load the model
         gpus = ray.cluster_resources().get("GPU", 0)
         concurrency = self.concurrency or max(1, int(gpus) if gpus else min(2, int(ray.cluster_resources()["CPU"])))
         items = [{"index": i, "path": str(p)} for i, p in enumerate(images.paths)]

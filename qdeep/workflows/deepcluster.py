@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from qdeep import io, tracking
-from qdeep.cluster.deepcluster import MIN_SAMPLE, SAMPLE_PER_CLUSTER, Clustering, cluster_store
+from qdeep.cluster.deepcluster import Clustering, cluster_store, sample_rows
 from qdeep.cluster.features import embed_images
-from qdeep.cluster.kmeans import ground_truth_scores, nmi
-from qdeep.cluster.store import DEFAULT_ROWS_PER_SHARD as ROWS_PER_SHARD
-from qdeep.cluster.store import FeatureStore
+from qdeep.cluster.kmeans import choose_pca_dim, ground_truth_scores, nmi
+from qdeep.cluster.store import DEFAULT_ROWS_PER_SHARD, FeatureStore
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.errors import QdeepError
@@ -217,22 +216,23 @@ def network(out: Path, config: DeepClusterConfig, t: int) -> str:
     return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
 
 
-def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool) -> dict:
+def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool,
+                   shard_rows: int = DEFAULT_ROWS_PER_SHARD) -> dict:
     """What the k-means stage asks Ray for on a cluster (`ray.remote(...).options(**these)`): a GPU
     when the run uses GPUs (faiss-gpu in the image runs it; an autoscaler starts a GPU node if none
     is up), else the CPUs of the largest node (faiss' threads; nothing else runs meanwhile); and on
     both, memory for the sample `cluster_store` draws (raw and whitened), one shard and the labels,
     so that at k=10,000 over 1280-d descriptors (13 GB of sample) it is placed on a node that has it,
     not on the head beside the GCS and MLflow."""
-    import ray
+    from qdeep.storage import alive_nodes
 
-    sample = min(n_rows, max(MIN_SAMPLE, SAMPLE_PER_CLUSTER * k))
-    whitened = min(dim, pca or 256)
-    need = 4 * sample * (dim + whitened) + 4 * min(n_rows, ROWS_PER_SHARD) * dim + 16 * n_rows
+    sample = sample_rows(n_rows, k)
+    whitened = choose_pca_dim(sample, dim, pca) if sample >= 2 else dim
+    need = 4 * sample * (dim + whitened) + 4 * min(n_rows, shard_rows) * dim + 16 * n_rows
     options = {"memory": int(need * 1.25) + KMEANS_BASE_MEMORY, "max_retries": 0}
     if use_gpu:
         return {**options, "num_cpus": 1, "num_gpus": 1}
-    cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    cpus = max((n["Resources"].get("CPU", 0) for n in alive_nodes()), default=1)
     return {**options, "num_cpus": max(1, int(cpus))}
 
 
@@ -250,7 +250,8 @@ def cluster_placed(store, k: int, pca: int | None, seed: int,
     if is_local_ray(alive_nodes()):
         return *cluster_store(store, k, pca, seed=seed), "driver"
     gpu = driver.cluster_has_gpus() if use_gpu is None else use_gpu
-    task = ray.remote(_cluster_task).options(**kmeans_options(store.total_rows, store.dim, k, pca, gpu))
+    shard_rows = max((s.rows for s in store.shards), default=0)
+    task = ray.remote(_cluster_task).options(**kmeans_options(store.total_rows, store.dim, k, pca, gpu, shard_rows))
     ids, clustering, node = ray.get(task.remote(str(store.path), k, pca, seed))
     return ids, clustering, f"task on {node}"
 

@@ -14,7 +14,6 @@ from qdeep.baseline import KIND as HISTOGRAM_RF, HistogramForest, color_histogra
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
 from qdeep.errors import QdeepError
-from qdeep.parallel import check_visible_everywhere
 from qdeep.parts import FORMATTERS, load_plugins
 from qdeep.parts.formatters import default_format
 from qdeep.parts.targets import load_targets
@@ -50,9 +49,7 @@ def load_predictor(model_dir: str | Path, tta: bool = False):
     config = model_dir / "config.json"
     if not model_dir.is_dir():
         raise QdeepError(f"{model_dir}: no such model directory (--model takes OUT/model of qdeep baseline or train)")
-    if not config.is_file():
-        raise QdeepError(f"{model_dir}: not a qdeep model directory (no config.json)")
-    saved = io.read_model_json(config, "model config")
+    saved = io.read_model_json(config, "model config")  # missing: "not a qdeep model directory (no config.json)"
     kind = saved.get("kind") if isinstance(saved, dict) else None
     if not isinstance(kind, str) or kind not in PREDICTORS:
         raise QdeepError(f"{config}: unknown model kind {kind!r} (known: {', '.join(PREDICTORS)})")
@@ -126,7 +123,6 @@ def run_predict(
     if not len(todo):
         raise QdeepError(f"{images or data}: no images to predict")
     with ray_session(address):
-        check_visible_everywhere(todo.paths)
         proba, kept = predictor.predict_proba(todo, policy)
     pred = targets.decide(proba, thresholds)
     formatter.write(out, kept.names, targets, proba, pred)
