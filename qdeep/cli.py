@@ -89,6 +89,9 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
                    help="d4: flips and 90-degree rotations (tiles seen from above, the default); "
                         "flip: left-right flips only (images with an up); strong: random-resized crops, "
                         "flips and colour jitter; none")
+    p.add_argument("--bn-stats", choices=["batch", "frozen"], default="batch",
+                   help="batch: the BatchNorm layers that train normalise with batch statistics (the default); "
+                        "frozen: every BatchNorm layer keeps the pretrained statistics, its scale and shift train")
     p.add_argument("--balance", choices=["none", "weights", "uniform"], default="none",
                    help="weights: rare tags/classes weigh more in the loss; uniform: sample classes uniformly "
                         "(one-class tasks)")
@@ -109,7 +112,8 @@ def _train_config(args, **swept):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                        schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_factor=args.min_lr_factor,
-                       image_size=args.image_size, crop=args.crop, augment=args.augment, refit=getattr(args, "refit", False),
+                       image_size=args.image_size, crop=args.crop, augment=args.augment, bn_stats=args.bn_stats,
+                       refit=getattr(args, "refit", False),
                        balance=args.balance, val_fraction=args.val_fraction, seed=args.seed,
                        loader_workers=args.loader_workers, task=_task(args), validation=args.validation,
                        fit_strategy=args.fit_strategy, head_epochs=args.head_epochs,
@@ -254,12 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", type=positive_int, help="whitened dimensions (default: chosen from the number of images)")
     p.add_argument("--freeze", type=freeze_spec, default="none",
                    help="head | last:N | none (default: the whole network trains)")
-    p.add_argument("--lr", type=learning_rate, default=0.01, help="constant (default 0.01)")
+    p.add_argument("--lr", type=learning_rate, default=0.001, help="constant (default 0.001)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd",
                    help="default sgd (momentum 0.9), as the reference")
-    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="strong",
-                   help="pseudo-label training's augmentation (default strong: random-resized crops, flips, "
-                        "colour jitter)")
+    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="flip",
+                   help="pseudo-label training's augmentation (default flip: left-right flips; strong: the "
+                        "reference's random-resized crops, flips and colour jitter, below flip on small sets, "
+                        "see README Benchmarks)")
+    p.add_argument("--bn-stats", choices=["auto", "batch", "frozen"], default="auto",
+                   help="frozen: BatchNorm layers keep the starting network's statistics (its scale and shift "
+                        "train); batch: they follow the batch; auto (default): frozen from pretrained --weights, "
+                        "batch from none")
     p.add_argument("--batch-size", type=positive_int, default=64, help="global batch, shared out among the workers")
     p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
     p.add_argument("--loader-workers", type=non_negative_int, default=2)
@@ -462,7 +471,7 @@ def cmd_deepcluster(args) -> None:
                                epochs_per_iteration=args.epochs_per_iteration, final_k=args.final_k,
                                ctrl_fraction=args.ctrl_fraction, balance=args.balance, pca=args.pca,
                                freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, augment=args.augment,
-                               batch_size=args.batch_size,
+                               bn_stats=args.bn_stats, batch_size=args.batch_size,
                                image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
                         storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),

@@ -65,6 +65,33 @@ def test_bn_stats_choose_which_batchnorm_layers_follow_the_batch():
     assert not any(m.training for m in bns.values()) and any(p.requires_grad for p in bns["layer4.1.bn2"].parameters())
 
 
+def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_trains():
+    from qdeep.errors import QdeepError
+    from qdeep.train.worker import train_one_epoch
+    from qdeep.workflows.deepcluster import DeepClusterConfig
+
+    single = FIT_STRATEGIES.get("single")()
+    base = {"epochs": 2, "freeze": "none", "lr": 1e-3, "weights": "bundled"}
+    assert single.stages(base)[0].bn_stats is None
+    (stage,) = single.stages({**base, "bn_stats": "frozen"})
+    assert stage.bn_stats == "head" and stage.freeze == "none"
+    with pytest.raises(QdeepError, match="--bn-stats frozen"):
+        single.stages({**base, "weights": "none", "bn_stats": "frozen"})
+
+    model = build_model("resnet18", 3, "none", "none")
+    bn = model.get_submodule("layer4.1.bn2")
+    stats, scale = bn.running_mean.clone(), bn.weight.detach().clone()
+    loader = [(None, torch.randn(4, 3, 32, 32) * 5 + 3, torch.tensor([0, 1, 2, 0]))]
+    train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
+                    torch.nn.CrossEntropyLoss(), torch.device("cpu"), bn_stats=stage.bn_stats)
+    assert torch.equal(stats, bn.running_mean) and not torch.equal(scale, bn.weight)  # statistics kept, scale trained
+
+    assert DeepClusterConfig().resolved_bn_stats() == "frozen"  # from the bundled weights
+    assert DeepClusterConfig(weights="none").resolved_bn_stats() == "batch"
+    assert DeepClusterConfig(weights="none", bn_stats="frozen").resolved_bn_stats() == "frozen"
+    assert DeepClusterConfig().train_config("OUT/iter_01/model.pt", 2).bn_stats == "frozen"
+
+
 def _step(model, optimizer):
     optimizer.zero_grad()
     model(torch.randn(4, 3, 32, 32)).sum().backward()

@@ -1,6 +1,7 @@
 """Fit strategies: how training proceeds, as a list of stages (epochs, freeze depth, learning rate).
 
-`single` trains at the configured freeze depth throughout. `two-stage` is the seed platform's
+`single` trains at the configured freeze depth throughout; with `bn_stats="frozen"` every
+BatchNorm layer keeps the running statistics it was loaded with (its scale and shift still train). `two-stage` is the seed platform's
 recipe: first only the new head on a frozen backbone, then the last N blocks too, at a lower
 learning rate, so the pretrained features are not wrecked by a random head's large gradients.
 """
@@ -31,7 +32,11 @@ class Stage:
 @FIT_STRATEGIES.register("single")
 class SingleStage:
     def stages(self, config: dict) -> list[Stage]:
-        return [Stage(0, config["epochs"], config["freeze"], config["lr"])]
+        frozen = config.get("bn_stats", "batch") == "frozen"
+        if frozen and str(config["weights"]).strip().lower() == "none":
+            raise QdeepError("--bn-stats frozen keeps the starting network's BatchNorm statistics, and --weights none "
+                             "has none worth keeping: use --bn-stats batch, or pretrained --weights")
+        return [Stage(0, config["epochs"], config["freeze"], config["lr"], bn_stats="head" if frozen else None)]
 
 
 @FIT_STRATEGIES.register("two-stage")

@@ -20,7 +20,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     image_size: int | None = None  # None: the architecture's own input size
     crop: float = 0.0  # random crops of up to this fraction of the side
-    augment: str = "d4"  # d4 (flips + 90-degree rotations) | flip | none
+    augment: str = "d4"  # d4 (flips + 90-degree rotations) | flip | strong | none
+    bn_stats: str = "batch"  # batch (BatchNorm layers that train follow the batch) | frozen (all keep their statistics)
     task: str = "multilabel"  # a targets part: multilabel | multiclass | pseudo | a plugin's
     validation: str | None = None  # a validation part; None: the task's own (f2 | accuracy)
     fit_strategy: str = "single"  # single | two-stage | a plugin's

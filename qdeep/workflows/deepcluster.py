@@ -55,9 +55,10 @@ class DeepClusterConfig:
     balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
     pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
     freeze: str = "none"  # the reference trains the whole network
-    lr: float = 0.01  # constant across iterations (after a warm-up in the first)
+    lr: float = 0.001  # constant across iterations (after a warm-up in the first); 0.01 diverged with frozen BN
     optimizer: str = "sgd"  # momentum 0.9, as the reference; the body's state carries over between iterations
-    augment: str = "strong"  # random-resized crops, flips, colour jitter (d4 | flip | strong | none)
+    augment: str = "flip"  # d4 | flip | strong (random-resized crops, flips, colour jitter) | none
+    bn_stats: str = "auto"  # frozen | batch | auto: frozen from pretrained weights, batch from none
     batch_size: int = 64
     image_size: int | None = None
     loader_workers: int = 2
@@ -67,12 +68,21 @@ class DeepClusterConfig:
         """What must not change when a run is resumed (more iterations may be asked for)."""
         return {k: v for k, v in asdict(self).items() if k not in ("iterations", "loader_workers")}
 
+    def resolved_bn_stats(self) -> str:
+        """Pseudo-label training on a pretrained network keeps its BatchNorm statistics: letting them follow
+        augmented batches moved every descriptor (NMI on the digits 0.67 -> 0.46 in one iteration at lr 1e-3),
+        whereas a network trained from scratch has no statistics worth keeping."""
+        if self.bn_stats != "auto":
+            return self.bn_stats
+        return "batch" if str(self.weights).strip().lower() == "none" else "frozen"
+
     def train_config(self, weights: str, iteration: int, optimizer_from: str | None = None) -> TrainConfig:
         """Iteration `iteration`'s training: a new head (and its optimizer state) on the network, whose
         body keeps the optimizer state of the iteration before (`optimizer_from`), at a constant lr."""
         return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
                            batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, schedule="constant",
-                           augment=self.augment, image_size=self.image_size, task="pseudo", validation="accuracy",
+                           augment=self.augment, bn_stats=self.resolved_bn_stats(), image_size=self.image_size,
+                           task="pseudo", validation="accuracy",
                            balance=self.balance, warmup_steps=0 if optimizer_from else 10, seed=self.seed + iteration,
                            loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction, reset_head=True,
                            optimizer_from=optimizer_from)
