@@ -305,6 +305,17 @@ def deepcluster_rows(s: ImageSet, work: Path, args) -> list[dict]:
     stability = " ".join(f"{m['nmi_prev']:.2f}" for m in its[1:])
     ctrl = " ".join(f"{m['ctrl_acc']:.2f}" for m in its)
     final = metrics["final"]["nmi_true"]
+    # the loop's overhead: what its iterations spent outside embedding, k-means and the epochs, plus
+    # starting the Ray Train run, as a fraction of the loop's whole time
+    loop = metrics["loop"]
+    phases = [m["phases"] for m in its]
+    overhead = sum(p["overhead_s"] for p in phases) + loop["startup_s"]
+    def each(key):
+        return " ".join(f"{p[key]:.1f}" for p in phases)
+
+    print(f"  {s.name} deepcluster: per iteration embed {each('embed_s')} s, k-means {each('cluster_s')} s, "
+          f"epochs {each('train_epochs_s')} s, overhead {each('overhead_s')} s; Ray Train start "
+          f"{loop['startup_s']:.1f} s; overhead {overhead / loop['seconds']:.1%} of the loop's {loop['seconds']:.0f} s")
     print(f"  {s.name} deepcluster: nmi per iteration {per_iteration}, final {final:.3f}; nmi(t-1,t) {stability}; "
           f"ctrl acc {ctrl} (chance {1 / k:.2f}); k-means on start features {start_nmi:.3f}, on pixels "
           f"{pixel_nmi:.3f}, on colour histograms {hist_nmi:.3f}")

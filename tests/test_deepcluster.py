@@ -27,8 +27,12 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
             "--final-k", "6", "--ctrl-fraction", "0.25", "--balance", "uniform", "--workers", "2",
             "--loader-workers", "0", "--out", str(out), "--tracking-uri", sqlite_uri]
     first = out / "iterations" / "iter_01" / "metrics.json"
-    # Ctrl+C as soon as iteration 1 has finished
-    interrupt_when([*argv, "--address", ray_cluster.get_runtime_context().gcs_address], first.exists)
+    # Ctrl+C as soon as iteration 2 has started (after iteration 1 finished, in the same Ray Train run)
+    interrupt_when([*argv, "--address", ray_cluster.get_runtime_context().gcs_address],
+                   (out / "iterations" / "iter_02").exists)
+    assert first.exists()
+    # Ray Train's abort may come after this short iteration has finished; then the rerun has nothing left to do
+    cut_off = not (out / "iterations" / "iter_02" / "metrics.json").exists()
     assert not (out / "metrics.json").exists()
     before = first.read_text()
     labels_1 = np.load(out / "iterations" / "iter_01" / "labels.npy")
@@ -47,7 +51,7 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     for h in its:  # where each iteration's time went
         phases = h["phases"]
         assert set(phases) == {"embed_s", "cluster_s", "train_s", "train_epochs_s", "overhead_s", "kmeans_on"}
-        assert phases["kmeans_on"] == "driver"  # a local Ray: the driver's machine is the only one
+        assert phases["kmeans_on"].startswith("rank 0 on ")  # inside the loop: the first worker
         assert 0 < phases["train_epochs_s"] <= phases["train_s"] and phases["embed_s"] > 0
         assert phases["overhead_s"] >= 0
     # what the second iteration's body starts from: the first one's optimizer state, by parameter name
@@ -56,6 +60,9 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert not any(name.startswith("blocks.5.") for name in carried)  # --freeze last:1: frozen blocks have none
     assert its[1]["weights"].endswith("iter_01/model.pt")
     final = m["final"]
+    assert final["kmeans_on"] == "driver"  # a local Ray: the driver's machine is the only one
+    if cut_off:  # the resumed launch ran iteration 2, in a Ray Train run of its own
+        assert m["loop"]["iterations"] == 1 and m["loop"]["startup_s"] > 0
     assert final["k"] == 6 and sum(final["sizes"]) + sum(final["sizes_ctrl"]) == 80
     assert final["purity_true"] > 0.5  # pretrained descriptors separate the scene classes
 

@@ -89,7 +89,7 @@ def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_
     assert DeepClusterConfig().resolved_bn_stats() == "frozen"  # from the bundled weights
     assert DeepClusterConfig(weights="none").resolved_bn_stats() == "batch"
     assert DeepClusterConfig(weights="none", bn_stats="frozen").resolved_bn_stats() == "frozen"
-    assert DeepClusterConfig().train_config("OUT/iter_01/model.pt", 2).bn_stats == "frozen"
+    assert DeepClusterConfig().train_config("OUT/iter_01/model.pt").bn_stats == "frozen"
 
 
 def _step(model, optimizer):
@@ -182,7 +182,7 @@ def test_elastic_runs_recover_from_failures_by_default():
 def test_the_kmeans_task_asks_for_a_gpu_or_for_the_memory_of_its_sample():
     """Issue 13, defect 7: k-means leaves the CPU head. At k=10,000 over 5M 1280-d descriptors the
     sample is 2.56M rows: 13 GB raw plus 2.6 GB whitened, which the task must ask for."""
-    from qdeep.workflows.deepcluster import KMEANS_BASE_MEMORY, kmeans_options
+    from qdeep.train.deepcluster import KMEANS_BASE_MEMORY, kmeans_options
 
     gpu = kmeans_options(5_000_000, 1280, 10_000, None, use_gpu=True)
     assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 1
@@ -198,7 +198,7 @@ def test_the_kmeans_task_runs_on_the_cluster_like_the_driver(ray_cluster, tmp_pa
 
     from qdeep.cluster.deepcluster import cluster_store
     from qdeep.cluster.store import FeatureStore, StoreWriter
-    from qdeep.workflows.deepcluster import _cluster_task, kmeans_options
+    from qdeep.train.deepcluster import _cluster_task, kmeans_options
 
     x, _ = make_blobs(n_samples=600, centers=4, n_features=16, random_state=3)
     with StoreWriter(tmp_path / "store", 16, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},

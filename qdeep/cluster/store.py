@@ -404,22 +404,47 @@ def write_store_from_dataset(ds, path: str | os.PathLike, dim: int, model: dict,
         kinds = {r["columns"] for r in results}
         if len(kinds) > 1:
             raise QdeepError(f"label columns differ between batches: {' vs '.join(sorted(kinds))}")
-        listed = {r["file"] for r in results}
-        for stray in tmp.iterdir():  # shards of retried tasks
-            if stray.name not in listed:
-                stray.unlink()
-        shards = []
-        for index, r in enumerate(results):
-            source = tmp / r["file"]
-            if not source.is_file():
-                raise QdeepError(f"shard {r['file']} written by a Ray worker is not visible at {tmp}: "
-                                 "the store must be on a filesystem shared by all Ray nodes")
-            os.replace(source, tmp / shard_name(index))
-            shards.append({"file": shard_name(index), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
-                           "sha256": r["sha256"]})
         columns = {name: pa.type_for_alias(t) for name, t in json.loads(kinds.pop()).items()} if kinds else {}
-        write_json(tmp / MANIFEST, _manifest(model, dim, shards, columns, extra))
+        finish_store(tmp, [{k: r[k] for k in ("file", "rows", "bytes", "sha256")} for r in results], model, dim,
+                     extra, columns)
     return FeatureStore(path)
+
+
+def finish_store(directory: str | os.PathLike, shards: list[dict], model: dict, dim: int, extra: dict | None = None,
+                 columns: dict[str, pa.DataType] | None = None) -> None:
+    """Shard files that parallel writers left in `directory` (listed in `shards`, in row order) get
+    their final names and a manifest; files not listed (a retried writer's) are removed."""
+    directory = Path(directory)
+    listed = {r["file"] for r in shards}
+    for stray in directory.iterdir():
+        if stray.name not in listed:
+            stray.unlink()
+    final = []
+    for index, r in enumerate(shards):
+        source = directory / r["file"]
+        if not source.is_file():
+            raise QdeepError(f"shard {r['file']} written by a Ray worker is not visible at {directory}: "
+                             "the store must be on a filesystem shared by all Ray nodes")
+        os.replace(source, directory / shard_name(index))
+        final.append({"file": shard_name(index), "rows": int(r["rows"]), "bytes": int(r["bytes"]), "sha256": r["sha256"]})
+    write_json(directory / MANIFEST, _manifest(_check_model(model), _check_dim(dim), final, columns or {},
+                                               _check_json("extra", extra or {})))
+
+
+def write_rank_shards(directory: str | os.PathLike, images: Sequence[str], features: np.ndarray, rank: int,
+                      rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> list[dict]:
+    """One writer's rows (e.g. a Ray Train worker's share) as shard files in `directory`, for
+    `finish_store`; returns their listing, in row order."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    dim = features.shape[1]
+    rows_per_shard = _check_rows_per_shard(rows_per_shard)
+    shards = []
+    for j, start in enumerate(range(0, len(images), rows_per_shard)):
+        img = _image_array(list(images[start : start + rows_per_shard]))
+        feats = _as_features(features[start : start + rows_per_shard], img, dim, copy=False)
+        path = Path(directory) / f".rank-{rank:05d}-{j:05d}.parquet"
+        shards.append(_write_shard(path, _shard_table(_schema(dim, {}), [(img, feats, {})])))
+    return shards
 
 
 # ---------------------------------------------------------------------------------------------

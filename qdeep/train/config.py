@@ -33,8 +33,6 @@ class TrainConfig:
     refit: bool = False  # after choosing the epochs and thresholds on the validation split, retrain on every row
     seed: int = 0
     loader_workers: int = 2  # JPEG-decoding processes per Ray worker
-    reset_head: bool = False  # DeepCluster: a fresh head even when the weights file has one that fits
-    optimizer_from: str | None = None  # DeepCluster: optimizer state (by parameter name) to start from
 
     def as_dict(self) -> dict:
         return asdict(self)

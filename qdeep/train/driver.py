@@ -60,9 +60,10 @@ def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
 
 def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
                  max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
-                 keep_checkpoints: int = 2, callbacks: list | None = None):
-    """A TorchTrainer for `train_func`: `workers` data-parallel workers, checkpoints kept by
-    the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same (storage_path, name) -> resume."""
+                 keep_checkpoints: int = 2, callbacks: list | None = None, train_loop=None):
+    """A TorchTrainer for `train_func` (or `train_loop`): `workers` data-parallel workers, checkpoints
+    kept by the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same
+    (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     if os.environ.get(CRASH_ENV):  # fault-injection tests only
@@ -71,7 +72,7 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
     lo, hi = worker_range(workers)
     resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0)), **({"GPU": gpus} if use_gpu else {})}
     return _trainer_class()(
-        train_func,
+        train_loop or train_func,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else hi, use_gpu=use_gpu,
                                      resources_per_worker=resources),

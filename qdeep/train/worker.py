@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.models import apply_freeze, build_model, reset_head, set_train_mode, weights_sha256
+from qdeep.models import apply_freeze, build_model, set_train_mode, weights_sha256
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
 from qdeep.parallel import require_visible
 from qdeep.parts.fit import param_groups, stage_of
@@ -45,8 +45,6 @@ def train_func(config: dict) -> None:
     stages = FIT_STRATEGIES.get(config["fit_strategy"])().stages(config)
 
     bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze)
-    if config.get("reset_head"):
-        reset_head(bare)
     spec = bare.qdeep_arch
     size = config["image_size"] or spec.input_size
     y_train, y_val = np.asarray(config["y_train"], targets.dtype), np.asarray(config["y_val"], targets.dtype)
@@ -83,9 +81,6 @@ def train_func(config: dict) -> None:
                 load_optimizer_state(optimizer, bare, resumed["optimizer"])
                 if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
                     scaler.load_state_dict(resumed["scaler"])
-            elif epoch == 0 and config.get("optimizer_from"):  # DeepCluster: the body's state, not the old head's
-                carried = torch.load(config["optimizer_from"], map_location="cpu", weights_only=True)
-                load_optimizer_state(optimizer, bare, carried, skip=spec.head_path if config.get("reset_head") else None)
         _maybe_crash(config.get("crash"), rank, epoch, config.get("run_dir"))
         started = time.time()
         train_loader.sampler.set_epoch(epoch)

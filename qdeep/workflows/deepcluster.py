@@ -2,8 +2,9 @@
 
 Each iteration: descriptors of every image with the current network (feature store) ->
 PCA-whitening + L2 + k-means -> pseudo-labels -> a fresh head trained on the train split's
-pseudo-labels with Ray Train, scored on the ctrl split it never trains on. Then the last network
-over-clusters the collection with `final_k` groups, drawn as image grids.
+pseudo-labels, scored on the ctrl split it never trains on; every iteration inside one Ray Train
+run (`qdeep.train.deepcluster`). Then the last network over-clusters the collection with `final_k`
+groups (its descriptors through Ray Data), drawn as image grids.
 
 OUT/iterations/iter_XX/ holds each finished iteration (metrics.json is written last, so a
 directory without it is redone); rerunning the same OUT resumes after the last finished one.
@@ -12,35 +13,33 @@ directory without it is redone); rerunning the same OUT resumes after the last f
 from __future__ import annotations
 
 import json
-import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from qdeep import io, tracking
-from qdeep.cluster.deepcluster import Clustering, cluster_store, sample_rows
+from qdeep import tracking
+from qdeep.cluster.deepcluster import Clustering
 from qdeep.cluster.features import embed_images
-from qdeep.cluster.kmeans import choose_pca_dim, ground_truth_scores, nmi
-from qdeep.cluster.store import DEFAULT_ROWS_PER_SHARD, FeatureStore
+from qdeep.cluster.kmeans import nmi
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.errors import QdeepError
-from qdeep.parts.targets import PseudoTargets
+from qdeep.io import atomic_dir, atomic_path, write_json
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
 from qdeep.runtime import ray_session
 from qdeep.storage import check_shared_storage, filesystem
 from qdeep.train import driver
 from qdeep.train.config import TrainConfig
+from qdeep.train.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
+                                     n_finished, network, summary, truth_scores)
 from qdeep.workflows.common import check_images
-from qdeep.workflows.train import TrainingData, check_model, loop_config
+from qdeep.workflows.train import check_model
 
 STATE_FILE = "deepcluster.json"
-OPTIMIZER_FILE = "optimizer.pt"
 GRID_SIZE = 16
-KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
 
 
 @dataclass
@@ -76,16 +75,14 @@ class DeepClusterConfig:
             return self.bn_stats
         return "batch" if str(self.weights).strip().lower() == "none" else "frozen"
 
-    def train_config(self, weights: str, iteration: int, optimizer_from: str | None = None) -> TrainConfig:
-        """Iteration `iteration`'s training: a new head (and its optimizer state) on the network, whose
-        body keeps the optimizer state of the iteration before (`optimizer_from`), at a constant lr."""
+    def train_config(self, weights: str) -> TrainConfig:
+        """The pseudo-label training of every iteration (`weights`: the network it starts from): a new
+        head each iteration, the body's optimizer state kept across them, at a constant lr."""
         return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
                            batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, schedule="constant",
                            augment=self.augment, bn_stats=self.resolved_bn_stats(), image_size=self.image_size,
-                           task="pseudo", validation="accuracy",
-                           balance=self.balance, warmup_steps=0 if optimizer_from else 10, seed=self.seed + iteration,
-                           loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction, reset_head=True,
-                           optimizer_from=optimizer_from)
+                           task="pseudo", validation="accuracy", balance=self.balance, seed=self.seed,
+                           loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction)
 
 
 @dataclass
@@ -118,7 +115,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
         check_shared_storage(storage_path)
         tracking.check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
-        check_model(config.train_config(config.weights, 0), config.k)
+        check_model(config.train_config(config.weights), config.k)
         parent_id = claim_out(out, config, len(coll.paths))
         history = finished_iterations(out)
         uri = tracking.tracking_uri(tracking_uri)
@@ -131,11 +128,22 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
             _record(out, config, len(coll.paths), run.info.run_id)
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
-            for t in range(len(history) + 1, config.iterations + 1):
-                history.append(run_iteration(out, t, coll, config, workers, uri, storage_path, use_gpu, max_failures))
-                progress(_summary(history[-1]))
+            loop = {}
+            if len(history) < config.iterations:
+                before, launched = len(history), time.time()
+                try:
+                    run_loop(out, coll, config, workers, storage_path, use_gpu, max_failures)
+                finally:  # what finished is logged, also when Ctrl+C stopped the rest
+                    for m in finished_iterations(out)[len(history):]:
+                        log_iteration(m, config, uri)
+                        progress(summary(m))
+                        history.append(m)
+                # this launch's Ray Train run, and what it spent outside its iterations (starting workers)
+                loop_s = time.time() - launched
+                loop = {"iterations": len(history) - before, "seconds": round(loop_s, 2),
+                        "startup_s": round(loop_s - sum(m["seconds"] for m in history[before:]), 2)}
             final, clustering = over_cluster(out, coll, config, history, use_gpu)
-            metrics = {"iterations": history, "final": final, "n_images": len(coll.paths),
+            metrics = {"iterations": history, "loop": loop, "final": final, "n_images": len(coll.paths),
                        "n_skipped": coll.policy.n_skipped, "skipped": coll.policy.skipped,
                        "mlflow_run_id": run.info.run_id, "seconds": round(time.time() - started, 2)}
             write_outputs(out, coll, history, clustering, metrics)
@@ -205,154 +213,58 @@ def claim_out(out: Path, config: DeepClusterConfig, n_images: int) -> str | None
 
 
 def _record(out: Path, config: DeepClusterConfig, n_images: int, run_id: str) -> None:
-    io.write_json(out / STATE_FILE, {"settings": {**config.fingerprint(), "n_images": n_images},
-                                     "mlflow_run_id": run_id})
-
-
-def iteration_dir(out: Path, t: int) -> Path:
-    return out / "iterations" / f"iter_{t:02d}"
+    write_json(out / STATE_FILE, {"settings": {**config.fingerprint(), "n_images": n_images},
+                                  "mlflow_run_id": run_id})
 
 
 def finished_iterations(out: Path) -> list[dict]:
     """Metrics of iterations 1, 2, ... that finished (in order, stopping at the first gap)."""
-    history = []
-    while (iteration_dir(out, len(history) + 1) / "metrics.json").is_file():
-        history.append(json.loads((iteration_dir(out, len(history) + 1) / "metrics.json").read_text()))
-    return history
-
-
-def network(out: Path, config: DeepClusterConfig, t: int) -> str:
-    """The weights iteration t starts from: the configured ones, then the previous iteration's."""
-    return config.weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
-
-
-def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool,
-                   shard_rows: int = DEFAULT_ROWS_PER_SHARD) -> dict:
-    """What the k-means stage asks Ray for on a cluster (`ray.remote(...).options(**these)`): a GPU
-    when the run uses GPUs (faiss-gpu in the image runs it; an autoscaler starts a GPU node if none
-    is up), else the CPUs of the largest node (faiss' threads; nothing else runs meanwhile); and on
-    both, memory for the sample `cluster_store` draws (raw and whitened), one shard and the labels,
-    so that at k=10,000 over 1280-d descriptors (13 GB of sample) it is placed on a node that has it,
-    not on the head beside the GCS and MLflow."""
-    from qdeep.storage import alive_nodes
-
-    sample = sample_rows(n_rows, k)
-    whitened = choose_pca_dim(sample, dim, pca) if sample >= 2 else dim
-    need = 4 * sample * (dim + whitened) + 4 * min(n_rows, shard_rows) * dim + 16 * n_rows
-    options = {"memory": int(need * 1.25) + KMEANS_BASE_MEMORY, "max_retries": 0}
-    if use_gpu:
-        return {**options, "num_cpus": 1, "num_gpus": 1}
-    cpus = max((n["Resources"].get("CPU", 0) for n in alive_nodes()), default=1)
-    return {**options, "num_cpus": max(1, int(cpus))}
-
-
-def cluster_placed(store, k: int, pca: int | None, seed: int,
-                   use_gpu: bool | None) -> tuple[list[str], Clustering, str]:
-    """`cluster_store` where it belongs: in this process on a plain local Ray (one machine: its GPU,
-    if any, is this process's too), else as a Ray task with `kmeans_options`, on a GPU node or a
-    node with the memory, rather than on the driver's CPU head. Also returns where it ran
-    ("driver", or "task on IP")."""
-    import ray
-
-    from qdeep.runtime import is_local_ray
-    from qdeep.storage import alive_nodes
-
-    if is_local_ray(alive_nodes()):
-        return *cluster_store(store, k, pca, seed=seed), "driver"
-    gpu = driver.cluster_has_gpus() if use_gpu is None else use_gpu
-    shard_rows = max((s.rows for s in store.shards), default=0)
-    task = ray.remote(_cluster_task).options(**kmeans_options(store.total_rows, store.dim, k, pca, gpu, shard_rows))
-    ids, clustering, node = ray.get(task.remote(str(store.path), k, pca, seed))
-    return ids, clustering, f"task on {node}"
-
-
-def _cluster_task(store_path: str, k: int, pca: int | None, seed: int):
-    import ray
-
-    return *cluster_store(FeatureStore(store_path), k, pca, seed=seed), ray.util.get_node_ip_address()
+    return [json.loads((iteration_dir(out, t) / "metrics.json").read_text()) for t in range(1, n_finished(out) + 1)]
 
 
 def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path, k: int, seed: int,
-                 use_gpu: bool | None = None, phases: dict | None = None, max_gpus: int = 1) -> Clustering:
-    """Descriptors of every image with `weights` into a feature store (on up to `max_gpus` GPU
-    actors when GPUs are used), clustered shard by shard into k groups; rows put in the collection's
-    order. `phases` gets the seconds of each step."""
-    started = time.time()
+                 use_gpu: bool | None = None, max_gpus: int = 1) -> tuple[Clustering, str]:
+    """Descriptors of every image with `weights` into a feature store (Ray Data; on up to `max_gpus`
+    GPU actors when GPUs are used), clustered shard by shard into k groups, in the collection's order;
+    and where k-means ran (`cluster_placed`)."""
     store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
                          image_size=config.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
-    embedded = time.time()
     ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
-    if phases is not None:
-        phases.update(embed_s=round(embedded - started, 2), cluster_s=round(time.time() - embedded, 2),
-                      kmeans_on=where)
-    position = {image: i for i, image in enumerate(ids)}
-    order = np.array([position[i] for i in coll.ids])
-    clustering.labels, clustering.distances = clustering.labels[order], clustering.distances[order]
-    return clustering
+    return in_order(ids, clustering, coll.ids), where
 
 
-def run_iteration(out: Path, t: int, coll: Collection, config: DeepClusterConfig, workers: int, uri: str,
-                  storage_path: str, use_gpu: bool | None = None, max_failures: int | None = None) -> dict:
-    """Cluster with the current network, train a fresh head (and the network) on the pseudo-labels."""
+def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, storage_path: str,
+             use_gpu: bool | None = None, max_failures: int | None = None) -> None:
+    """Iterations n_finished(out) + 1 ... config.iterations, all in one Ray Train run
+    (`train.deepcluster.deepcluster_func`); each writes OUT/iterations/iter_XX/ as it finishes."""
+    name = f"{out.name}-deepcluster"
+    _remove_run(storage_path, name)  # its reports belong to an earlier launch; the iterations are in OUT
+    loop = {**config.train_config(config.weights).as_dict(), "out": str(out), "k": config.k,
+            "iterations": config.iterations, "paths": coll.paths, "ids": coll.ids, "is_ctrl": coll.is_ctrl.tolist(),
+            "truth": coll.truth, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
+            "launch_id": uuid.uuid4().hex}
+    trainer = driver.make_trainer(loop, workers, name, storage_path, driver.default_max_failures(workers, max_failures),
+                                  use_gpu, train_loop=deepcluster_func)
+    driver.fit_keeping_ctrl_c(trainer)
+    if n_finished(out) < config.iterations:  # Ray Train ends a run early only on Ctrl+C
+        raise KeyboardInterrupt(f"DeepCluster stopped after iteration {n_finished(out)}")
+
+
+def log_iteration(m: dict, config: DeepClusterConfig, uri: str) -> None:
+    """An iteration's MLflow record: a child run with its training, and its clustering in the parent."""
     import mlflow
 
-    started = time.time()
-    folder = iteration_dir(out, t)
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
-    run_name = f"{out.name}-{folder.name}"
-    _remove_run(storage_path, run_name)  # its checkpoints belong to pseudo-labels that are gone
-    weights = network(out, config, t)
-    optimizer_from = str(iteration_dir(out, t - 1) / OPTIMIZER_FILE) if t > 1 else None
-    phases: dict = {}
-    clustering = cluster_with(coll, config, weights, folder / "features", config.k, config.seed + t, use_gpu, phases,
-                              driver.worker_range(workers)[1])
-    shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
-
-    data = TrainingData(PseudoTargets.for_clusters(config.k), coll.paths, clustering.labels, coll.is_ctrl,
-                        coll.policy, str(coll.root), "accuracy")
-    train_config = config.train_config(weights, t, optimizer_from)
-    with tracking.mlflow_run(f"iteration-{t}", {**train_config.as_dict(), "iteration": t}, uri=uri) as child:
-        lc = loop_config(train_config, data, uri, child.info.run_id)
-        fit_started = time.time()
-        outcome = driver.fit(lc, workers, run_name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
-        phases["train_s"] = round(time.time() - fit_started, 2)
-    epochs = outcome.latest["history"]
-    with io.atomic_path(folder / "model.pt") as tmp:  # the last epoch's network, head included
-        torch.save(outcome.latest["model"], tmp)
-    with io.atomic_path(folder / OPTIMIZER_FILE) as tmp:  # the next iteration's body starts from it
-        torch.save(outcome.latest["optimizer"], tmp)
-    with io.atomic_path(folder / "labels.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, clustering.labels)
-
-    last = epochs[-1]
-    metrics = {
-        "iteration": t,
-        "weights": weights,
-        **cluster_stats(clustering, coll),
-        "nmi_prev": nmi(clustering.labels, previous_labels(out, t - 1)) if t > 1 else None,
-        "train_loss": last["train_loss"],
-        "train_acc": last["train_acc"],
-        "ctrl_loss": last["val_loss"],
-        "ctrl_acc": last["val_accuracy"],
-        **truth_scores(clustering.labels, coll),
-        "epochs": [{k: e[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_accuracy")}
-                   for e in epochs],
-        "seconds": round(time.time() - started, 2),
-    }
-    # Where an iteration's time goes: train_s is the whole Ray Train run (worker start, model load, the
-    # epochs); its epochs' own seconds are train_epochs_s, and the rest of the iteration is overhead.
-    phases["train_epochs_s"] = round(sum(e["epoch_seconds"] for e in epochs), 2)
-    phases["overhead_s"] = round(metrics["seconds"] - phases["embed_s"] - phases["cluster_s"] - phases["train_epochs_s"], 2)
-    metrics["phases"] = phases
-    first_step = (t - 1) * config.epochs_per_iteration
-    for e in epochs:
-        tracking.log_metrics({"train_loss": e["train_loss"], "train_acc": e["train_acc"], "ctrl_loss": e["val_loss"],
-                              "ctrl_acc": e["val_accuracy"]}, step=first_step + int(e["epoch"]))
-    tracking.log_metrics({k: metrics[k] for k in ("score", "imbalance", "n_empty", "nmi_prev", "nmi_true", "ari_true",
-                                                  "purity_true") if metrics.get(k) is not None}, step=t)
-    mlflow.log_dict({"train": metrics["sizes"], "ctrl": metrics["sizes_ctrl"]}, f"sizes/iter_{t:02d}.json")
-    io.write_json(folder / "metrics.json", metrics)  # last: marks the iteration finished
-    return metrics
+    t = m["iteration"]
+    per_epoch = [{"train_loss": e["train_loss"], "train_acc": e["train_acc"], "ctrl_loss": e["val_loss"],
+                  "ctrl_acc": e["val_accuracy"]} for e in m["epochs"]]
+    with tracking.mlflow_run(f"iteration-{t}", {**config.train_config(m["weights"]).as_dict(), "iteration": t}, uri=uri):
+        for i, values in enumerate(per_epoch):
+            tracking.log_metrics(values, step=i)
+    for e, values in zip(m["epochs"], per_epoch):
+        tracking.log_metrics(values, step=int(e["epoch"]))
+    tracking.log_metrics({k: m[k] for k in ("score", "imbalance", "n_empty", "nmi_prev", "nmi_true", "ari_true",
+                                            "purity_true") if m.get(k) is not None}, step=t)
+    mlflow.log_dict({"train": m["sizes"], "ctrl": m["sizes_ctrl"]}, f"sizes/iter_{t:02d}.json")
 
 
 def _remove_run(storage_path: str, name: str) -> None:
@@ -367,25 +279,13 @@ def previous_labels(out: Path, t: int) -> np.ndarray:
     return np.load(iteration_dir(out, t) / "labels.npy")
 
 
-def cluster_stats(clustering: Clustering, coll: Collection) -> dict:
-    k = len(clustering.sizes)
-    return {"k": k, "score": clustering.score, "sizes": np.bincount(clustering.labels[~coll.is_ctrl], minlength=k).tolist(),
-            "sizes_ctrl": np.bincount(clustering.labels[coll.is_ctrl], minlength=k).tolist(),
-            "imbalance": clustering.imbalance, "n_empty": clustering.n_empty}
-
-
-def truth_scores(labels: np.ndarray, coll: Collection) -> dict:
-    if coll.truth is None:
-        return {}
-    return {f"{k}_true": v for k, v in ground_truth_scores(labels, coll.truth).items()}
-
-
 def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
                  use_gpu: bool | None = None) -> tuple[dict, Clustering]:
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
-    weights = network(out, config, len(history) + 1)
-    clustering = cluster_with(coll, config, weights, out / "features", config.final_k, config.seed, use_gpu)
-    final = {"weights": weights, **cluster_stats(clustering, coll), **truth_scores(clustering.labels, coll)}
+    weights = network(out, config.weights, len(history) + 1)
+    clustering, where = cluster_with(coll, config, weights, out / "features", config.final_k, config.seed, use_gpu)
+    final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl), **truth_scores(clustering.labels, coll.truth),
+             "kmeans_on": where}
     if history:
         final["nmi_last_iteration"] = nmi(clustering.labels, previous_labels(out, len(history)))
     return final, clustering
@@ -399,10 +299,10 @@ def write_outputs(out: Path, coll: Collection, history: list[dict], clustering: 
     columns = {"image": coll.ids, "cluster": clustering.labels.astype(np.int32)}
     for h in history:
         columns[f"iter_{h['iteration']}"] = previous_labels(out, h["iteration"]).astype(np.int32)
-    with io.atomic_path(out / "assignments.parquet") as tmp:
+    with atomic_path(out / "assignments.parquet") as tmp:
         pq.write_table(pa.table(columns), tmp)
-    io.write_json(out / "metrics.json", metrics)
-    with io.atomic_dir(out / "grids") as grids:
+    write_json(out / "metrics.json", metrics)
+    with atomic_dir(out / "grids") as grids:
         for c in range(len(clustering.sizes)):
             members = np.flatnonzero(clustering.labels == c)
             nearest = members[np.argsort(clustering.distances[members], kind="stable")][:GRID_SIZE]
@@ -410,13 +310,3 @@ def write_outputs(out: Path, coll: Collection, history: list[dict], clustering: 
                          f"cluster {c}: {len(members)} images")
     deepcluster_curves(history, out / "curves.png")
     deepcluster_sizes(history, metrics["final"]["sizes"], out / "sizes.png")
-
-
-def _summary(m: dict) -> str:
-    text = (f"iteration {m['iteration']}: score {m['score']:.4f}  train_acc {m['train_acc']:.3f}  "
-            f"ctrl_acc {m['ctrl_acc']:.3f}  imbalance {m['imbalance']:.2f}")
-    if m.get("nmi_prev") is not None:
-        text += f"  nmi(t-1,t) {m['nmi_prev']:.3f}"
-    if "nmi_true" in m:
-        text += f"  nmi(truth) {m['nmi_true']:.3f}"
-    return text
