@@ -101,6 +101,26 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert {"iteration-1", "iteration-2"} <= children
 
 
+@pytest.mark.slow
+def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray_cluster, tmp_path, sqlite_uri,
+                                                                              monkeypatch):
+    from qdeep.train.worker import CRASH_ENV
+
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"1:2:{marker}")  # rank 1 exits hard as iteration 2 starts, once
+    scenes = tmp_path / "scenes"
+    write_synthetic_classes(scenes, n_per_class=6, size=32, seed=3)
+    out = tmp_path / "out"
+    assert main(["deepcluster", "--images", str(scenes), "--arch", "resnet18", "--weights", "none",
+                 "--image-size", "32", "--k", "3", "--iterations", "2", "--final-k", "3", "--workers", "2",
+                 "--loader-workers", "0", "--batch-size", "8", "--max-failures", "1", "--out", str(out),
+                 "--tracking-uri", sqlite_uri]) == 0
+    assert marker.exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["iteration"] for h in m["iterations"]] == [1, 2] and m["loop"]["iterations"] == 2
+    assert m["iterations"][1]["weights"].endswith("iter_01/model.pt")  # the restarted group went on from it
+
+
 def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -31,9 +31,9 @@ from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_s
 from qdeep.parallel import require_visible
 from qdeep.parts import TARGETS, VALIDATIONS
 from qdeep.train.data import ImageDataset, make_loader, uniform_class_sample
-from qdeep.train.worker import (_broadcast_from_rank0, _distributed, _gather_to_rank0, _sum_across_workers,
-                                load_optimizer_state, lr_factor, make_optimizer, optimizer_state, train_one_epoch,
-                                validate, worker_batch)
+from qdeep.train.worker import (_broadcast_from_rank0, _distributed, _gather_to_rank0, _maybe_crash,
+                                _sum_across_workers, load_optimizer_state, lr_factor, make_optimizer,
+                                optimizer_state, train_one_epoch, validate, worker_batch)
 
 OPTIMIZER_FILE = "optimizer.pt"
 KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
@@ -199,6 +199,7 @@ def deepcluster_func(config: dict) -> None:
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
         _barrier()
+        _maybe_crash(config.get("crash"), rank, t, None)  # fault-injection tests only (worker.CRASH_ENV)
         store = embed_into_store(bare, every, ids, folder / "features", rank, device,
                                  {"arch": config["arch"], "weights": network(out, config["weights"], t),
                                   "weights_sha256": weights_sha256(bare), "image_size": size})
