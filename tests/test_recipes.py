@@ -82,8 +82,9 @@ def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_
     bn = model.get_submodule("layer4.1.bn2")
     stats, scale = bn.running_mean.clone(), bn.weight.detach().clone()
     loader = [(None, torch.randn(4, 3, 32, 32) * 5 + 3, torch.tensor([0, 1, 2, 0]))]
-    train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
-                    torch.nn.CrossEntropyLoss(), torch.device("cpu"), bn_stats=stage.bn_stats)
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    train_one_epoch(model, loader, optimizer, scaler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                    bn_stats=stage.bn_stats)
     assert torch.equal(stats, bn.running_mean) and not torch.equal(scale, bn.weight)  # statistics kept, scale trained
 
     assert DeepClusterConfig().resolved_bn_stats() == "frozen"  # from the bundled weights

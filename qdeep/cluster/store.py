@@ -426,7 +426,8 @@ def finish_store(directory: str | os.PathLike, shards: list[dict], model: dict, 
             raise QdeepError(f"shard {r['file']} written by a Ray worker is not visible at {directory}: "
                              "the store must be on a filesystem shared by all Ray nodes")
         os.replace(source, directory / shard_name(index))
-        final.append({"file": shard_name(index), "rows": int(r["rows"]), "bytes": int(r["bytes"]), "sha256": r["sha256"]})
+        final.append({"file": shard_name(index), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
+                      "sha256": r["sha256"]})
     write_json(directory / MANIFEST, _manifest(_check_model(model), _check_dim(dim), final, columns or {},
                                                _check_json("extra", extra or {})))
 

@@ -1,9 +1,10 @@
 """Fit strategies: how training proceeds, as a list of stages (epochs, freeze depth, learning rate).
 
 `single` trains at the configured freeze depth throughout; with `bn_stats="frozen"` every
-BatchNorm layer keeps the running statistics it was loaded with (its scale and shift still train). `two-stage` is the seed platform's
-recipe: first only the new head on a frozen backbone, then the last N blocks too, at a lower
-learning rate, so the pretrained features are not wrecked by a random head's large gradients.
+BatchNorm layer keeps the running statistics it was loaded with (its scale and shift still train).
+`two-stage` is the seed platform's recipe: first only the new head on a frozen backbone, then the
+last N blocks too, at a lower learning rate, so the pretrained features are not wrecked by a
+random head's large gradients.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ def deepcluster_func(config: dict) -> None:
         """(index, x, pseudo-label) batches; with `rows` the index is the row's position in them."""
         for i, x, _ in loader:
             at = i.numpy()
-            yield (i if rows is None else torch.from_numpy(np.searchsorted(rows, at))), x, torch.from_numpy(labels[at])
+            index = i if rows is None else torch.from_numpy(np.searchsorted(rows, at))
+            yield index, x, torch.from_numpy(labels[at])
 
     for t in range(first, config["iterations"] + 1):
         started = time.time()
@@ -235,7 +236,8 @@ def deepcluster_func(config: dict) -> None:
                 model, with_labels(train_loader), optimizer, scaler, loss_fn, device,
                 lambda i: schedule(e * len(train_loader) + i), "head" if config["bn_stats"] == "frozen" else None)
             loss_sum, correct, seen = _sum_across_workers([loss_sum, correct, seen], device)
-            val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, labels[ctrl_rows], targets, validation)
+            val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, labels[ctrl_rows], targets,
+                           validation)
             epochs.append({"epoch": global_epoch, "train_loss": loss_sum / max(seen, 1),
                            "train_acc": correct / max(seen, 1), "val_loss": val["loss"],
                            "val_accuracy": val["score"].metrics["accuracy"],
@@ -244,14 +246,15 @@ def deepcluster_func(config: dict) -> None:
         body_state = optimizer_state(optimizer, bare)
         metrics = None
         if rank == 0:
-            metrics = record_iteration(out, t, bare, body_state, clustering, is_ctrl, config, epochs, where,
-                                       {"started": started, "embedded": embedded, "clustered": clustered, "trained": trained})
+            at = {"started": started, "embedded": embedded, "clustered": clustered, "trained": trained}
+            metrics = record_iteration(out, t, bare, body_state, clustering, is_ctrl, config, epochs, where, at)
             print(summary(metrics), flush=True)
         ray.train.report({"iteration": t, "ctrl_acc": epochs[-1]["val_accuracy"]})
         del model, metrics
 
 
-def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device, identity: dict) -> FeatureStore | None:
+def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device,
+                     identity: dict) -> FeatureStore | None:
     """Every worker writes the descriptors of its share of the images as shard files; rank 0 lists
     them in the store's manifest and returns the store (None on the other ranks)."""
     bare.eval()
@@ -288,7 +291,8 @@ def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clus
         np.save(f, clustering.labels)
     seconds = time.time() - at["started"]
     train_epochs = sum(e["epoch_seconds"] for e in epochs)
-    phases = {"embed_s": round(at["embedded"] - at["started"], 2), "cluster_s": round(at["clustered"] - at["embedded"], 2),
+    phases = {"embed_s": round(at["embedded"] - at["started"], 2),
+              "cluster_s": round(at["clustered"] - at["embedded"], 2),
               "train_s": round(at["trained"] - at["clustered"], 2), "train_epochs_s": round(train_epochs, 2),
               "kmeans_on": where}
     # the rest: a new head and its DDP wrapper, the files (the worker group and its loaders start once per run)

@@ -257,7 +257,8 @@ def log_iteration(m: dict, config: DeepClusterConfig, uri: str) -> None:
     t = m["iteration"]
     per_epoch = [{"train_loss": e["train_loss"], "train_acc": e["train_acc"], "ctrl_loss": e["val_loss"],
                   "ctrl_acc": e["val_accuracy"]} for e in m["epochs"]]
-    with tracking.mlflow_run(f"iteration-{t}", {**config.train_config(m["weights"]).as_dict(), "iteration": t}, uri=uri):
+    params = {**config.train_config(m["weights"]).as_dict(), "iteration": t}
+    with tracking.mlflow_run(f"iteration-{t}", params, uri=uri):
         for i, values in enumerate(per_epoch):
             tracking.log_metrics(values, step=i)
     for e, values in zip(m["epochs"], per_epoch):
@@ -284,8 +285,8 @@ def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
     weights = network(out, config.weights, len(history) + 1)
     clustering, where = cluster_with(coll, config, weights, out / "features", config.final_k, config.seed, use_gpu)
-    final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl), **truth_scores(clustering.labels, coll.truth),
-             "kmeans_on": where}
+    final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl),
+             **truth_scores(clustering.labels, coll.truth), "kmeans_on": where}
     if history:
         final["nmi_last_iteration"] = nmi(clustering.labels, previous_labels(out, len(history)))
     return final, clustering
