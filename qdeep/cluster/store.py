@@ -405,8 +405,7 @@ def write_store_from_dataset(ds, path: str | os.PathLike, dim: int, model: dict,
         if len(kinds) > 1:
             raise QdeepError(f"label columns differ between batches: {' vs '.join(sorted(kinds))}")
         columns = {name: pa.type_for_alias(t) for name, t in json.loads(kinds.pop()).items()} if kinds else {}
-        finish_store(tmp, [{k: r[k] for k in ("file", "rows", "bytes", "sha256")} for r in results], model, dim,
-                     extra, columns)
+        finish_store(tmp, results, model, dim, extra, columns)
     return FeatureStore(path)
 
 

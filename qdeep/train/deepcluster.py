@@ -130,16 +130,6 @@ def truth_scores(labels: np.ndarray, truth: list[str] | None) -> dict:
     return {f"{k}_true": v for k, v in ground_truth_scores(labels, truth).items()}
 
 
-def summary(m: dict) -> str:
-    text = (f"iteration {m['iteration']}: score {m['score']:.4f}  train_acc {m['train_acc']:.3f}  "
-            f"ctrl_acc {m['ctrl_acc']:.3f}  imbalance {m['imbalance']:.2f}")
-    if m.get("nmi_prev") is not None:
-        text += f"  nmi(t-1,t) {m['nmi_prev']:.3f}"
-    if "nmi_true" in m:
-        text += f"  nmi(truth) {m['nmi_true']:.3f}"
-    return text
-
-
 # ---- the worker's loop ------------------------------------------------------------------------------
 
 
@@ -244,13 +234,11 @@ def deepcluster_func(config: dict) -> None:
                            "epoch_seconds": round(time.time() - epoch_started, 2)})
         trained = time.time()
         body_state = optimizer_state(optimizer, bare)
-        metrics = None
         if rank == 0:
             at = {"started": started, "embedded": embedded, "clustered": clustered, "trained": trained}
-            metrics = record_iteration(out, t, bare, body_state, clustering, is_ctrl, config, epochs, where, at)
-            print(summary(metrics), flush=True)
+            record_iteration(out, t, bare, body_state, clustering, is_ctrl, config, epochs, where, at)
         ray.train.report({"iteration": t, "ctrl_acc": epochs[-1]["val_accuracy"]})
-        del model, metrics
+        del model
 
 
 def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device,

@@ -34,7 +34,7 @@ from qdeep.storage import check_shared_storage, filesystem
 from qdeep.train import driver
 from qdeep.train.config import TrainConfig
 from qdeep.train.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
-                                     n_finished, network, summary, truth_scores)
+                                     n_finished, network, truth_scores)
 from qdeep.workflows.common import check_images
 from qdeep.workflows.train import check_model
 
@@ -311,3 +311,13 @@ def write_outputs(out: Path, coll: Collection, history: list[dict], clustering: 
                          f"cluster {c}: {len(members)} images")
     deepcluster_curves(history, out / "curves.png")
     deepcluster_sizes(history, metrics["final"]["sizes"], out / "sizes.png")
+
+
+def summary(m: dict) -> str:
+    text = (f"iteration {m['iteration']}: score {m['score']:.4f}  train_acc {m['train_acc']:.3f}  "
+            f"ctrl_acc {m['ctrl_acc']:.3f}  imbalance {m['imbalance']:.2f}")
+    if m.get("nmi_prev") is not None:
+        text += f"  nmi(t-1,t) {m['nmi_prev']:.3f}"
+    if "nmi_true" in m:
+        text += f"  nmi(truth) {m['nmi_true']:.3f}"
+    return text
