@@ -70,7 +70,8 @@ def _add_train_knobs(p: argparse.ArgumentParser) -> None:
                    help="single (default) | two-stage: head only on a frozen backbone for --head-epochs, then "
                         "--freeze's blocks too at --finetune-lr-factor x --lr")
     p.add_argument("--head-epochs", type=positive_int, default=1, help="two-stage: head-only epochs first (default 1)")
-    p.add_argument("--finetune-lr-factor", type=positive_float, default=0.1, help="two-stage: second stage's lr factor")
+    p.add_argument("--finetune-lr-factor", type=positive_float, default=1.0,
+                   help="two-stage: the second stage's lr as a factor of --lr (default 1)")
     p.add_argument("--discriminative-lr", type=positive_float, default=1.0,
                    help="each block below the head trains at this factor of the lr above it (default 1: off)")
     p.add_argument("--epochs", type=positive_int, default=5)

@@ -38,7 +38,11 @@ def test_one_curve_spans_both_stages_of_a_two_stage_fit():
     curve = _curve("cosine", 3 * steps_per_epoch, warmup=5)
     lr = [stages[0 if step < steps_per_epoch else 1].lr * curve[step] for step in range(30)]
     assert lr[steps_per_epoch] == pytest.approx(0.5 * lr[steps_per_epoch - 1], rel=0.05)
-    assert stages[0].bn_stats is None and stages[1].bn_stats == "head"  # the second stage keeps BN statistics
+    assert stages[0].bn_stats is None and stages[1].bn_stats is None  # unfrozen blocks follow the batch
+    kept = FIT_STRATEGIES.get("two-stage")().stages(
+        {"epochs": 3, "freeze": "last:2", "lr": 1e-3, "head_epochs": 1, "finetune_lr_factor": 1.0,
+         "bn_stats": "frozen", "weights": "bundled"})
+    assert [s.bn_stats for s in kept] == ["head", "head"] and kept[1].lr == kept[0].lr
 
 
 def test_the_batch_size_is_global():

@@ -3,8 +3,8 @@
 `single` trains at the configured freeze depth throughout; with `bn_stats="frozen"` every
 BatchNorm layer keeps the running statistics it was loaded with (its scale and shift still train).
 `two-stage` is the seed platform's recipe: first only the new head on a frozen backbone, then the
-last N blocks too, at a lower learning rate, so the pretrained features are not wrecked by a
-random head's large gradients.
+last N blocks too (by default at the same learning rate, `finetune_lr_factor` 1), so the
+pretrained features are not pushed around by a random head's large gradients.
 """
 
 from __future__ import annotations
@@ -44,22 +44,23 @@ class SingleStage:
 class TwoStage:
     """`head_epochs` epochs of head only at `lr`, then `freeze` (last:N or none) at `lr * finetune_lr_factor`.
 
-    Every BatchNorm layer keeps its pretrained running statistics in the second stage too (its
-    scale and shift train): the head was fitted to features normalised with them, and switching the
-    unfrozen blocks to batch statistics would shift every feature under it at once (measured on the
-    digits benchmark: accuracy 0.47 with the switch, 0.92 without; letting those layers follow the
-    batch from the first stage on gave 0.80). One learning-rate curve spans both stages (see
-    `worker.lr_factor`), so the second stage does not restart a warm-up.
+    In the second stage the BatchNorm layers of the unfrozen blocks follow the batch, as in a
+    single-stage run (`--bn-stats frozen` keeps every layer's statistics in both stages). One
+    learning-rate curve spans both stages (see `worker.lr_factor`), so the second stage does not
+    restart a warm-up. Measured on the digits benchmark (3 epochs, one of them head only): second
+    stage at 1 x lr with batch statistics 0.981-0.983, against 0.978 single-stage; at 0.1 x lr with
+    every layer's statistics kept 0.936-0.944.
     """
 
     def stages(self, config: dict) -> list[Stage]:
         if parse_freeze(config["freeze"])[0] == "head":
             raise QdeepError("--fit-strategy two-stage unfreezes blocks in its second stage: "
                              "give --freeze last:N or none (the first stage always trains the head only)")
+        frozen = SingleStage().stages(config)[0].bn_stats
         head = min(config["head_epochs"], config["epochs"])
-        return [Stage(0, head, "head", config["lr"]),
+        return [Stage(0, head, "head", config["lr"], bn_stats=frozen),
                 Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"],
-                      bn_stats="head")]
+                      bn_stats=frozen)]
 
 
 def stage_of(stages: list[Stage], epoch: int) -> int:

@@ -26,7 +26,7 @@ class TrainConfig:
     validation: str | None = None  # a validation part; None: the task's own (f2 | accuracy)
     fit_strategy: str = "single"  # single | two-stage | a plugin's
     head_epochs: int = 1  # two-stage: epochs of head-only training first
-    finetune_lr_factor: float = 0.1  # two-stage: the second stage's lr relative to --lr
+    finetune_lr_factor: float = 1.0  # two-stage: the second stage's lr relative to --lr
     discriminative_lr: float = 1.0  # each block below the head trains at this factor of the one above
     balance: str = "none"  # none | weights (rare tags/classes weigh more) | uniform (classes sampled uniformly)
     val_fraction: float = 0.2
