@@ -47,9 +47,10 @@ class TwoStage:
     In the second stage the BatchNorm layers of the unfrozen blocks follow the batch, as in a
     single-stage run (`--bn-stats frozen` keeps every layer's statistics in both stages). One
     learning-rate curve spans both stages (see `worker.lr_factor`), so the second stage does not
-    restart a warm-up. Measured on the digits benchmark (3 epochs, one of them head only): second
-    stage at 1 x lr with batch statistics 0.981-0.983, against 0.978 single-stage; at 0.1 x lr with
-    every layer's statistics kept 0.936-0.944.
+    restart a warm-up. Measured on the digits benchmark (3 epochs, one of them head only), in one
+    process at a constant lr: second stage at 1 x lr with batch statistics 0.981-0.983, single-stage
+    0.978, 0.1 x lr with every layer's statistics kept 0.936-0.944; through `qdeep train`: 0.975
+    against single-stage's 0.981 (README, Benchmarks).
     """
 
     def stages(self, config: dict) -> list[Stage]:
