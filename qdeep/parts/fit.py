@@ -30,14 +30,20 @@ class Stage:
     bn_stats: str | None = None  # the depth whose BatchNorm layers follow the batch (None: those that train)
 
 
+def kept_bn_stats(config: dict) -> str | None:
+    """`Stage.bn_stats` for `config["bn_stats"]`: "head" (every layer keeps its statistics) for
+    frozen, None (the layers that train follow the batch) for batch."""
+    frozen = config.get("bn_stats", "batch") == "frozen"
+    if frozen and str(config["weights"]).strip().lower() == "none":
+        raise QdeepError("--bn-stats frozen keeps the starting network's BatchNorm statistics, and --weights none "
+                         "has none worth keeping: use --bn-stats batch, or pretrained --weights")
+    return "head" if frozen else None
+
+
 @FIT_STRATEGIES.register("single")
 class SingleStage:
     def stages(self, config: dict) -> list[Stage]:
-        frozen = config.get("bn_stats", "batch") == "frozen"
-        if frozen and str(config["weights"]).strip().lower() == "none":
-            raise QdeepError("--bn-stats frozen keeps the starting network's BatchNorm statistics, and --weights none "
-                             "has none worth keeping: use --bn-stats batch, or pretrained --weights")
-        return [Stage(0, config["epochs"], config["freeze"], config["lr"], bn_stats="head" if frozen else None)]
+        return [Stage(0, config["epochs"], config["freeze"], config["lr"], bn_stats=kept_bn_stats(config))]
 
 
 @FIT_STRATEGIES.register("two-stage")
@@ -57,7 +63,7 @@ class TwoStage:
         if parse_freeze(config["freeze"])[0] == "head":
             raise QdeepError("--fit-strategy two-stage unfreezes blocks in its second stage: "
                              "give --freeze last:N or none (the first stage always trains the head only)")
-        frozen = SingleStage().stages(config)[0].bn_stats
+        frozen = kept_bn_stats(config)
         head = min(config["head_epochs"], config["epochs"])
         return [Stage(0, head, "head", config["lr"], bn_stats=frozen),
                 Stage(head, config["epochs"], config["freeze"], config["lr"] * config["finetune_lr_factor"],
