@@ -8,9 +8,26 @@ import sys
 from typing import Sequence
 
 from qdeep.errors import QdeepError
-from qdeep.options import (ArgumentError, Parser, crop_fraction, csv_list, encoding_name, fraction, fraction_closed,
-                           freeze_spec, image_size, int_range, learning_rate, non_negative_float, non_negative_int,
-                           positive_float, positive_int, run_name, seed_int, workers_spec)
+from qdeep.options import (
+    ArgumentError,
+    Parser,
+    crop_fraction,
+    csv_list,
+    encoding_name,
+    fraction,
+    fraction_closed,
+    freeze_spec,
+    image_size,
+    int_range,
+    learning_rate,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_name,
+    seed_int,
+    workers_spec,
+)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +126,7 @@ def _task(args) -> str:
 
 
 def _train_config(args, **swept):
-    from qdeep.train.config import TrainConfig
+    from qdeep.config import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                        schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_factor=args.min_lr_factor,
@@ -380,9 +397,8 @@ def cmd_compare(args) -> None:
     from pathlib import Path
 
     from qdeep.errors import QdeepError
-    from qdeep.report import comparison_table
-
     from qdeep.io import unfinished
+    from qdeep.report import comparison_table
 
     runs = {}
     for out in args.runs:
@@ -438,7 +454,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from qdeep.tune import Sweep, run_tune
+    from qdeep.workflows.tune import Sweep, run_tune
 
     knobs = dict(num_samples=args.num_samples, scheduler=args.scheduler, grace_period=args.grace_period,
                  reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
@@ -456,7 +472,7 @@ def cmd_tune(args) -> None:
 
 
 def cmd_ladder(args) -> None:
-    from qdeep.ladder import run_ladder
+    from qdeep.workflows.ladder import run_ladder
 
     run_ladder(args.out, _train_config(args, lr=args.lr), data=args.data, labels=args.labels, images=args.images,
                arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights, workers=args.workers,
@@ -486,7 +502,7 @@ def cmd_deepcluster(args) -> None:
 
 
 def cmd_features(args) -> None:
-    from qdeep.cluster.features import extract_features
+    from qdeep.distributed.features import extract_features
 
     store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,
                              image_size=args.image_size, rows_per_shard=args.rows_per_shard,

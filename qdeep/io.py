@@ -1,4 +1,5 @@
-"""Atomic file output: a crash must never leave a half-written file that looks complete."""
+"""Files: atomic output (a crash never leaves a half-written file that looks complete), JSON on a
+local path or any URI pyarrow opens (s3://, gs://, ...), model directories' JSON, unfinished outputs."""
 
 from __future__ import annotations
 
@@ -31,8 +32,44 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def is_uri(path) -> bool:
+    """A URI whose filesystem every node reaches by name (s3://, gs://, hdfs://, ...); `file://` is
+    a local path like any other."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
+    import pyarrow.fs
+
+    if "://" in str(path):
+        return pyarrow.fs.FileSystem.from_uri(str(path))
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """`obj` as JSON at `path`, its directory created: atomically on a local (or NFS) path, through
+    pyarrow for a URI (object stores write whole objects)."""
+    text = json.dumps(obj, indent=2) + "\n"
+    if "://" not in str(path):
+        write_text(path, text)
+        return
+    fs, inner = filesystem(str(path))
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON file at `path` (local or URI), or None if there is none."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(str(path))
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return json.loads(f.read())
 
 
 @contextmanager

@@ -109,9 +109,9 @@ def freeze_spec(text: str) -> str:
 
 
 def workers_spec(text: str) -> str:
-    """N or MIN-MAX, as `qdeep.train.driver.worker_range` reads it; kept as given."""
+    """N or MIN-MAX, as `qdeep.distributed.driver.worker_range` reads it; kept as given."""
+    from qdeep.distributed.driver import worker_range
     from qdeep.errors import QdeepError
-    from qdeep.train.driver import worker_range
 
     try:
         worker_range(text)

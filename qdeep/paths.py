@@ -12,21 +12,15 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from qdeep.config import NAMED_WEIGHTS
 from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
 from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS
 from qdeep.errors import QdeepError
-from qdeep.storage import is_object_store
-
-NAMED_WEIGHTS = ("none", "imagenet", "bundled")
+from qdeep.io import is_uri
 
 
 def _name(path, option: str | None) -> str:
     return f"{option} {path}" if option else str(path)
-
-
-def is_uri(path) -> bool:
-    """s3://, gs://, ...: not checked here (file:// is a local path)."""
-    return is_object_store(str(path))
 
 
 def _local(path) -> Path:

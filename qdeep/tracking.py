@@ -35,28 +35,6 @@ def store_directory(uri: str) -> str | None:
     return str(Path(database).resolve().parent)
 
 
-TRACKING_REMEDY = ("rank 0 of a run logs from whichever node it is on: set MLFLOW_TRACKING_URI=http://HEAD:5000 "
-                   "(an `mlflow server` on the head; cluster.yaml starts one) or --tracking-uri to one")
-
-
-def check_shared_tracking(uri: str | None = None) -> None:
-    """Refuse at the start a file-based MLflow store (the default SQLite file in the working
-    directory) that rank 0 on another node could not open, which would otherwise fail only at the
-    end of the training ("run not found").
-
-    Call it on the driver, inside a Ray session, next to `storage.check_shared_storage`. A store
-    reached over the network passes. A file-based store passes when its directory is shared as a
-    storage path must be (the same probe: every alive node sees it, or the Ray is a plain local
-    one), so a SQLite file on NFS, or any file on a laptop, still works.
-    """
-    from qdeep.storage import check_shared_storage
-
-    uri = tracking_uri(uri)
-    directory = store_directory(uri)
-    if directory is not None:
-        check_shared_storage(directory, what=f"MLflow store {uri}: its directory", remedy=TRACKING_REMEDY)
-
-
 def _experiment_id(mlflow, name: str, uri: str) -> str:
     """Artifacts of a local SQLite store live beside the database, not in the caller's cwd."""
     experiment = mlflow.get_experiment_by_name(name)

@@ -53,8 +53,8 @@ def main() -> None:
 
         import ray
 
-        from qdeep.parallel import map_images
-        from qdeep.runtime import start_local_ray
+        from qdeep.distributed.session import start_local_ray
+        from qdeep.distributed.tasks import map_images
 
         start_local_ray()
         try:

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.cluster.features import decode, embed_images, load_backbone
 from qdeep.data.synth import write_synthetic_classes
 from qdeep.data.transforms import normalize
+from qdeep.distributed.features import decode, embed_images, load_backbone
+from qdeep.distributed.session import ray_session
 from qdeep.models import embed
-from qdeep.runtime import ray_session
 
 
 def plain_loop(paths, arch: str, weights: str, batch_size: int, out: Path) -> None:

@@ -114,7 +114,7 @@ import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.datasets import make_blobs
 
-from qdeep.cluster.kmeans import KMeans, cluster_sizes, imbalance_factor, nmi
+from qdeep.clustering.kmeans import KMeans, cluster_sizes, imbalance_factor, nmi
 
 
 def score(x: np.ndarray, y: np.ndarray, centroids: np.ndarray) -> tuple[float, float, float]:
@@ -212,14 +212,14 @@ def descriptors(n: int, work: Path) -> np.ndarray:
     import subprocess
     import sys
 
-    from qdeep.cluster.kmeans import preprocess_features
+    from qdeep.clustering.kmeans import preprocess_features
 
     cache = work / f"descriptors_{n}.npy"
     if not cache.exists():
         import torch
 
+        from qdeep.data.loader import ImageDataset, make_loader
         from qdeep.models import build_model, embed
-        from qdeep.train.data import ImageDataset, make_loader
 
         images = work / f"scenes_{n}"
         if not images.exists():

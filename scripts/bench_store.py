@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdeep.cluster.store import FeatureStore, StoreWriter
+from qdeep.clustering.store import FeatureStore, StoreWriter
 
 MODEL = {"arch": "bench", "weights": "random", "weights_sha256": "0" * 64}
 KMEANS_K = 100
@@ -142,7 +142,7 @@ def _memory_child(path: str, mode: str, n: int) -> None:
                 float(feats[0, 0])
             return shard_bytes
         if mode == "kmeans":  # the whole k-means stage: sample, PCA, fit, then shard by shard
-            from qdeep.cluster.deepcluster import cluster_store
+            from qdeep.clustering.deepcluster import cluster_store
 
             cluster_store(store, k=KMEANS_K, sample_size=n, seed=0)
             return shard_bytes + n * store.dim * 4

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdeep.config import TrainConfig
+from qdeep.data.loader import ImageDataset, make_loader
+from qdeep.distributed.worker import lr_factor, make_optimizer, train_one_epoch
 from qdeep.models import build_model
 from qdeep.parts.targets import MultiLabelTargets
-from qdeep.train.config import TrainConfig
-from qdeep.train.data import ImageDataset, make_loader
-from qdeep.train.worker import lr_factor, make_optimizer, train_one_epoch
 
 
 def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
@@ -51,7 +51,7 @@ def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
 
 
 def ray_path(config: dict, paths, y, vocab, workers: int, storage: str, use_gpu: bool) -> float:
-    from qdeep.train import driver
+    from qdeep.distributed import driver
 
     loop_config = {**config, "labels": vocab, "train_paths": paths, "y_train": y.tolist(),
                    "val_paths": paths[:64], "y_val": y[:64].tolist(), "validation": "f2",
@@ -70,9 +70,9 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=0)
     args = parser.parse_args()
 
-    from qdeep.data.synth import write_synthetic_planet
     from qdeep.data import BadInputPolicy, load_planet
-    from qdeep.runtime import start_local_ray
+    from qdeep.data.synth import write_synthetic_planet
+    from qdeep.distributed.session import start_local_ray
 
     config = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, epochs=2,
                          loader_workers=args.loader_workers, warmup_steps=5).as_dict()

@@ -37,7 +37,7 @@ FAISS_P100_S = 55  # 1M x 256 -> 20k centroids, 25 iterations, one P100, float32
 def kmeans_figures(n: int, d: int, k: int, niter: int) -> bool:
     import faiss
 
-    from qdeep.cluster.kmeans import KMeans, gpu_available
+    from qdeep.clustering.kmeans import KMeans, gpu_available
 
     print(f"\nfaiss k-means, {n:,} x {d} float32 rows -> {k:,} centroids, {niter} iterations "
           f"(faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s) seen by faiss)")
@@ -79,10 +79,10 @@ def synthetic_jpegs(root: Path, n: int, procs: int) -> list[str]:
 def resnet_figures(batch: int, n_images: int, steps: int) -> None:
     import torch
 
+    from qdeep.config import TrainConfig
+    from qdeep.data.loader import ImageDataset, make_loader
+    from qdeep.distributed.worker import make_optimizer, train_one_epoch
     from qdeep.models import build_model
-    from qdeep.train.config import TrainConfig
-    from qdeep.train.data import ImageDataset, make_loader
-    from qdeep.train.worker import make_optimizer, train_one_epoch
 
     device, n_labels, size = torch.device("cuda"), 17, 224
     torch.backends.cudnn.benchmark = True  # as train_func sets it on CUDA

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qdeep.data.synth import write_synthetic_planet
-from qdeep.runtime import start_local_ray
+from qdeep.distributed.session import start_local_ray
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,14 +52,14 @@ def no_ray(monkeypatch):
     input must be refused before that."""
     import ray
 
-    import qdeep.runtime
+    import qdeep.distributed.session
 
     def refuse(*_a, **_k):
         raise AssertionError("the command started Ray before refusing its input")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(qdeep.runtime, "start_local_ray", refuse)
+    monkeypatch.setattr(qdeep.distributed.session, "start_local_ray", refuse)
 
 
 @pytest.fixture

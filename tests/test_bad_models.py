@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import skops.io
 import torch
+from qdeep.distributed.predict import CNN_KIND
 
 from qdeep.baseline import MODEL_FILE, OLD_MODEL_FILE, HistogramForest
 from qdeep.cli import main
 from qdeep.data.synth import write_synthetic_planet
+from qdeep.distributed.predict import load_exported
 from qdeep.errors import QdeepError
 from qdeep.models import build_model
 from qdeep.parts.targets import MultiLabelTargets
-from qdeep.train import CNN_KIND
-from qdeep.train.predict import load_exported
 
 LABELS = ["clear", "cloudy", "haze"]
 ARCH = "resnet18"

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdeep.data import BadInputPolicy, ImageDecodeError, image_id, load_labeled_folder, load_planet, load_rgb, scan_images
+from qdeep.data import (
+    BadInputPolicy,
+    ImageDecodeError,
+    image_id,
+    load_labeled_folder,
+    load_planet,
+    load_rgb,
+    scan_images,
+)
 from qdeep.errors import BadInputError, QdeepError
 
 

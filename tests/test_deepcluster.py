@@ -9,12 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import interrupt_when
 from PIL import Image
 
 from qdeep.cli import main
 from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
-
-from conftest import interrupt_when
 
 
 @pytest.mark.slow
@@ -104,7 +103,7 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
 @pytest.mark.slow
 def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray_cluster, tmp_path, sqlite_uri,
                                                                               monkeypatch):
-    from qdeep.train.worker import CRASH_ENV
+    from qdeep.distributed.worker import CRASH_ENV
 
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"1:2:{marker}")  # rank 1 exits hard as iteration 2 starts, once

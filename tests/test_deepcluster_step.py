@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from qdeep.cluster.deepcluster import balanced_class_weights, pseudo_labels, uniform_cluster_sample
-from qdeep.cluster.kmeans import nmi
+from qdeep.clustering.deepcluster import balanced_class_weights, pseudo_labels, uniform_cluster_sample
+from qdeep.clustering.kmeans import nmi
 
 
 def test_pseudo_labels_recover_separated_groups():
@@ -35,9 +35,9 @@ def test_uniform_sampler_draws_clusters_equally():
 
 
 def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path, monkeypatch):
-    from qdeep.cluster import deepcluster
-    from qdeep.cluster.deepcluster import cluster_store
-    from qdeep.cluster.store import FeatureStore, StoreWriter
+    from qdeep.clustering import deepcluster
+    from qdeep.clustering.deepcluster import cluster_store
+    from qdeep.clustering.store import FeatureStore, StoreWriter
 
     x, truth = make_blobs(n_samples=900, centers=5, n_features=32, cluster_std=1.0, random_state=1)
     x = x.astype(np.float32)

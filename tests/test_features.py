@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from qdeep.cli import main
-from qdeep.cluster.features import load_backbone
-from qdeep.cluster.store import FeatureStore
+from qdeep.clustering.store import FeatureStore
 from qdeep.data.images import load_rgb
 from qdeep.data.transforms import to_tensor
+from qdeep.distributed.features import load_backbone
 from qdeep.models import embed
 
 
@@ -59,9 +59,10 @@ def test_features_store_holds_every_image_with_the_backbones_descriptor(planet_d
 def test_predict_runs_its_actor_pool_without_deprecated_arguments(planet_dir, ray_cluster, tmp_path,
                                                                   ray_data_warnings):
     """`qdeep predict` on an exported model (an untrained resnet18, exported as `qdeep train` does)."""
+    from qdeep.distributed.predict import CNN_KIND
+
     from qdeep.models import build_model
     from qdeep.parts.targets import TARGETS
-    from qdeep.train import CNN_KIND
 
     labels = ["clear", "cloudy", "haze"]
     model_dir = tmp_path / "model"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qdeep.cli import main
-from qdeep.train.worker import CHECKPOINT_FILE, CRASH_ENV
+from qdeep.distributed.worker import CHECKPOINT_FILE, CRASH_ENV
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def separated_blobs(n: int, k: int, d: int, sep: float, seed: int = 0):
 
 
 def test_faiss_kmeans_on_the_gpu_finds_the_cpu_partition():
-    from qdeep.cluster.kmeans import KMeans, nmi
+    from qdeep.clustering.kmeans import KMeans, nmi
 
     x, truth = separated_blobs(n=50_000, k=100, d=64, sep=10.0)
     cpu = KMeans(100, seed=0, use_gpu=False).fit(x)
@@ -82,10 +82,10 @@ def test_train_with_amp_resumes_across_devices(planet_dir, ray_cluster, tmp_path
 
 
 def test_features_on_a_gpu_actor_equal_the_cpu_result(planet_dir, ray_cluster, tmp_path):
-    from qdeep.cluster.features import load_backbone
-    from qdeep.cluster.store import FeatureStore
+    from qdeep.clustering.store import FeatureStore
     from qdeep.data.images import load_rgb
     from qdeep.data.transforms import to_tensor
+    from qdeep.distributed.features import load_backbone
     from qdeep.models import embed
 
     assert ray_cluster.cluster_resources().get("GPU", 0) >= 1  # so `qdeep features` runs GPU actors

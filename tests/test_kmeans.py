@@ -6,8 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from qdeep.cluster.kmeans import (
+from qdeep.clustering.kmeans import (
     KMeans,
+    _two_means,
     choose_pca_dim,
     cluster_sizes,
     clustering_score,
@@ -19,7 +20,6 @@ from qdeep.cluster.kmeans import (
     preprocess,
     preprocess_features,
 )
-from qdeep.cluster.kmeans import _two_means
 
 
 def flat_search(x, centroids):

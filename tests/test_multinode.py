@@ -12,10 +12,10 @@ own mount namespace with a tmpfs over `local/`, so `local/` is real node-local s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import contextlib
 import shutil
 import signal
 import socket
@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
-from qdeep.train.worker import CHECKPOINT_FILE
+from qdeep.distributed.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow  # real multi-node Ray clusters: `make test-fast` leaves this module out
 
@@ -270,7 +270,7 @@ def test_a_cluster_that_can_gain_nodes_refuses_local_paths_while_one_node_is_up(
 
 OWN = """
 import ray
-from qdeep.runtime import ray_session
+from qdeep.distributed.session import ray_session
 with ray_session():
     print("gcs", ray.get_runtime_context().gcs_address)
 """
@@ -382,7 +382,7 @@ PROBE = """
 import json, sys, uuid
 from pathlib import Path
 import ray
-from qdeep import storage
+from qdeep.distributed import storage
 
 shared, local = sys.argv[1:]
 ray.init()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qdeep.data.transforms import augment
+from qdeep.distributed.worker import load_optimizer_state, lr_factor, optimizer_state, worker_batch
 from qdeep.models import apply_freeze, build_model, reset_head, set_train_mode
 from qdeep.parts import FIT_STRATEGIES
-from qdeep.train.worker import load_optimizer_state, lr_factor, optimizer_state, worker_batch
 
 
 def _curve(schedule: str, total: int, warmup: int = 0, floor: float = 0.0) -> list[float]:
@@ -70,8 +70,8 @@ def test_bn_stats_choose_which_batchnorm_layers_follow_the_batch():
 
 
 def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_trains():
+    from qdeep.distributed.worker import train_one_epoch
     from qdeep.errors import QdeepError
-    from qdeep.train.worker import train_one_epoch
     from qdeep.workflows.deepcluster import DeepClusterConfig
 
     single = FIT_STRATEGIES.get("single")()
@@ -148,8 +148,8 @@ def test_cluster_store_trains_kmeans_on_every_sampled_row(tmp_path, monkeypatch)
     from KMeans' throughput default of 16 rows per centroid."""
     from sklearn.datasets import make_blobs
 
-    from qdeep.cluster import deepcluster
-    from qdeep.cluster.store import FeatureStore, StoreWriter
+    from qdeep.clustering import deepcluster
+    from qdeep.clustering.store import FeatureStore, StoreWriter
 
     x, _ = make_blobs(n_samples=900, centers=3, n_features=16, random_state=0)
     with StoreWriter(tmp_path / "store", 16, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},
@@ -164,7 +164,7 @@ def test_cluster_store_trains_kmeans_on_every_sampled_row(tmp_path, monkeypatch)
 
 
 def test_deepcluster_kmeans_restarts_only_while_cheap():
-    from qdeep.cluster.deepcluster import MAX_RESTARTS, new_kmeans
+    from qdeep.clustering.deepcluster import MAX_RESTARTS, new_kmeans
 
     assert new_kmeans(10, 0, 1_800).nredo == MAX_RESTARTS  # a small collection: the best of 10
     assert new_kmeans(10_000, 0, 2_560_000).nredo == 1  # ImageNet-sized: one run, as the reference
@@ -175,7 +175,7 @@ def test_elastic_runs_recover_from_failures_by_default():
     """The README's promise: an elastic run carries on when a (spot) node goes; a fixed one stops
     at its first failure unless --max-failures says otherwise."""
     from qdeep.cli import build_parser
-    from qdeep.train.driver import ELASTIC_MAX_FAILURES, default_max_failures
+    from qdeep.distributed.driver import ELASTIC_MAX_FAILURES, default_max_failures
 
     assert default_max_failures(2, None) == 0 and default_max_failures("1-4", None) == ELASTIC_MAX_FAILURES > 0
     assert default_max_failures("1-4", 0) == 0 and default_max_failures(2, 5) == 5
@@ -187,7 +187,7 @@ def test_elastic_runs_recover_from_failures_by_default():
 def test_the_kmeans_task_asks_for_a_gpu_or_for_the_memory_of_its_sample():
     """Issue 13, defect 7: k-means leaves the CPU head. At k=10,000 over 5M 1280-d descriptors the
     sample is 2.56M rows: 13 GB raw plus 2.6 GB whitened, which the task must ask for."""
-    from qdeep.train.deepcluster import KMEANS_BASE_MEMORY, kmeans_options
+    from qdeep.distributed.deepcluster import KMEANS_BASE_MEMORY, kmeans_options
 
     gpu = kmeans_options(5_000_000, 1280, 10_000, None, use_gpu=True)
     assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 1
@@ -201,9 +201,9 @@ def test_the_kmeans_task_runs_on_the_cluster_like_the_driver(ray_cluster, tmp_pa
     """The task Ray places (CPU: every CPU of the largest node) gives the driver's clustering."""
     from sklearn.datasets import make_blobs
 
-    from qdeep.cluster.deepcluster import cluster_store
-    from qdeep.cluster.store import FeatureStore, StoreWriter
-    from qdeep.train.deepcluster import _cluster_task, kmeans_options
+    from qdeep.clustering.deepcluster import cluster_store
+    from qdeep.clustering.store import FeatureStore, StoreWriter
+    from qdeep.distributed.deepcluster import _cluster_task, kmeans_options
 
     x, _ = make_blobs(n_samples=600, centers=4, n_features=16, random_state=3)
     with StoreWriter(tmp_path / "store", 16, {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from qdeep import storage
+from qdeep.distributed import storage
 from qdeep.cli import main
+from qdeep.io import is_uri
+from qdeep.distributed import driver
 from qdeep.errors import QdeepError
-from qdeep.train import driver
 
 
 def test_a_local_path_passes_on_a_one_node_cluster(ray_cluster, tmp_path):
@@ -23,17 +24,17 @@ def test_a_local_path_passes_on_a_one_node_cluster(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("uri", ["s3://qdeep-no-such-bucket/runs", "gs://qdeep-no-such-bucket/runs"])
 def test_object_store_uris_are_shared_without_probing(ray_cluster, uri):
-    assert storage.is_object_store(uri)
+    assert is_uri(uri)
     storage.check_shared_storage(uri)  # offline: touching the bucket would fail
 
 
 JOINED = """
 import sys, ray
-from qdeep import runtime, storage, tracking
+from qdeep.distributed import session as runtime, storage
 ray.init(address=sys.argv[1])
 assert runtime.is_local_ray(storage.alive_nodes())
 storage.check_shared_storage(sys.argv[2])
-tracking.check_shared_tracking("sqlite:///" + sys.argv[2] + "/mlflow.db")
+storage.check_shared_tracking("sqlite:///" + sys.argv[2] + "/mlflow.db")
 print("accepted")
 """
 
@@ -54,9 +55,9 @@ def test_a_local_mlflow_store_passes_on_qdeeps_local_ray(ray_cluster, tmp_path, 
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    tracking.check_shared_tracking(None)  # the default: sqlite:///CWD/mlflow.db
-    tracking.check_shared_tracking(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}")
-    tracking.check_shared_tracking("http://10.0.0.1:5000")  # a server: nothing to probe, nothing touched
+    storage.check_shared_tracking(None)  # the default: sqlite:///CWD/mlflow.db
+    storage.check_shared_tracking(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}")
+    storage.check_shared_tracking("http://10.0.0.1:5000")  # a server: nothing to probe, nothing touched
     assert list(tmp_path.iterdir()) == []
 
 
@@ -73,9 +74,9 @@ def test_which_mlflow_stores_live_in_a_directory(uri, directory, tmp_path, monke
 
 
 def test_file_uris_and_paths_are_local():
-    assert not storage.is_object_store("/mnt/nfs/runs")
-    assert not storage.is_object_store("file:///mnt/nfs/runs")
-    assert not storage.is_object_store("relative/runs")
+    assert not is_uri("/mnt/nfs/runs")
+    assert not is_uri("file:///mnt/nfs/runs")
+    assert not is_uri("relative/runs")
 
 
 def test_the_probe_reads_the_marker_on_every_node(ray_cluster, tmp_path):
@@ -101,7 +102,7 @@ def test_the_refusal_names_the_path_and_the_blind_nodes(ray_cluster):
 
 
 def test_json_records_go_through_pyarrow_for_uris(tmp_path):
-    from qdeep.tune import SWEEP_FILE, _record_parent, _recorded_parent
+    from qdeep.workflows.tune import SWEEP_FILE, _record_parent, _recorded_parent
 
     for experiment in (str(tmp_path / "a" / "sweep"), f"file://{tmp_path / 'b' / 'sweep'}"):
         assert _recorded_parent(experiment) is None

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from qdeep.cluster.store import FeatureStore, StoreWriter, write_store_from_dataset
+from qdeep.clustering.store import FeatureStore, StoreWriter, write_store_from_dataset
 from qdeep.errors import QdeepError
 
 MODEL = {"arch": "resnet18", "weights": "imagenet", "weights_sha256": "ab" * 32}

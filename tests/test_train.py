@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from qdeep.cli import main
-from qdeep.train.worker import CRASH_ENV
+from qdeep.distributed.worker import CRASH_ENV
 
 pytestmark = pytest.mark.slow  # Ray Train runs: `make test-fast` leaves this module out
 
@@ -87,7 +87,7 @@ def test_rerun_with_the_same_name_resumes(planet_dir, ray_cluster, tmp_path, sql
 
 
 def test_a_name_cannot_be_resumed_with_other_settings(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
-    from qdeep.train.driver import claim_run
+    from qdeep.distributed.driver import claim_run
 
     claim_run(str(tmp_path / "runs"), "r", {"arch": "resnet18", "lr": 0.001})
     claim_run(str(tmp_path / "runs"), "r", {"arch": "resnet18", "lr": 0.001})  # same settings: resume

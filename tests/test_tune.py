@@ -4,10 +4,9 @@ import csv
 
 import mlflow
 import pytest
+from conftest import interrupt_when
 
 from qdeep.cli import main
-
-from conftest import interrupt_when
 
 SMALL = ["--image-size", "32", "--batch-size", "16", "--loader-workers", "0", "--warmup-steps", "2"]
 
@@ -120,7 +119,7 @@ def test_trials_run_on_the_head_are_retried_and_find_a_relative_weights_path(pla
     from ray.tune import ExperimentAnalysis
 
     from qdeep.models import build_model
-    from qdeep.tune import HEAD_RESOURCE, TRIAL_CPU
+    from qdeep.workflows.tune import HEAD_RESOURCE, TRIAL_CPU
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w").mkdir()
@@ -154,7 +153,7 @@ def test_fractional_gpus_per_worker_are_refused_before_any_trial(planet_dir, tmp
 def test_sweep_file_grids_samplers_and_fixed_settings(tmp_path):
     from ray import tune
 
-    from qdeep.tune import Sweep, expected_trials, param_space
+    from qdeep.workflows.tune import Sweep, expected_trials, param_space
 
     path = tmp_path / "sweep.yaml"
     path.write_text("arch: [resnet18, alexnet]\nfreeze: [head, 'last:1', none]\nlr: {loguniform: [1.0e-4, 1.0e-2]}\n"

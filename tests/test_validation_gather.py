@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from qdeep.data.loader import make_loader
+from qdeep.distributed.worker import validate
 from qdeep.parts.targets import MultiLabelTargets
 from qdeep.parts.validation import F2Validation
-from qdeep.train.data import make_loader
-from qdeep.train.worker import validate
 
 N, D, LABELS = 23, 6, ["a", "b", "c", "d"]  # 23 rows: the sampler pads the last shard with a repeat
 

@@ -9,9 +9,8 @@ from ray.train import WorkerGroupError
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import load_rgb
 from qdeep.data.synth import write_synthetic_classes
+from qdeep.distributed.tasks import ImagesNotVisible, check_images, map_images, require_visible, spread, user_error
 from qdeep.errors import QdeepError
-from qdeep.parallel import ImagesNotVisible, map_images, require_visible, spread, user_error
-from qdeep.workflows.common import check_images
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from qdeep.data.folders import image_id, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS, BadInputPolicy, ImageDecodeError, load_rgb
-from qdeep.data.planet import Dataset, ImageSet, load_class_folders, load_labeled_folder, load_planet
+from qdeep.data.planet import Dataset, ImageSet, load_class_folders, load_dataset, load_labeled_folder, load_planet
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -12,6 +12,7 @@ __all__ = [
     "ImageSet",
     "image_id",
     "load_class_folders",
+    "load_dataset",
     "load_labeled_folder",
     "load_planet",
     "load_rgb",

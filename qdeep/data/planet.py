@@ -236,3 +236,16 @@ def _parse_rows(csv_path: Path, records: Iterator[tuple[int, list[str]]], policy
     if n_data_rows == 0:
         raise QdeepError(f"{csv_path}: empty CSV (header only, no rows)")
     return rows
+
+
+def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
+                 images: str | Path | None = None) -> Dataset:
+    """`--data DIR` (Kaggle Planet layout), `--labels CSV --images DIR`, or `--images DIR` alone
+    (one sub-folder per class)."""
+    if data and not (labels or images):
+        return load_planet(data, policy)
+    if labels and images and not data:
+        return load_labeled_folder(labels, images, policy)
+    if images and not (data or labels):
+        return load_class_folders(images, policy)
+    raise QdeepError("give --data DIR, or --labels CSV with --images DIR, or --images DIR (a folder per class)")

@@ -9,15 +9,15 @@ from tqdm.auto import tqdm
 
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
-from qdeep.data import BadInputPolicy
+from qdeep.data import BadInputPolicy, load_dataset
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
+from qdeep.metrics import binarize
 from qdeep.parts.formatters import write_kaggle_submission
 from qdeep.parts.targets import MultiLabelTargets
-from qdeep.metrics import binarize
 from qdeep.parts.validation import KFoldValidation
 from qdeep.report import per_label_bar_chart
-from qdeep.runtime import ray_session
-from qdeep.workflows.common import image_features, load_dataset
 
 
 def run_baseline(

@@ -3,7 +3,7 @@
 Each iteration: descriptors of every image with the current network (feature store) ->
 PCA-whitening + L2 + k-means -> pseudo-labels -> a fresh head trained on the train split's
 pseudo-labels, scored on the ctrl split it never trains on; every iteration inside one Ray Train
-run (`qdeep.train.deepcluster`). Then the last network over-clusters the collection with `final_k`
+run (`qdeep.distributed.deepcluster`). Then the last network over-clusters the collection with `final_k`
 groups (its descriptors through Ray Data), drawn as image grids.
 
 OUT/iterations/iter_XX/ holds each finished iteration (metrics.json is written last, so a
@@ -21,68 +21,33 @@ from pathlib import Path
 import numpy as np
 
 from qdeep import tracking
-from qdeep.cluster.deepcluster import Clustering
-from qdeep.cluster.features import embed_images
-from qdeep.cluster.kmeans import nmi
+from qdeep.clustering.deepcluster import Clustering
+from qdeep.clustering.kmeans import nmi
+from qdeep.config import DeepClusterConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
+from qdeep.distributed import driver
+from qdeep.distributed.deepcluster import (
+    cluster_placed,
+    cluster_stats,
+    deepcluster_func,
+    in_order,
+    iteration_dir,
+    n_finished,
+    network,
+    truth_scores,
+)
+from qdeep.distributed.features import embed_images
+from qdeep.distributed.prepare import check_model, resolve_weights
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
+from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
-from qdeep.io import atomic_dir, atomic_path, write_json
+from qdeep.io import atomic_dir, atomic_path, filesystem, write_json
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
-from qdeep.runtime import ray_session
-from qdeep.storage import check_shared_storage, filesystem
-from qdeep.train import driver
-from qdeep.train.config import TrainConfig
-from qdeep.train.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
-                                     n_finished, network, truth_scores)
-from qdeep.workflows.common import check_images
-from qdeep.workflows.train import check_model
 
 STATE_FILE = "deepcluster.json"
 GRID_SIZE = 16
-
-
-@dataclass
-class DeepClusterConfig:
-    arch: str = "efficientnet_lite0"
-    weights: str = "bundled"  # the starting network: none | imagenet | bundled | PATH
-    k: int = 5  # clusters (pseudo-classes) per iteration
-    iterations: int = 10
-    epochs_per_iteration: int = 1
-    final_k: int = 20  # the final over-clustering
-    ctrl_fraction: float = 0.25  # images never trained on, to measure the pseudo-label task honestly
-    balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
-    pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
-    freeze: str = "none"  # the reference trains the whole network
-    lr: float = 0.001  # constant across iterations (after a warm-up in the first); 0.01 diverged with frozen BN
-    optimizer: str = "sgd"  # momentum 0.9, as the reference; the body's state carries over between iterations
-    augment: str = "flip"  # d4 | flip | strong (random-resized crops, flips, colour jitter) | none
-    bn_stats: str = "auto"  # frozen | batch | auto: frozen from pretrained weights, batch from none
-    batch_size: int = 64
-    image_size: int | None = None
-    loader_workers: int = 2
-    seed: int = 0
-
-    def fingerprint(self) -> dict:
-        """What must not change when a run is resumed (more iterations may be asked for)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("iterations", "loader_workers")}
-
-    def resolved_bn_stats(self) -> str:
-        """Pseudo-label training on a pretrained network keeps its BatchNorm statistics: letting them follow
-        augmented batches moved every descriptor (NMI on the digits 0.67 -> 0.46 in one iteration at lr 1e-3),
-        whereas a network trained from scratch has no statistics worth keeping."""
-        if self.bn_stats != "auto":
-            return self.bn_stats
-        return "batch" if str(self.weights).strip().lower() == "none" else "frozen"
-
-    def train_config(self, weights: str) -> TrainConfig:
-        """The pseudo-label training of every iteration (`weights`: the network it starts from): a new
-        head each iteration, the body's optimizer state kept across them, at a constant lr."""
-        return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
-                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, schedule="constant",
-                           augment=self.augment, bn_stats=self.resolved_bn_stats(), image_size=self.image_size,
-                           task="pseudo", validation="accuracy", balance=self.balance, seed=self.seed,
-                           loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction)
 
 
 @dataclass
@@ -107,13 +72,11 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     _check(config)
-    from qdeep.workflows.train import resolve_weights
-
     config = resolve_weights(config)  # a relative --weights PATH is the driver's; workers and actors run elsewhere
     with ray_session(address):
         check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
         check_shared_storage(storage_path)
-        tracking.check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
+        check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
         check_model(config.train_config(config.weights), config.k)
         parent_id = claim_out(out, config, len(coll.paths))

@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from qdeep import io
-from qdeep.baseline import KIND as HISTOGRAM_RF, HistogramForest, color_histogram
+from qdeep.baseline import KIND as HISTOGRAM_RF
+from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
+from qdeep.distributed.predict import CNN_KIND
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
 from qdeep.parts import FORMATTERS, load_plugins
 from qdeep.parts.formatters import default_format
 from qdeep.parts.targets import load_targets
-from qdeep.runtime import ray_session
-from qdeep.train import CNN_KIND
-from qdeep.workflows.common import image_features
 
 
 class HistogramPredictor:
@@ -35,7 +36,7 @@ class HistogramPredictor:
 
 
 def _cnn_predictor(model_dir: Path, tta: bool = False):
-    from qdeep.train.predict import CNNPredictor, load_exported
+    from qdeep.distributed.predict import CNNPredictor, load_exported
 
     load_exported(model_dir)  # here, in one line, before Ray starts: not in every actor
     return CNNPredictor(model_dir, tta=tta)

@@ -3,126 +3,22 @@
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qdeep import io, tracking
-from qdeep.data import BadInputPolicy
-from qdeep.errors import QdeepError
-from qdeep.models import build_model, parse_freeze
-from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
-from qdeep.parts.targets import Targets
+from qdeep.config import TrainConfig
+from qdeep.distributed import driver
+from qdeep.distributed.predict import CNN_KIND
+from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, resolve_weights, task_parts
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
+from qdeep.models import parse_freeze
+from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_bar_chart
-from qdeep.runtime import ray_session
-from qdeep.storage import check_shared_storage
-from qdeep.train import CNN_KIND, driver
-from qdeep.train.config import TrainConfig
-from qdeep.workflows.common import check_images, load_dataset
-
-NAMED_WEIGHTS = ("none", "imagenet", "bundled")
-
-
-@dataclass
-class TrainingData:
-    """Checked images, their targets and the held-out split: prepared once on the driver, shared
-    by a training run, every trial of a sweep, every rung of the ladder, every DeepCluster iteration."""
-
-    targets: Targets
-    paths: list[str]
-    y: np.ndarray  # what targets.encode made: (n, L) 0/1 rows, or (n,) class ids
-    is_val: np.ndarray
-    policy: BadInputPolicy
-    source: str
-    validation: str  # the validation part that scores this data
-
-    @property
-    def sizes(self) -> dict:
-        return {"n_train": int((~self.is_val).sum()), "n_val": int(self.is_val.sum())}
-
-    @property
-    def score_metric(self) -> str:
-        """What the best epoch and the best trial are chosen by: "val_f2", "val_accuracy", ..."""
-        return f"val_{VALIDATIONS.get(self.validation).metric}"
-
-
-def task_parts(config: TrainConfig) -> TrainConfig:
-    """The config with its validation part filled in from the task, every part name checked."""
-    targets = TARGETS.get(config.task)
-    validation = config.validation or targets.validation
-    VALIDATIONS.get(validation)
-    FIT_STRATEGIES.get(config.fit_strategy)
-    if config.balance not in ("none", "weights", "uniform"):
-        raise QdeepError(f"--balance {config.balance!r}: expected none, weights or uniform")
-    if config.balance == "uniform" and targets.dtype != np.int64:
-        raise QdeepError(f"--balance uniform samples classes uniformly: it needs a one-class-per-image task, "
-                         f"not {config.task!r} (use --balance weights)")
-    return replace(config, validation=validation)
-
-
-def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error", val_fraction: float = 0.2,
-                 seed: int = 0, task: str = "multilabel", validation: str | None = None) -> TrainingData:
-    """Load, decode-check (on Ray: call inside a Ray session), encode and split the training images."""
-    policy = BadInputPolicy(on_bad_image)
-    dataset = load_dataset(policy, data=data, labels=labels, images=images)
-    train = check_images(dataset.train, policy)
-    targets = TARGETS.get(task).from_labels(train.tags)
-    y = targets.encode(train.tags, train.origins)
-    validation = validation or targets.validation
-    is_val = VALIDATIONS.get(validation)().holdout(y, val_fraction, seed)
-    return TrainingData(targets, [str(p) for p in train.paths], y, is_val, policy, dataset.source, validation)
-
-
-def resolve_weight_path(weights: str) -> str:
-    """A weights PATH made absolute here, on the driver; the named weights as they are."""
-    return weights if weights in NAMED_WEIGHTS else str(Path(weights).resolve())
-
-
-def resolve_weights(config):
-    """The config (a TrainConfig, a DeepClusterConfig: any dataclass with `weights`) with its weights
-    path resolved on the driver: workers, trials and embedding actors run elsewhere, in other
-    working directories, maybe on other nodes."""
-    return replace(config, weights=resolve_weight_path(config.weights))
-
-
-def check_model(config: TrainConfig, num_labels: int) -> None:
-    """Fail on the driver, in one line, on a bad arch, freeze depth, fit strategy or weights, not in every worker."""
-    model = build_model(config.arch, num_labels, config.weights, config.freeze).eval()
-    FIT_STRATEGIES.get(config.fit_strategy)().stages(config.as_dict())
-    size = config.image_size or model.qdeep_arch.input_size
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
-    except RuntimeError as exc:
-        raise QdeepError(f"{config.arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
-                         "use a larger --image-size") from None
-
-
-def loop_config(config: TrainConfig, data: TrainingData, mlflow_uri: str | None, mlflow_run_id: str | None,
-                plugins: list[str] | None = None, train_on_all: bool = False) -> dict:
-    """Everything `worker.train_func` needs, as plain values. `train_on_all`: the validation rows
-    are trained on too (a refit; its validation scores are then no longer held out)."""
-    paths = np.asarray(data.paths)
-    val = data.is_val
-    train = np.ones_like(val) if train_on_all else ~val
-    return {
-        **config.as_dict(),
-        "task": data.targets.kind,
-        "validation": data.validation,
-        "score_metric": data.score_metric,
-        "labels": data.targets.vocabulary,
-        "train_paths": paths[train].tolist(),
-        "y_train": data.y[train].tolist(),
-        "val_paths": paths[val].tolist(),
-        "y_val": data.y[val].tolist(),
-        "plugins": list(plugins or []),
-        "launch_id": uuid.uuid4().hex,
-        "mlflow_uri": mlflow_uri,
-        "mlflow_run_id": mlflow_run_id,
-    }
 
 
 def run_train(
@@ -155,7 +51,7 @@ def run_train(
 
     with ray_session(address):
         check_shared_storage(storage_path)
-        tracking.check_shared_tracking(tracking_uri)
+        check_shared_tracking(tracking_uri)
         prepared = prepared or prepare_data(data, labels, images, on_bad_image, config.val_fraction, config.seed,
                                             config.task, config.validation)
         check_model(config, len(prepared.targets))

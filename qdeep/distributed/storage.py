@@ -9,56 +9,14 @@ run starts instead of letting checkpoints scatter over the nodes' own disks.
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
 from qdeep.errors import QdeepError
+from qdeep.io import is_uri
 
 MARKER_PREFIX = ".qdeep-shared-check-"
 PROBE_TIMEOUT_S = 60.0
-
-
-def is_object_store(path: str) -> bool:
-    """A URI whose filesystem every node reaches by name (s3://, gs://, hdfs://, ...); `file://` is
-    a local path like any other."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.lower() != "file"
-
-
-def filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def read_json(path: str) -> dict | None:
-    """The JSON file at `path` (local or URI), or None if there is none."""
-    import pyarrow.fs
-
-    fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(inner) as f:
-        return json.loads(f.read())
-
-
-def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON to `path`, creating its directory: atomically on a local (or NFS) path,
-    through pyarrow for a URI (object stores write whole objects)."""
-    from qdeep import io
-
-    if "://" not in path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        io.write_json(path, obj)
-        return
-    fs, inner = filesystem(path)
-    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(json.dumps(obj, indent=2).encode())
 
 
 STORAGE_REMEDY = ("a multi-node run needs --storage-path on shared storage: an NFS directory mounted at the same "
@@ -78,9 +36,9 @@ def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S, wh
     after the probe must mount the same storage, as the nodes up at the start do. `what` and
     `remedy` name the path and say what to do in the one-line refusal.
     """
-    from qdeep.runtime import is_local_ray
+    from qdeep.distributed.session import is_local_ray
 
-    if is_object_store(storage_path):
+    if is_uri(storage_path):
         return
     nodes = alive_nodes()
     if len(nodes) < 2:
@@ -154,3 +112,25 @@ def _read_text(path: str) -> str | None:
         return Path(path).read_text()
     except OSError:
         return None
+
+
+TRACKING_REMEDY = ("rank 0 of a run logs from whichever node it is on: set MLFLOW_TRACKING_URI=http://HEAD:5000 "
+                   "(an `mlflow server` on the head; cluster.yaml starts one) or --tracking-uri to one")
+
+
+def check_shared_tracking(uri: str | None = None) -> None:
+    """Refuse at the start a file-based MLflow store (the default SQLite file in the working
+    directory) that rank 0 on another node could not open, which would otherwise fail only at the
+    end of the training ("run not found").
+
+    Call it on the driver, inside a Ray session, next to `storage.check_shared_storage`. A store
+    reached over the network passes. A file-based store passes when its directory is shared as a
+    storage path must be (the same probe: every alive node sees it, or the Ray is a plain local
+    one), so a SQLite file on NFS, or any file on a laptop, still works.
+    """
+    from qdeep.tracking import store_directory, tracking_uri
+
+    uri = tracking_uri(uri)
+    directory = store_directory(uri)
+    if directory is not None:
+        check_shared_storage(directory, what=f"MLflow store {uri}: its directory", remedy=TRACKING_REMEDY)

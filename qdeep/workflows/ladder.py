@@ -19,13 +19,15 @@ import numpy as np
 
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
+from qdeep.config import TrainConfig
 from qdeep.data import ImageSet
+from qdeep.distributed.prepare import TrainingData, prepare_data, task_parts
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.storage import check_shared_tracking
+from qdeep.distributed.tasks import image_features
 from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_heatmap, rung_chart
-from qdeep.runtime import ray_session
-from qdeep.train.config import TrainConfig
-from qdeep.workflows.common import image_features
-from qdeep.workflows.train import TrainingData, prepare_data, run_train, task_parts
+from qdeep.workflows.train import run_train
 
 RUNGS = ("histogram_rf", "scratch", "frozen", "finetune")
 
@@ -59,7 +61,7 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
     weights = weights or default_weights(arch)
     base = task_parts(base)
     with ray_session(address):
-        tracking.check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
+        check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
         prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
                                 base.validation)
         validation = VALIDATIONS.get(prepared.validation)

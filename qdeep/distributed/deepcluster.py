@@ -24,16 +24,27 @@ import numpy as np
 import torch
 
 from qdeep import io
-from qdeep.cluster.deepcluster import Clustering, cluster_store, sample_rows
-from qdeep.cluster.kmeans import choose_pca_dim, ground_truth_scores, nmi
-from qdeep.cluster.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_store, write_rank_shards
+from qdeep.clustering.deepcluster import Clustering, cluster_store, sample_rows
+from qdeep.clustering.kmeans import choose_pca_dim, ground_truth_scores, nmi
+from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_store, write_rank_shards
+from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
+from qdeep.distributed.tasks import require_visible
+from qdeep.distributed.worker import (
+    _broadcast_from_rank0,
+    _distributed,
+    _gather_to_rank0,
+    _maybe_crash,
+    _sum_across_workers,
+    load_optimizer_state,
+    lr_factor,
+    make_optimizer,
+    optimizer_state,
+    train_one_epoch,
+    validate,
+    worker_batch,
+)
 from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_sha256
-from qdeep.parallel import require_visible
 from qdeep.parts import TARGETS, VALIDATIONS
-from qdeep.train.data import ImageDataset, make_loader, uniform_class_sample
-from qdeep.train.worker import (_broadcast_from_rank0, _distributed, _gather_to_rank0, _maybe_crash,
-                                _sum_across_workers, load_optimizer_state, lr_factor, make_optimizer,
-                                optimizer_state, train_one_epoch, validate, worker_batch)
 
 OPTIMIZER_FILE = "optimizer.pt"
 KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
@@ -68,7 +79,7 @@ def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool
     both, memory for the sample `cluster_store` draws (raw and whitened), one shard and the labels,
     so that at k=10,000 over 1280-d descriptors (13 GB of sample) it is placed on a node that has it,
     not on the head beside the GCS and MLflow."""
-    from qdeep.storage import alive_nodes
+    from qdeep.distributed.storage import alive_nodes
 
     sample = sample_rows(n_rows, k)
     whitened = choose_pca_dim(sample, dim, pca) if sample >= 2 else dim
@@ -88,9 +99,9 @@ def cluster_placed(store, k: int, pca: int | None, seed: int,
     ("driver" for this process, or "task on IP")."""
     import ray
 
-    from qdeep.runtime import is_local_ray
-    from qdeep.storage import alive_nodes
-    from qdeep.train.driver import cluster_has_gpus
+    from qdeep.distributed.driver import cluster_has_gpus
+    from qdeep.distributed.session import is_local_ray
+    from qdeep.distributed.storage import alive_nodes
 
     if is_local_ray(alive_nodes()):
         return *cluster_store(store, k, pca, seed=seed), "driver"

@@ -13,135 +13,20 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
-from qdeep import io, storage, tracking
+from qdeep import io, tracking
+from qdeep.config import SWEPT, Sweep
+from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, resolve_weights, task_parts
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
+from qdeep.distributed.tune import TRIAL_RESOURCES, concurrency, param_space, scheduler, tune_trial
 from qdeep.errors import QdeepError
-from qdeep.report import ladder_plot, per_label_heatmap
-from qdeep.runtime import ray_session
-from qdeep.train.config import TrainConfig
 from qdeep.parts import VALIDATIONS, load_plugins
-from qdeep.workflows.train import (TrainingData, check_model, loop_config, prepare_data, resolve_weight_path,
-                                   resolve_weights, task_parts)
+from qdeep.report import ladder_plot, per_label_heatmap
 
-SWEPT = ("arch", "weights", "freeze", "lr")
 SWEEP_FILE = "qdeep_sweep.json"
-TRIAL_CPU = 0.01  # the Tune function only waits on its trainer; the workers hold the real resources
-# Every Ray head has this resource (Ray pins its own Train and Data state actors to the head with it). A
-# trial's driver asks for a sliver of it, so it runs on the head, which is on-demand in cluster.yaml, and
-# not on a spot GPU node that would take the trial down with it; the workers still go where the GPUs are.
-HEAD_RESOURCE = "node:__internal_head__"
-TRIAL_RESOURCES = {"cpu": TRIAL_CPU, HEAD_RESOURCE: 0.001}
-
-
-@dataclass
-class Sweep:
-    """What is swept (lists: grid; {"choice": [...]}, {"uniform"/"loguniform": [lo, hi]}: sampled)
-    and everything held fixed."""
-
-    space: dict
-    base: TrainConfig = field(default_factory=TrainConfig)
-    num_samples: int = 1
-    scheduler: str = "asha"  # asha | none
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_concurrent: int | None = None
-    workers_per_trial: int = 1
-    gpus_per_trial: float = 0
-    max_failures: int = 2  # a failed trial (a worker's node lost) is retried, resuming from its last checkpoint
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **defaults) -> "Sweep":
-        """The sweep file's keys win over `defaults` (the command line's sweep options)."""
-        spec = yaml.safe_load(Path(path).read_text()) or {}
-        space = {k: spec.pop(k) for k in SWEPT if k in spec}
-        base = TrainConfig(**{k: spec.pop(k) for k in list(spec) if k in TrainConfig.__dataclass_fields__})
-        unknown = set(spec) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise QdeepError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(space=space, base=base, **{**defaults, **spec})
-
-
-def param_space(space: dict) -> dict:
-    from ray import tune
-
-    out = {}
-    for key, value in space.items():
-        if isinstance(value, list):
-            out[key] = tune.grid_search(value)
-        elif isinstance(value, dict) and len(value) == 1:
-            kind, arg = next(iter(value.items()))
-            samplers = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
-                        "loguniform": lambda a: tune.loguniform(*a)}
-            if kind not in samplers:
-                raise QdeepError(f"sweep key {key!r}: unknown sampler {kind!r} (choice, uniform, loguniform)")
-            out[key] = samplers[kind](arg)
-        else:
-            out[key] = value
-    return out
-
-
-def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
-    """One trial: a Ray Train run named after the trial, reporting every epoch through Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from qdeep.train.driver import make_trainer
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    load_plugins(sweep["plugins"])
-    train_config = replace(TrainConfig(**sweep["base"]), **{k: config[k] for k in SWEPT})  # paths made absolute
-    run_id = tracking.child_run(sweep["mlflow_uri"], sweep["parent_run_id"], trial_id, f"trial-{trial_id}",
-                                {**train_config.as_dict(), "trial_id": trial_id})
-    name = f"{sweep['name']}-{trial_id}"
-    finished = _finished_run_metrics(f"{sweep['storage_path']}/{name}", train_config.epochs)
-    if finished:  # resumed after its last epoch: nothing to train, but Tune needs the result
-        ray.tune.report(finished)
-        return
-    trainer = make_trainer(
-        loop_config(train_config, data, sweep["mlflow_uri"], run_id, sweep["plugins"]),
-        workers=sweep["workers_per_trial"],
-        name=name,
-        storage_path=sweep["storage_path"],
-        use_gpu=sweep["gpus_per_trial"] > 0,
-        cpus=1,
-        gpus=sweep["gpus_per_trial"] // sweep["workers_per_trial"],  # whole GPUs: see _check_gpus
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
-
-
-def _finished_run_metrics(run_path: str, epochs: int) -> dict | None:
-    """The last metrics of a Ray Train run that already trained all its epochs, else None."""
-    import ray.train
-
-    try:
-        metrics = ray.train.Result.from_path(run_path).metrics or {}
-    except RuntimeError:  # no such run yet
-        return None
-    return metrics if int(metrics.get("epoch", -1)) + 1 >= epochs else None
-
-
-def concurrency(sweep: Sweep) -> int:
-    """Trials that fit at once: each needs all its workers placed, or trials would hold their
-    Tune slots while their workers wait for each other."""
-    import ray
-
-    resources = ray.cluster_resources()
-    fits = int(resources.get("CPU", 1) // sweep.workers_per_trial)
-    if sweep.gpus_per_trial:
-        if not resources.get("GPU"):  # an autoscaling cluster starts GPU nodes once trials ask for them
-            return sweep.max_concurrent or 1
-        fits = min(fits, int(resources.get("GPU", 0) // sweep.gpus_per_trial))
-    if fits < 1:
-        raise QdeepError(f"one trial needs {sweep.workers_per_trial} CPU worker(s) and {sweep.gpus_per_trial} GPU(s); "
-                         f"the cluster has {resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs")
-    return min(fits, sweep.max_concurrent or fits)
-
-
 def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None, name: str = "sweep",
              storage_path: str | None = None, on_bad_image: str = "error", tracking_uri: str | None = None,
              address: str | None = None, plugins: list[str] | None = None) -> list[dict]:
@@ -157,8 +42,8 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
     experiment = f"{storage_path}/{name}"
     uri = tracking.tracking_uri(tracking_uri)
     with ray_session(address):
-        storage.check_shared_storage(storage_path)
-        tracking.check_shared_tracking(tracking_uri)
+        check_shared_storage(storage_path)
+        check_shared_tracking(tracking_uri)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
                                 sweep.base.task, sweep.base.validation)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
@@ -183,7 +68,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                     trainable,
                     param_space=param_space(sweep.space),
                     tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=sweep.num_samples,
-                                                scheduler=_scheduler(sweep), max_concurrent_trials=concurrency(sweep)),
+                                                scheduler=scheduler(sweep), max_concurrent_trials=concurrency(sweep)),
                     run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                               failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
                 )
@@ -255,24 +140,13 @@ def _check_grid(sweep: Sweep, num_labels: int) -> None:
         check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels)
 
 
-def _scheduler(sweep: Sweep):
-    from ray.tune.schedulers import ASHAScheduler
-
-    if sweep.scheduler == "none":
-        return None
-    if sweep.scheduler != "asha":
-        raise QdeepError(f"unknown scheduler {sweep.scheduler!r} (asha or none)")
-    return ASHAScheduler(time_attr="training_iteration", max_t=sweep.base.epochs, grace_period=sweep.grace_period,
-                         reduction_factor=sweep.reduction_factor)
-
-
 def _recorded_parent(experiment: str) -> str | None:
-    recorded = storage.read_json(f"{experiment}/{SWEEP_FILE}")  # local, NFS or s3://, like the trials
+    recorded = io.read_json(f"{experiment}/{SWEEP_FILE}")  # local, NFS or s3://, like the trials
     return recorded["parent_run_id"] if recorded else None
 
 
 def _record_parent(experiment: str, run_id: str) -> None:
-    storage.write_json(f"{experiment}/{SWEEP_FILE}", {"parent_run_id": run_id})
+    io.write_json(f"{experiment}/{SWEEP_FILE}", {"parent_run_id": run_id})
 
 
 def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: str = "f2") -> list[dict]:

@@ -11,10 +11,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qdeep.cluster.kmeans import (KMeans, choose_pca_dim, cluster_sizes, fit_pca_whitening, imbalance_factor,
-                                  n_empty_clusters, preprocess, preprocess_features, sq_distances)
+from qdeep.clustering.kmeans import (
+    KMeans,
+    choose_pca_dim,
+    cluster_sizes,
+    fit_pca_whitening,
+    imbalance_factor,
+    n_empty_clusters,
+    preprocess,
+    preprocess_features,
+    sq_distances,
+)
+from qdeep.data.loader import uniform_class_sample as uniform_cluster_sample
 from qdeep.parts.targets import balanced_class_weights
-from qdeep.train.data import uniform_class_sample as uniform_cluster_sample
 
 __all__ = ["Clustering", "balanced_class_weights", "cluster_store", "pseudo_labels", "uniform_cluster_sample"]
 

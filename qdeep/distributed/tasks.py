@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.errors import QdeepError
 
@@ -59,7 +60,7 @@ def check_visible_everywhere(paths: Sequence[str], timeout: float = 60.0) -> Non
     workers call `require_visible` as they start."""
     import ray
 
-    from qdeep.storage import alive_nodes, on_each_node
+    from qdeep.distributed.storage import alive_nodes, on_each_node
 
     nodes = alive_nodes()
     if len(nodes) < 2 or not paths:
@@ -156,3 +157,29 @@ def map_images(
         if feats.shape[1]:
             out[start : start + len(feats)] = feats
     return out, sorted(errors)
+
+
+def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:
+    """Features of every decodable image; undecodable ones go to the policy and are left out. Images
+    some node cannot see stop the run (`ImagesNotVisible`), whatever the policy."""
+    check_visible_everywhere(images.paths)
+    x, errors = map_images(fn, images.paths, desc=desc)
+    keep = np.ones(len(images), dtype=bool)
+    for i, reason in errors:
+        origin = images.origins[i] if images.origins else None
+        if origin and origin != str(images.paths[i]):  # the CSV line that names the image
+            reason = f"{reason}, named on {origin}"
+        policy.report(str(images.paths[i]), reason)
+        keep[i] = False
+    if keep.all():
+        return x, images
+    return x[keep], images.subset(keep.tolist())
+
+
+def _decode_only(image) -> np.ndarray:
+    return np.zeros(0, dtype=np.float32)
+
+
+def check_images(images: ImageSet, policy: BadInputPolicy, desc: str = "checking images") -> ImageSet:
+    """Decode every image once on Ray so bad files meet the policy before training starts."""
+    return image_features(_decode_only, images, policy, desc)[1]

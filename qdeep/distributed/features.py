@@ -12,14 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.data import BadInputPolicy, ImageSet, scan_images
-from qdeep.data.images import IMAGE_EXTENSIONS, load_rgb
+from qdeep.data.images import load_rgb
 from qdeep.data.transforms import to_uint8
+from qdeep.distributed.tasks import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.errors import QdeepError
 from qdeep.models import build_model, embed, weights_sha256
-from qdeep.parallel import check_visible_everywhere, node_name, not_visible, raise_user_error
-from qdeep.runtime import ray_session
-from qdeep.workflows.common import check_images
 
 
 def load_backbone(arch: str, weights: str) -> torch.nn.Module:
@@ -57,23 +54,6 @@ class Embedder:
         return {"image": batch["image"], "features": features}
 
 
-def extract_features(images: str | Path, arch: str, weights: str, out: str | Path, batch_size: int = 64,
-                     image_size: int | None = None, rows_per_shard: int = 50_000, on_bad_image: str = "error",
-                     address: str | None = None):
-    """Build the store at `out` from every image under `images` (ids relative to `images`)."""
-    root = Path(images).resolve()
-    policy = BadInputPolicy(on_bad_image)
-    found = scan_images(root, policy)
-    if not found:
-        raise QdeepError(f"{root}: no images to describe ({', '.join(IMAGE_EXTENSIONS)}, in or below it)")
-    with ray_session(address):
-        good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
-        if not good.paths:
-            raise QdeepError(f"{root}: none of its {len(found)} images could be decoded ({policy.n_skipped} skipped)")
-        return embed_images(root, good.paths, arch, weights, out, batch_size, image_size, rows_per_shard,
-                            extra={"n_skipped": policy.n_skipped, "skipped": policy.skipped})
-
-
 def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1):
@@ -82,7 +62,7 @@ def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, ba
     the pool starts with one and grows, as GPUs join, to `max_gpu_actors` (or the GPUs up now)."""
     import ray
 
-    from qdeep.cluster.store import write_store_from_dataset
+    from qdeep.clustering.store import write_store_from_dataset
 
     model = load_backbone(arch, weights)
     spec = model.qdeep_arch

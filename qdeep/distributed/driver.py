@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from qdeep.train.worker import CHECKPOINT_FILE, CRASH_ENV, train_func
+from qdeep import io
+from qdeep.distributed.worker import CHECKPOINT_FILE, CRASH_ENV, train_func
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _fit(trainer):
     itself, for the CLI's one-line message, not inside Ray Train's `TrainingFailedError`."""
     from ray.train import TrainingFailedError
 
-    from qdeep.parallel import raise_user_error
+    from qdeep.distributed.tasks import raise_user_error
 
     try:
         return trainer.fit()
@@ -187,13 +188,12 @@ RUN_FILE = "qdeep_run.json"
 def claim_run(storage_path: str, name: str, fingerprint: dict) -> None:
     """Rerunning a name resumes it, so the same name must mean the same training: the first launch
     records its configuration beside Ray's files, later launches must match it."""
-    from qdeep import storage
     from qdeep.errors import QdeepError
 
     path = f"{storage_path.rstrip('/')}/{name}/{RUN_FILE}"
-    recorded = storage.read_json(path)
+    recorded = io.read_json(path)
     if recorded is None:
-        storage.write_json(path, fingerprint)
+        io.write_json(path, fingerprint)
         return
     changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
     if changed:

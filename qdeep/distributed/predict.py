@@ -11,10 +11,12 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
+from qdeep.distributed.tasks import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.errors import QdeepError
 from qdeep.io import read_model_json
-from qdeep.parallel import check_visible_everywhere, node_name, not_visible, raise_user_error
 from qdeep.parts.targets import load_targets
+
+CNN_KIND = "cnn"  # config.json "kind" of models exported by `qdeep train`
 
 
 def read_config(model_dir: Path) -> dict:

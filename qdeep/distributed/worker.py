@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
+from qdeep.distributed.tasks import require_visible
 from qdeep.models import apply_freeze, build_model, set_train_mode, weights_sha256
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
-from qdeep.parallel import require_visible
 from qdeep.parts.fit import param_groups, stage_of
-from qdeep.train.data import ImageDataset, make_loader, uniform_class_sample
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CRASH_ENV = "QDEEP_TEST_CRASH"  # tests only: "RANK:EPOCH:MARKER_FILE" makes that rank exit hard once

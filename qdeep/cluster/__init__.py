@@ -1,1 +1,0 @@
-"""DeepCluster: feature store, k-means stage, the loop."""

@@ -1,0 +1,29 @@
+"""`qdeep features`: descriptors of every image under a folder into a feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdeep.data import BadInputPolicy, ImageSet, scan_images
+from qdeep.data.images import IMAGE_EXTENSIONS
+from qdeep.distributed.features import embed_images
+from qdeep.distributed.session import ray_session
+from qdeep.distributed.tasks import check_images
+from qdeep.errors import QdeepError
+
+
+def extract_features(images: str | Path, arch: str, weights: str, out: str | Path, batch_size: int = 64,
+                     image_size: int | None = None, rows_per_shard: int = 50_000, on_bad_image: str = "error",
+                     address: str | None = None):
+    """Build the store at `out` from every image under `images` (ids relative to `images`)."""
+    root = Path(images).resolve()
+    policy = BadInputPolicy(on_bad_image)
+    found = scan_images(root, policy)
+    if not found:
+        raise QdeepError(f"{root}: no images to describe ({', '.join(IMAGE_EXTENSIONS)}, in or below it)")
+    with ray_session(address):
+        good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        if not good.paths:
+            raise QdeepError(f"{root}: none of its {len(found)} images could be decoded ({policy.n_skipped} skipped)")
+        return embed_images(root, good.paths, arch, weights, out, batch_size, image_size, rows_per_shard,
+                            extra={"n_skipped": policy.n_skipped, "skipped": policy.skipped})
