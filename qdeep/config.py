@@ -1,65 +1,91 @@
-"""The knobs of one CNN training run, shared by `qdeep train`, sweeps, the ladder and DeepCluster."""
+"""Run configurations, the one source of every default: the CLI generates its options from these
+fields (`options.add_fields`), with each field's type, choices and help from its metadata."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qdeep.errors import QdeepError
+from qdeep.options import (crop_fraction, fraction, fraction_closed, freeze_spec, image_size, int_range,
+                           learning_rate, non_negative_float, non_negative_int, positive_float, positive_int,
+                           seed_int)
 
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")  # --weights besides a PATH
 
 
+def option(default, help: str, type=None, choices=None, **kwargs):
+    """A dataclass field whose metadata says how the CLI takes it (`help` gets its default appended)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, **kwargs})
+
+
 @dataclass
 class TrainConfig:
-    arch: str = "resnet18"
-    weights: str = "none"  # none | imagenet | bundled | PATH
-    freeze: str = "none"  # head | last:N | none (for two-stage: the second stage's depth)
-    epochs: int = 5
-    batch_size: int = 64  # the global batch, shared out among the workers
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
-    schedule: str = "constant"  # cosine | step | constant, after a linear warm-up (measured: scripts/bench_quality.py)
-    warmup_steps: int = 0
-    min_lr_factor: float = 0.0  # cosine: where the decay ends, as a fraction of the lr
+    """The knobs of one CNN training run: `qdeep train`, each trial of a sweep, each rung of the
+    ladder, DeepCluster's pseudo-label training."""
+
+    arch: str = option("resnet18", "model name (see qdeep.models.list_archs)")
+    weights: str = option("none", "none | imagenet | bundled | PATH to a state_dict")
+    freeze: str = option("none", "head | last:N | none (two-stage: the second stage's depth)", freeze_spec)
+    epochs: int = option(5, "epochs", positive_int)
+    batch_size: int = option(64, "global batch, shared out among the workers", positive_int)
+    lr: float = option(1e-3, "learning rate", learning_rate)
+    optimizer: str = option("adamw", "adamw | sgd (momentum 0.9)", choices=("adamw", "sgd"))
+    schedule: str = option("constant", "the lr over the run, after the warm-up (constant beat a cosine decay on "
+                           "a few epochs' fine-tuning, see README Benchmarks)", choices=("constant", "cosine", "step"))
+    warmup_steps: int = option(0, "linear warm-up steps", non_negative_int)
+    min_lr_factor: float = option(0.0, "cosine: the lr decays to this fraction of --lr", fraction_closed)
     weight_decay: float = 1e-4
-    image_size: int | None = None  # None: the architecture's own input size
-    crop: float = 0.0  # random crops of up to this fraction of the side
-    augment: str = "d4"  # d4 (flips + 90-degree rotations) | flip | strong | none
-    bn_stats: str = "batch"  # batch (BatchNorm layers that train follow the batch) | frozen (all keep their statistics)
-    task: str = "multilabel"  # a targets part: multilabel | multiclass | pseudo | a plugin's
-    validation: str | None = None  # a validation part; None: the task's own (f2 | accuracy)
-    fit_strategy: str = "single"  # single | two-stage | a plugin's
-    head_epochs: int = 1  # two-stage: epochs of head-only training first
-    finetune_lr_factor: float = 1.0  # two-stage: the second stage's lr relative to --lr
-    discriminative_lr: float = 1.0  # each block below the head trains at this factor of the one above
-    balance: str = "none"  # none | weights (rare tags/classes weigh more) | uniform (classes sampled uniformly)
-    val_fraction: float = 0.2
-    refit: bool = False  # after choosing the epochs and thresholds on the validation split, retrain on every row
-    seed: int = 0
-    loader_workers: int = 2  # JPEG-decoding processes per Ray worker
+    image_size: int | None = option(None, "input side in pixels (default: the architecture's own)", image_size)
+    crop: float = option(0.0, "random crops of up to this fraction of the side", crop_fraction)
+    augment: str = option("d4", "d4: flips and 90-degree rotations (tiles seen from above); flip: left-right flips "
+                          "only (images with an up); strong: random-resized crops, flips and colour jitter; none",
+                          choices=("d4", "flip", "strong", "none"))
+    bn_stats: str = option("batch", "batch: the BatchNorm layers that train follow the batch; frozen: every "
+                           "BatchNorm layer keeps its pretrained statistics (its scale and shift train); auto: "
+                           "frozen from pretrained --weights, batch from none", choices=("batch", "frozen", "auto"))
+    task: str | None = option(None, "multilabel | multiclass | a plugin's (default: multilabel for --data or "
+                              "--labels, multiclass for --images DIR alone, one sub-folder per class)")
+    validation: str | None = option(None, "f2 | accuracy | a plugin's (default: the task's own)")
+    fit_strategy: str = option("single", "single | two-stage: head only on a frozen backbone for --head-epochs, "
+                               "then --freeze's blocks too at --finetune-lr-factor x --lr")
+    head_epochs: int = option(1, "two-stage: head-only epochs first", positive_int)
+    finetune_lr_factor: float = option(1.0, "two-stage: the second stage's lr as a factor of --lr", positive_float)
+    discriminative_lr: float = option(1.0, "each block below the head trains at this factor of the lr above it "
+                                      "(1: off)", positive_float)
+    balance: str = option("none", "weights: rare tags/classes weigh more in the loss; uniform: sample classes "
+                          "uniformly (one-class tasks)", choices=("none", "weights", "uniform"))
+    val_fraction: float = option(0.2, "held-out fraction that chooses the epoch and the thresholds", fraction)
+    refit: bool = option(False, "after the epochs and thresholds are chosen on the validation split, retrain on "
+                         "every row for those epochs and export that network (the scores stay the validation run's)")
+    seed: int = option(0, "random seed", seed_int)
+    loader_workers: int = option(2, "image-decoding processes per worker (0: in the worker itself)",
+                                 non_negative_int)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+TRAIN_OPTIONS = [f for f in TrainConfig.__dataclass_fields__ if f not in ("arch", "weights", "freeze", "lr",
+                                                                         "weight_decay", "refit")]
 SWEPT = ("arch", "weights", "freeze", "lr")  # what `qdeep tune` sweeps from the command line
 
 
 @dataclass
 class Sweep:
-    """What is swept (lists: grid; {"choice": [...]}, {"uniform"/"loguniform": [lo, hi]}: sampled)
-    and everything held fixed."""
+    """A Ray Tune sweep: what is swept (lists: a grid; {"choice": [...]}, {"uniform"/"loguniform":
+    [lo, hi]}: sampled) over `base`, everything held fixed."""
 
-    space: dict
+    space: dict = field(default_factory=dict)
     base: TrainConfig = field(default_factory=TrainConfig)
-    num_samples: int = 1
-    scheduler: str = "asha"  # asha | none
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_concurrent: int | None = None
-    workers_per_trial: int = 1
-    gpus_per_trial: float = 0
+    num_samples: int = option(1, "repeats of the grid (or samples of a random space)", positive_int)
+    scheduler: str = option("asha", "asha stops weak trials early", choices=("asha", "none"))
+    grace_period: int = option(1, "ASHA: epochs before a trial can be stopped", positive_int)
+    reduction_factor: int = option(2, "ASHA: keep the top 1/R at each rung", int_range(2))
+    max_concurrent: int | None = option(None, "cap on trials at once (default: what the cluster fits)",
+                                        positive_int)
+    workers_per_trial: int = option(1, "Ray Train workers of each trial", positive_int)
+    gpus_per_trial: float = option(0.0, "GPUs of each trial, a whole number per worker", non_negative_float)
     max_failures: int = 2  # a failed trial (a worker's node lost) is retried, resuming from its last checkpoint
 
     @classmethod
@@ -76,44 +102,50 @@ class Sweep:
         return cls(space=space, base=base, **{**defaults, **spec})
 
 
+SWEEP_OPTIONS = [f for f in Sweep.__dataclass_fields__ if f not in ("space", "base", "max_failures")]
+
+
+def _pseudo_label_training() -> TrainConfig:
+    """DeepCluster's defaults (each measured, README Benchmarks): the whole network from bundled
+    weights, one epoch per iteration, SGD (momentum 0.9, as the reference) at a constant 0.001 (0.01
+    diverged with frozen BatchNorm statistics), left-right flips (the reference's strong augmentation
+    did worse on small sets), the starting network's BatchNorm statistics kept (`auto`), balanced
+    class weights, a quarter of the images held out (the ctrl split)."""
+    return TrainConfig(arch="efficientnet_lite0", weights="bundled", epochs=1, lr=0.001, optimizer="sgd",
+                       augment="flip", bn_stats="auto", balance="weights", task="pseudo", validation="accuracy",
+                       val_fraction=0.25)
+
+
 @dataclass
 class DeepClusterConfig:
-    arch: str = "efficientnet_lite0"
-    weights: str = "bundled"  # the starting network: none | imagenet | bundled | PATH
-    k: int = 5  # clusters (pseudo-classes) per iteration
-    iterations: int = 10
-    epochs_per_iteration: int = 1
-    final_k: int = 20  # the final over-clustering
-    ctrl_fraction: float = 0.25  # images never trained on, to measure the pseudo-label task honestly
-    balance: str = "weights"  # weights (balanced class weights) | uniform (uniform per-cluster sampler)
-    pca: int | None = None  # whitened dims (default: from the number of images, see choose_pca_dim)
-    freeze: str = "none"  # the reference trains the whole network
-    lr: float = 0.001  # constant across iterations (after a warm-up in the first); 0.01 diverged with frozen BN
-    optimizer: str = "sgd"  # momentum 0.9, as the reference; the body's state carries over between iterations
-    augment: str = "flip"  # d4 | flip | strong (random-resized crops, flips, colour jitter) | none
-    bn_stats: str = "auto"  # frozen | batch | auto: frozen from pretrained weights, batch from none
-    batch_size: int = 64
-    image_size: int | None = None
-    loader_workers: int = 2
-    seed: int = 0
+    """DeepCluster (Caron et al. 2018): `train` is each iteration's pseudo-label training."""
+
+    train: TrainConfig = field(default_factory=_pseudo_label_training)
+    k: int = option(5, "clusters (pseudo-classes) per iteration", int_range(2))
+    iterations: int = option(10, "cluster-and-train iterations (0: over-cluster the starting network's "
+                             "descriptors)", non_negative_int)
+    final_k: int = option(20, "groups of the final over-clustering", int_range(2))
+    pca: int | None = option(None, "whitened dimensions (default: chosen from the number of images)", positive_int)
+
+    def as_dict(self) -> dict:
+        return {**self.train.as_dict(), **{k: v for k, v in asdict(self).items() if k != "train"}}
 
     def fingerprint(self) -> dict:
         """What must not change when a run is resumed (more iterations may be asked for)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("iterations", "loader_workers")}
-
-    def resolved_bn_stats(self) -> str:
-        """Pseudo-label training on a pretrained network keeps its BatchNorm statistics: letting them follow
-        augmented batches moved every descriptor (NMI on the digits 0.67 -> 0.46 in one iteration at lr 1e-3),
-        whereas a network trained from scratch has no statistics worth keeping."""
-        if self.bn_stats != "auto":
-            return self.bn_stats
-        return "batch" if str(self.weights).strip().lower() == "none" else "frozen"
+        return {k: v for k, v in self.as_dict().items() if k not in ("iterations", "loader_workers")}
 
     def train_config(self, weights: str) -> TrainConfig:
         """The pseudo-label training of every iteration (`weights`: the network it starts from): a new
-        head each iteration, the body's optimizer state kept across them, at a constant lr."""
-        return TrainConfig(arch=self.arch, weights=weights, freeze=self.freeze, epochs=self.epochs_per_iteration,
-                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, schedule="constant",
-                           augment=self.augment, bn_stats=self.resolved_bn_stats(), image_size=self.image_size,
-                           task="pseudo", validation="accuracy", balance=self.balance, seed=self.seed,
-                           loader_workers=self.loader_workers, val_fraction=self.ctrl_fraction)
+        head each iteration, the body's optimizer state kept across them, at a constant lr. `auto`
+        BatchNorm statistics follow the starting weights, for every iteration: frozen from pretrained
+        ones (statistics that followed augmented batches moved every descriptor: NMI on the digits
+        0.67 -> 0.46 in one iteration at lr 1e-3), batch from none."""
+        bn_stats = self.train.bn_stats
+        if bn_stats == "auto":
+            bn_stats = "batch" if str(self.train.weights).strip().lower() == "none" else "frozen"
+        return replace(self.train, weights=weights, schedule="constant", bn_stats=bn_stats)
+
+
+def pick(args, names) -> dict:
+    """The parsed values of the options `names` (their dests are the fields' names)."""
+    return {name: getattr(args, name) for name in names}

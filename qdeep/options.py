@@ -108,9 +108,27 @@ def freeze_spec(text: str) -> str:
     raise _bad(text, FREEZE_EXPECTED)
 
 
+def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
+    """`N`, `"N"`, `"MIN-MAX"` or `(MIN, MAX)` as (MIN, MAX). MIN < MAX is elastic: Ray Train starts
+    with as many workers as the cluster's nodes hold (at least MIN) and grows towards MAX as nodes join."""
+    from qdeep.errors import QdeepError
+
+    if isinstance(workers, tuple):
+        lo, hi = workers
+    else:
+        text = str(workers).strip()
+        lo_text, sep, hi_text = text.partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text if sep else lo_text)
+        except ValueError:
+            raise QdeepError(f"--workers {text!r}: expected N or MIN-MAX, e.g. 2 or 1-4") from None
+    if not 1 <= lo <= hi:
+        raise QdeepError(f"--workers {workers!r}: need 1 <= MIN <= MAX, e.g. 2 or 1-4")
+    return lo, hi
+
+
 def workers_spec(text: str) -> str:
-    """N or MIN-MAX, as `qdeep.distributed.driver.worker_range` reads it; kept as given."""
-    from qdeep.distributed.driver import worker_range
+    """N or MIN-MAX, as `worker_range` reads it; kept as given."""
     from qdeep.errors import QdeepError
 
     try:
@@ -149,3 +167,20 @@ def csv_list(kind, what: str = "values"):
 
     parse.__name__ = f"list of {what}"
     return parse
+
+
+def add_fields(parser, config, names, **overrides) -> None:
+    """One `--field-name` option (dest: the field's name) for each dataclass field in `names`, its
+    default the value in `config` (an instance), its type, choices and help from the field's
+    metadata; `overrides[name]` replaces any of those (a `flag` too) for one command."""
+    for name in names:
+        meta = {**config.__dataclass_fields__[name].metadata, **overrides.get(name, {})}
+        default = getattr(config, name)
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        text = meta["help"] if default is None or default is False or "(default" in meta["help"] else \
+            f"{meta['help']} (default {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action="store_true", help=text)
+            continue
+        parser.add_argument(flag, dest=name, default=default, type=meta.get("type"), choices=meta.get("choices"),
+                            metavar=meta.get("metavar"), help=text)

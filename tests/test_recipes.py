@@ -72,7 +72,7 @@ def test_bn_stats_choose_which_batchnorm_layers_follow_the_batch():
 def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_trains():
     from qdeep.distributed.worker import train_one_epoch
     from qdeep.errors import QdeepError
-    from qdeep.workflows.deepcluster import DeepClusterConfig
+    from qdeep.config import DeepClusterConfig, TrainConfig
 
     single = FIT_STRATEGIES.get("single")()
     base = {"epochs": 2, "freeze": "none", "lr": 1e-3, "weights": "bundled"}
@@ -91,9 +91,13 @@ def test_frozen_bn_stats_keep_every_batchnorm_statistic_while_the_whole_network_
                     bn_stats=stage.bn_stats)
     assert torch.equal(stats, bn.running_mean) and not torch.equal(scale, bn.weight)  # statistics kept, scale trained
 
-    assert DeepClusterConfig().resolved_bn_stats() == "frozen"  # from the bundled weights
-    assert DeepClusterConfig(weights="none").resolved_bn_stats() == "batch"
-    assert DeepClusterConfig(weights="none", bn_stats="frozen").resolved_bn_stats() == "frozen"
+    def iteration_2(**train) -> str:  # auto follows the starting weights, not the previous iteration's file
+        config = DeepClusterConfig(train=TrainConfig(**{"weights": "bundled", "bn_stats": "auto", **train}))
+        return config.train_config("OUT/iter_01/model.pt").bn_stats
+
+    assert iteration_2() == "frozen"  # from the bundled weights
+    assert iteration_2(weights="none") == "batch"
+    assert iteration_2(weights="none", bn_stats="frozen") == "frozen"
     assert DeepClusterConfig().train_config("OUT/iter_01/model.pt").bn_stats == "frozen"
 
 

@@ -11,6 +11,7 @@ import pytest
 from qdeep.distributed import storage
 from qdeep.cli import main
 from qdeep.io import is_uri
+from qdeep.options import worker_range
 from qdeep.distributed import driver
 from qdeep.errors import QdeepError
 
@@ -114,7 +115,7 @@ def test_json_records_go_through_pyarrow_for_uris(tmp_path):
 @pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),
                                             (" 2-2 ", (2, 2))])
 def test_worker_counts(spec, expected):
-    assert driver.worker_range(spec) == expected
+    assert worker_range(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["0", "3-1", "a", "1-", "-2", "1-2-3", "0-2"])

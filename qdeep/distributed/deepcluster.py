@@ -45,6 +45,7 @@ from qdeep.distributed.worker import (
 )
 from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_sha256
 from qdeep.parts import TARGETS, VALIDATIONS
+from qdeep.parts.fit import kept_bn_stats
 
 OPTIMIZER_FILE = "optimizer.pt"
 KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
@@ -235,7 +236,7 @@ def deepcluster_func(config: dict) -> None:
             train_loader.sampler.set_epoch(global_epoch)
             loss_sum, correct, seen = train_one_epoch(
                 model, with_labels(train_loader), optimizer, scaler, loss_fn, device,
-                lambda i: schedule(e * len(train_loader) + i), "head" if config["bn_stats"] == "frozen" else None)
+                lambda i: schedule(e * len(train_loader) + i), kept_bn_stats(config))
             loss_sum, correct, seen = _sum_across_workers([loss_sum, correct, seen], device)
             val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, labels[ctrl_rows], targets,
                            validation)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qdeep import io
+from qdeep.options import worker_range
 from qdeep.distributed.worker import CHECKPOINT_FILE, CRASH_ENV, train_func
 
 
@@ -38,25 +39,6 @@ def cpus_per_worker(workers: int, use_gpu: bool, loader_workers: int = 0) -> int
     if use_gpu:
         return max(1, loader_workers)
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
-
-
-def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
-    """`N`, `"N"`, `"MIN-MAX"` or `(MIN, MAX)` as (MIN, MAX). MIN < MAX is elastic: Ray Train starts
-    with as many workers as the cluster's nodes hold (at least MIN) and grows towards MAX as nodes join."""
-    from qdeep.errors import QdeepError
-
-    if isinstance(workers, tuple):
-        lo, hi = workers
-    else:
-        text = str(workers).strip()
-        lo_text, sep, hi_text = text.partition("-")
-        try:
-            lo, hi = int(lo_text), int(hi_text if sep else lo_text)
-        except ValueError:
-            raise QdeepError(f"--workers {text!r}: expected N or MIN-MAX, e.g. 2 or 1-4") from None
-    if not 1 <= lo <= hi:
-        raise QdeepError(f"--workers {workers!r}: need 1 <= MIN <= MAX, e.g. 2 or 1-4")
-    return lo, hi
 
 
 def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,

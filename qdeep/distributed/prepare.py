@@ -16,7 +16,7 @@ from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
 from qdeep.models import build_model
-from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS
+from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, infer_task
 from qdeep.parts.targets import Targets
 
 
@@ -43,18 +43,19 @@ class TrainingData:
         return f"val_{VALIDATIONS.get(self.validation).metric}"
 
 
-def task_parts(config: TrainConfig) -> TrainConfig:
-    """The config with its validation part filled in from the task, every part name checked."""
-    targets = TARGETS.get(config.task)
+def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainConfig:
+    """The config as every worker must see it, checked on the driver: its task inferred from the data
+    when not given (`parts.infer_task`), its validation part the task's own when not given, its
+    weights path absolute (workers and trials run in other directories, maybe on other nodes)."""
+    task = config.task or infer_task(data, labels, images)
+    targets = TARGETS.get(task)
     validation = config.validation or targets.validation
     VALIDATIONS.get(validation)
     FIT_STRATEGIES.get(config.fit_strategy)
-    if config.balance not in ("none", "weights", "uniform"):
-        raise QdeepError(f"--balance {config.balance!r}: expected none, weights or uniform")
     if config.balance == "uniform" and targets.dtype != np.int64:
         raise QdeepError(f"--balance uniform samples classes uniformly: it needs a one-class-per-image task, "
-                         f"not {config.task!r} (use --balance weights)")
-    return replace(config, validation=validation)
+                         f"not {task!r} (use --balance weights)")
+    return replace(config, task=task, validation=validation, weights=resolve_weight_path(config.weights))
 
 
 def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error", val_fraction: float = 0.2,
@@ -73,13 +74,6 @@ def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error
 def resolve_weight_path(weights: str) -> str:
     """A weights PATH made absolute here, on the driver; the named weights as they are."""
     return weights if weights in NAMED_WEIGHTS else str(Path(weights).resolve())
-
-
-def resolve_weights(config):
-    """The config (a TrainConfig, a DeepClusterConfig: any dataclass with `weights`) with its weights
-    path resolved on the driver: workers, trials and embedding actors run elsewhere, in other
-    working directories, maybe on other nodes."""
-    return replace(config, weights=resolve_weight_path(config.weights))
 
 
 def check_model(config: TrainConfig, num_labels: int) -> None:

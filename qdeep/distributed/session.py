@@ -1,18 +1,43 @@
-"""Joining a Ray cluster, or starting a local one bound to 127.0.0.1."""
+"""Joining a Ray cluster, or starting a local one bound to 127.0.0.1; where Ray's output goes."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Iterator
+
+LOG_FILE = "ray.log"  # in OUT: Ray's driver, controller and worker output, unless --verbose
+_VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("qdeep_verbose", default=False)
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray (tests, jobs), join `address`/RAY_ADDRESS, or start a local instance.
+def verbose(on: bool) -> Iterator[None]:
+    """Within the block, Ray's output stays on the terminal (`qdeep --verbose`)."""
+    token = _VERBOSE.set(on)
+    try:
+        yield
+    finally:
+        _VERBOSE.reset(token)
 
-    Only an instance started here is shut down here.
+
+def log_beside(path) -> Path:
+    """Where Ray's output goes for a command whose output is a file or a store, not a folder."""
+    return Path(f"{path}.{LOG_FILE}")
+
+
+def quiet() -> bool:
+    """Whether Ray's own output (Tune's tables, Ray Data's bars) goes to the log file, not the terminal."""
+    return not _VERBOSE.get()
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, log: Path | None = None) -> Iterator[None]:
+    """Use the running Ray (tests, jobs), join `address`/RAY_ADDRESS, or start a local instance.
+    Only an instance started here is shut down here. With `log`, Ray's driver messages and every
+    worker's output go to that file instead of the terminal, unless `verbose` is on.
     """
     import ray
 
@@ -20,14 +45,67 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        start_local_ray(num_cpus)
+    with ray_output_to(log) if log is not None and quiet() else nullcontext():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            start_local_ray(num_cpus)
+        try:
+            with _worker_output_to(log) if log is not None and quiet() else nullcontext():
+                yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def ray_output_to(log: Path) -> Iterator[None]:
+    """Ray's and MLflow's driver-side log records, and Ray Data's progress bars, into `log`."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {}
+    for name in ("ray", "mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate)
+        logger.handlers, logger.propagate = [handler], False
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         yield
     finally:
-        ray.shutdown()
+        context.enable_progress_bars = bars
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
+
+
+@contextmanager
+def _worker_output_to(log: Path) -> Iterator[None]:
+    """What Ray forwards of its workers' and actors' stdout and stderr (Ray Train's controller and
+    workers included) goes to `log`, each line prefixed with its process, instead of the terminal.
+    Ray has no public switch for this (log_to_driver=False would drop the lines), so its stream
+    dispatcher is told; where that is not found, the output stays on the terminal."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        yield
+        return
+
+    def write(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        with open(log, "a") as f:
+            f.writelines(f"({who} pid={data.get('pid')}, ip={data.get('ip')}) {line}\n" for line in data["lines"])
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("qdeep_log", write)
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler("qdeep_log")
 
 
 LOCAL_LABEL = "qdeep-local"  # the node label of a Ray that start_local_ray started

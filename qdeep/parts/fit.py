@@ -32,12 +32,18 @@ class Stage:
 
 def kept_bn_stats(config: dict) -> str | None:
     """`Stage.bn_stats` for `config["bn_stats"]`: "head" (every layer keeps its statistics) for
-    frozen, None (the layers that train follow the batch) for batch."""
-    frozen = config.get("bn_stats", "batch") == "frozen"
-    if frozen and str(config["weights"]).strip().lower() == "none":
+    frozen, None (the layers that train follow the batch) for batch; auto is frozen from pretrained
+    weights, batch from none."""
+    stats = config.get("bn_stats", "batch")
+    if stats == "batch":
+        return None
+    scratch = str(config["weights"]).strip().lower() == "none"
+    if stats == "auto":
+        return None if scratch else "head"
+    if scratch:
         raise QdeepError("--bn-stats frozen keeps the starting network's BatchNorm statistics, and --weights none "
                          "has none worth keeping: use --bn-stats batch, or pretrained --weights")
-    return "head" if frozen else None
+    return "head"
 
 
 @FIT_STRATEGIES.register("single")

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, load_dataset
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
 from qdeep.metrics import binarize
@@ -40,7 +40,7 @@ def run_baseline(
     policy = BadInputPolicy(on_bad_image)
     dataset = load_dataset(policy, data=data, labels=labels, images=images)
     _check_folds(folds, len(dataset.train), dataset.source)
-    with ray_session(address):
+    with ray_session(address, log=out / LOG_FILE):
         x, train = image_features(color_histogram, dataset.train, policy, "histograms (train)")
         x_test, test = image_features(color_histogram, dataset.test, policy, "histograms (test)")
     _check_folds(folds, len(train), dataset.source)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,8 @@ from qdeep.distributed.deepcluster import (
     truth_scores,
 )
 from qdeep.distributed.features import embed_images
-from qdeep.distributed.prepare import check_model, resolve_weights
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.prepare import check_model, settle
+from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
@@ -72,18 +72,18 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     _check(config)
-    config = resolve_weights(config)  # a relative --weights PATH is the driver's; workers and actors run elsewhere
-    with ray_session(address):
+    config = replace(config, train=settle(config.train))  # its --weights PATH absolute, its parts checked
+    with ray_session(address, log=out / LOG_FILE):
         check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
-        check_model(config.train_config(config.weights), config.k)
+        check_model(config.train_config(config.train.weights), config.k)
         parent_id = claim_out(out, config, len(coll.paths))
         history = finished_iterations(out)
         uri = tracking.tracking_uri(tracking_uri)
         runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
-            "deepcluster", {**asdict(config), "nb_clusters": config.k, "images": str(coll.root),
+            "deepcluster", {**config.as_dict(), "nb_clusters": config.k, "images": str(coll.root),
                             "data_dir": str(coll.root), "out": str(out), "models_dir": str(out / "iterations"),
                             "workers": workers, "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()),
                             "labels": str(labels or data or "")}, uri=tracking_uri)
@@ -119,12 +119,12 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
 def _check(config: DeepClusterConfig) -> None:
     if config.k < 2 or config.final_k < 2:
         raise QdeepError(f"--k and --final-k must be at least 2, got {config.k} and {config.final_k}")
-    if config.iterations < 0 or config.epochs_per_iteration < 1:
+    if config.iterations < 0 or config.train.epochs < 1:
         raise QdeepError("--iterations must be >= 0 and --epochs-per-iteration >= 1")
-    if not 0 < config.ctrl_fraction < 1:
-        raise QdeepError(f"--ctrl-fraction must be between 0 and 1, got {config.ctrl_fraction}")
-    if config.balance not in ("weights", "uniform"):
-        raise QdeepError(f"--balance must be weights or uniform, got {config.balance!r}")
+    if not 0 < config.train.val_fraction < 1:
+        raise QdeepError(f"--ctrl-fraction must be between 0 and 1, got {config.train.val_fraction}")
+    if config.train.balance not in ("weights", "uniform"):
+        raise QdeepError(f"--balance must be weights or uniform, got {config.train.balance!r}")
 
 
 def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_image: str = "error") -> Collection:
@@ -136,9 +136,9 @@ def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_im
     n = len(checked.paths)
     if n < max(config.k, config.final_k) * 2:
         raise QdeepError(f"{root}: {n} images are too few for k={config.k} / final-k={config.final_k}")
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.train.seed)
     is_ctrl = np.zeros(n, dtype=bool)
-    is_ctrl[rng.choice(n, max(1, round(n * config.ctrl_fraction)), replace=False)] = True
+    is_ctrl[rng.choice(n, max(1, round(n * config.train.val_fraction)), replace=False)] = True
     paths = [str(p) for p in checked.paths]
     truth = ground_truth(paths, root, labels, data, policy) if (labels or data) else None
     return Collection(root, paths, [p.relative_to(root).as_posix() for p in checked.paths], is_ctrl, truth, policy)
@@ -190,8 +190,8 @@ def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, stor
     """Descriptors of every image with `weights` into a feature store (Ray Data; on up to `max_gpus`
     GPU actors when GPUs are used), clustered shard by shard into k groups, in the collection's order;
     and where k-means ran (`cluster_placed`)."""
-    store = embed_images(coll.root, coll.paths, config.arch, weights, store_dir, batch_size=64,
-                         image_size=config.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
+    store = embed_images(coll.root, coll.paths, config.train.arch, weights, store_dir, batch_size=64,
+                         image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
     ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
     return in_order(ids, clustering, coll.ids), where
 
@@ -202,7 +202,7 @@ def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, st
     (`train.deepcluster.deepcluster_func`); each writes OUT/iterations/iter_XX/ as it finishes."""
     name = f"{out.name}-deepcluster"
     _remove_run(storage_path, name)  # its reports belong to an earlier launch; the iterations are in OUT
-    loop = {**config.train_config(config.weights).as_dict(), "out": str(out), "k": config.k,
+    loop = {**config.train_config(config.train.weights).as_dict(), "out": str(out), "k": config.k,
             "iterations": config.iterations, "paths": coll.paths, "ids": coll.ids, "is_ctrl": coll.is_ctrl.tolist(),
             "truth": coll.truth, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
             "launch_id": uuid.uuid4().hex}
@@ -246,8 +246,9 @@ def previous_labels(out: Path, t: int) -> np.ndarray:
 def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
                  use_gpu: bool | None = None) -> tuple[dict, Clustering]:
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
-    weights = network(out, config.weights, len(history) + 1)
-    clustering, where = cluster_with(coll, config, weights, out / "features", config.final_k, config.seed, use_gpu)
+    weights = network(out, config.train.weights, len(history) + 1)
+    clustering, where = cluster_with(coll, config, weights, out / "features", config.final_k, config.train.seed,
+                                     use_gpu)
     final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl),
              **truth_scores(clustering.labels, coll.truth), "kmeans_on": where}
     if history:

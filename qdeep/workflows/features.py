@@ -7,7 +7,7 @@ from pathlib import Path
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS
 from qdeep.distributed.features import embed_images
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
 
@@ -21,7 +21,7 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
     found = scan_images(root, policy)
     if not found:
         raise QdeepError(f"{root}: no images to describe ({', '.join(IMAGE_EXTENSIONS)}, in or below it)")
-    with ray_session(address):
+    with ray_session(address, log=log_beside(out)):
         good = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
         if not good.paths:
             raise QdeepError(f"{root}: none of its {len(found)} images could be decoded ({policy.n_skipped} skipped)")

@@ -21,8 +21,8 @@ from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.config import TrainConfig
 from qdeep.data import ImageSet
-from qdeep.distributed.prepare import TrainingData, prepare_data, task_parts
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.prepare import TrainingData, prepare_data, settle
+from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_tracking
 from qdeep.distributed.tasks import image_features
 from qdeep.parts import VALIDATIONS, load_plugins
@@ -59,8 +59,8 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
     load_plugins(plugins)
     out = Path(out).resolve()
     weights = weights or default_weights(arch)
-    base = task_parts(base)
-    with ray_session(address):
+    base = settle(base, data, labels, images)
+    with ray_session(address, log=out / LOG_FILE):
         check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
         prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
                                 base.validation)

@@ -15,7 +15,7 @@ from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
 from qdeep.distributed.predict import CNN_KIND
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
 from qdeep.parts import FORMATTERS, load_plugins
@@ -123,7 +123,7 @@ def run_predict(
         todo = read_test(Path(data), policy)
     if not len(todo):
         raise QdeepError(f"{images or data}: no images to predict")
-    with ray_session(address):
+    with ray_session(address, log=log_beside(out)):
         proba, kept = predictor.predict_proba(todo, policy)
     pred = targets.decide(proba, thresholds)
     formatter.write(out, kept.names, targets, proba, pred)

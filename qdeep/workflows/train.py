@@ -11,10 +11,11 @@ import torch
 
 from qdeep import io, tracking
 from qdeep.config import TrainConfig
+from qdeep.options import worker_range
 from qdeep.distributed import driver
 from qdeep.distributed.predict import CNN_KIND
-from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, resolve_weights, task_parts
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, settle
+from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.models import parse_freeze
 from qdeep.parts import VALIDATIONS, load_plugins
@@ -42,14 +43,14 @@ def run_train(
     started = time.time()
     out = Path(out).resolve()
     load_plugins(plugins)
-    config = task_parts(resolve_weights(config))
+    config = settle(config, data, labels, images)
     parse_freeze(config.freeze)
     name = name or "train"
     storage_path = storage_path or str(out / "ray_results")
-    lo, hi = driver.worker_range(workers)
+    lo, hi = worker_range(workers)
     workers = f"{lo}-{hi}" if lo < hi else hi
 
-    with ray_session(address):
+    with ray_session(address, log=out / LOG_FILE):
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)
         prepared = prepared or prepare_data(data, labels, images, on_bad_image, config.val_fraction, config.seed,

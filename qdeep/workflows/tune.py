@@ -18,8 +18,8 @@ from pathlib import Path
 
 from qdeep import io, tracking
 from qdeep.config import SWEPT, Sweep
-from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, resolve_weights, task_parts
-from qdeep.distributed.session import ray_session
+from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, settle
+from qdeep.distributed.session import LOG_FILE, quiet, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tune import TRIAL_RESOURCES, concurrency, param_space, scheduler, tune_trial
 from qdeep.errors import QdeepError
@@ -35,13 +35,13 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
 
     load_plugins(plugins)
     _check_gpus(sweep)
-    sweep = replace(sweep, base=task_parts(resolve_weights(sweep.base)), space=_resolved_weights(sweep.space))
+    sweep = replace(sweep, base=settle(sweep.base, data, labels, images), space=_resolved_weights(sweep.space))
     started = time.time()
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     experiment = f"{storage_path}/{name}"
     uri = tracking.tracking_uri(tracking_uri)
-    with ray_session(address):
+    with ray_session(address, log=out / LOG_FILE):
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
@@ -69,7 +69,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                     param_space=param_space(sweep.space),
                     tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=sweep.num_samples,
                                                 scheduler=scheduler(sweep), max_concurrent_trials=concurrency(sweep)),
-                    run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                    run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0 if quiet() else None,
                                               failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
                 )
             grid = tuner.fit()
