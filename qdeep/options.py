@@ -182,5 +182,6 @@ def add_fields(parser, config, names, **overrides) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, dest=name, action="store_true", help=text)
             continue
+        metavar = meta.get("metavar") or (None if meta.get("choices") else flag[2:].upper().replace("-", "_"))
         parser.add_argument(flag, dest=name, default=default, type=meta.get("type"), choices=meta.get("choices"),
-                            metavar=meta.get("metavar"), help=text)
+                            metavar=metavar, help=text)
