@@ -16,9 +16,22 @@ from typing import Sequence
 from qdeep import paths
 from qdeep.config import SWEEP_OPTIONS, TRAIN_OPTIONS, DeepClusterConfig, Sweep, TrainConfig, pick
 from qdeep.errors import QdeepError
-from qdeep.options import (ArgumentError, Parser, add_fields, csv_list, encoding_name, freeze_spec, image_size,
-                           int_range, learning_rate, non_negative_int, positive_int, run_name, seed_int,
-                           workers_spec)
+from qdeep.options import (
+    ArgumentError,
+    Parser,
+    add_fields,
+    csv_list,
+    encoding_name,
+    freeze_spec,
+    image_size,
+    int_range,
+    learning_rate,
+    non_negative_int,
+    positive_int,
+    run_name,
+    seed_int,
+    workers_spec,
+)
 
 # ---- options shared by several commands --------------------------------------------------------
 

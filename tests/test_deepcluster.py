@@ -102,17 +102,15 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
 
 @pytest.mark.slow
 def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray_cluster, tmp_path, sqlite_uri,
-                                                                              monkeypatch):
-    from qdeep.distributed.worker import CRASH_ENV
-
+                                                                              crash_once):
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"1:2:{marker}")  # rank 1 exits hard as iteration 2 starts, once
+    crash_once(rank=1, at=2, marker=marker)  # rank 1 exits hard as iteration 2 starts, once
     scenes = tmp_path / "scenes"
     write_synthetic_classes(scenes, n_per_class=6, size=32, seed=3)
     out = tmp_path / "out"
-    assert main(["deepcluster", "--images", str(scenes), "--arch", "resnet18", "--weights", "none",
-                 "--image-size", "32", "--k", "3", "--iterations", "2", "--final-k", "3", "--workers", "2",
-                 "--loader-workers", "0", "--batch-size", "8", "--max-failures", "1", "--out", str(out),
+    assert main(["--plugin", "qdeep_test_hooks", "deepcluster", "--images", str(scenes), "--arch", "resnet18",
+                 "--weights", "none", "--image-size", "32", "--k", "3", "--iterations", "2", "--final-k", "3",
+                 "--workers", "2", "--loader-workers", "0", "--batch-size", "8", "--max-failures", "1", "--out", str(out),
                  "--tracking-uri", sqlite_uri]) == 0
     assert marker.exists()
     m = json.loads((out / "metrics.json").read_text())

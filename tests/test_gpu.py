@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qdeep.cli import main
-from qdeep.distributed.worker import CHECKPOINT_FILE, CRASH_ENV
+from qdeep.distributed.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +48,7 @@ def _checkpoints(run_dir) -> list[dict]:
             for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists()]
 
 
-def test_train_with_amp_resumes_across_devices(planet_dir, ray_cluster, tmp_path, sqlite_uri, monkeypatch):
+def test_train_with_amp_resumes_across_devices(planet_dir, ray_cluster, tmp_path, sqlite_uri, crash_once):
     """One GPU worker with AMP for 4 epochs under one --name, stopped after each of the first three
     (a worker dies, no retries) and rerun: on the GPU (the scaler's state loads), then on the CPU
     from the GPU checkpoint (a disabled scaler ignores it), then on the GPU from the CPU checkpoint
@@ -59,10 +59,10 @@ def test_train_with_amp_resumes_across_devices(planet_dir, ray_cluster, tmp_path
 
     def launch(gpu: str, crash_epoch: int | None) -> int:
         if crash_epoch is None:
-            monkeypatch.delenv(CRASH_ENV, raising=False)
+            crash_once(None)
         else:  # rank 0 exits hard at the start of that epoch, once its last checkpoint is registered
-            monkeypatch.setenv(CRASH_ENV, f"0:{crash_epoch}:{tmp_path / f'crashed-{crash_epoch}'}")
-        return main(["train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri,
+            crash_once(rank=0, at=crash_epoch, marker=tmp_path / f"crashed-{crash_epoch}")
+        return main(["--plugin", "qdeep_test_hooks", "train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri,
                      "--workers", "1", "--gpu", gpu, "--epochs", "4", "--name", "devices", *TINY])
 
     for gpu, crash_epoch in [("yes", 1), ("yes", 2), ("no", 3)]:

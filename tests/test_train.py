@@ -7,7 +7,6 @@ import mlflow
 import pytest
 
 from qdeep.cli import main
-from qdeep.distributed.worker import CRASH_ENV
 
 pytestmark = pytest.mark.slow  # Ray Train runs: `make test-fast` leaves this module out
 
@@ -17,7 +16,8 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loa
 
 
 def _train(planet_dir, out, sqlite_uri, *extra):
-    return main(["train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri,
+    """`qdeep train` with the tests' worker callbacks (tests/plugins/qdeep_test_hooks.py)."""
+    return main(["--plugin", "qdeep_test_hooks", "train", "--data", str(planet_dir), "--out", str(out), "--tracking-uri", sqlite_uri,
                  "--workers", "2", *TINY, *extra])
 
 
@@ -59,9 +59,9 @@ def test_two_worker_ddp_run_then_predict(planet_dir, ray_cluster, tmp_path, sqli
     assert all(set(r[1].split()) <= vocab for r in rows[1:])
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(planet_dir, ray_cluster, tmp_path, sqlite_uri, monkeypatch):
+def test_killed_worker_restarts_from_the_last_checkpoint(planet_dir, ray_cluster, tmp_path, sqlite_uri, crash_once):
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"1:2:{marker}")  # rank 1 exits hard at the start of epoch 2, once
+    crash_once(rank=1, at=2, marker=marker)  # rank 1 exits hard at the start of epoch 2, once
     out = tmp_path / "out"
     assert _train(planet_dir, out, sqlite_uri, "--epochs", "3", "--max-failures", "1") == 0
     assert marker.exists()
@@ -72,9 +72,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(planet_dir, ray_cluster
     assert sorted(set(steps)) == [0, 1, 2] and len(steps) <= 4  # at most one epoch ran twice
 
 
-def test_rerun_with_the_same_name_resumes(planet_dir, ray_cluster, tmp_path, sqlite_uri, monkeypatch, capsys):
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"0:1:{marker}")  # the first launch dies in epoch 1, no retries
+def test_rerun_with_the_same_name_resumes(planet_dir, ray_cluster, tmp_path, sqlite_uri, crash_once, capsys):
+    crash_once(rank=0, at=1, marker=tmp_path / "crashed")  # the first launch dies in epoch 1, no retries
     out = tmp_path / "out"
     assert _train(planet_dir, out, sqlite_uri, "--epochs", "3", "--name", "resume-me") != 0
     assert not (out / "metrics.json").exists()

@@ -28,13 +28,9 @@ from qdeep.clustering.deepcluster import Clustering, cluster_store, sample_rows
 from qdeep.clustering.kmeans import choose_pca_dim, ground_truth_scores, nmi
 from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_store, write_rank_shards
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
+from qdeep.distributed.comm import barrier, broadcast_from_rank0, gather_to_rank0, sum_across_workers
 from qdeep.distributed.tasks import require_visible
 from qdeep.distributed.worker import (
-    _broadcast_from_rank0,
-    _distributed,
-    _gather_to_rank0,
-    _maybe_crash,
-    _sum_across_workers,
     load_optimizer_state,
     lr_factor,
     make_optimizer,
@@ -44,7 +40,8 @@ from qdeep.distributed.worker import (
     worker_batch,
 )
 from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_sha256
-from qdeep.parts import TARGETS, VALIDATIONS
+from qdeep.parts import TARGETS, VALIDATIONS, load_plugins
+from qdeep.parts.callbacks import callbacks
 from qdeep.parts.fit import kept_bn_stats
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -160,6 +157,8 @@ def deepcluster_func(config: dict) -> None:
     is_ctrl = np.asarray(config["is_ctrl"], dtype=bool)
     train_rows, ctrl_rows = np.flatnonzero(~is_ctrl), np.flatnonzero(is_ctrl)
     require_visible(paths)  # a node that joined after the driver's check
+    load_plugins(config.get("plugins"))
+    hooks = callbacks()
     first = n_finished(out) + 1
     if first > config["iterations"]:
         return
@@ -201,8 +200,9 @@ def deepcluster_func(config: dict) -> None:
         folder = iteration_dir(out, t)
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
-        _barrier()
-        _maybe_crash(config.get("crash"), rank, t, None)  # fault-injection tests only (worker.CRASH_ENV)
+        barrier()
+        for callback in hooks:
+            callback.on_iteration_start(rank, t)
         store = embed_into_store(bare, every, ids, folder / "features", rank, device,
                                  {"arch": config["arch"], "weights": network(out, config["weights"], t),
                                   "weights_sha256": weights_sha256(bare), "image_size": size})
@@ -212,7 +212,7 @@ def deepcluster_func(config: dict) -> None:
             store_ids, clustering = cluster_store(store, k, config["pca"], seed=config["seed"] + t)
             clustering, where = in_order(store_ids, clustering, ids), f"rank 0 on {ray.util.get_node_ip_address()}"
             shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
-        labels[:] = _broadcast_from_rank0(None if clustering is None else clustering.labels)
+        labels[:] = broadcast_from_rank0(None if clustering is None else clustering.labels)
         clustered = time.time()
 
         # a fresh head with fresh optimizer state; the body keeps its own
@@ -237,7 +237,7 @@ def deepcluster_func(config: dict) -> None:
             loss_sum, correct, seen = train_one_epoch(
                 model, with_labels(train_loader), optimizer, scaler, loss_fn, device,
                 lambda i: schedule(e * len(train_loader) + i), kept_bn_stats(config))
-            loss_sum, correct, seen = _sum_across_workers([loss_sum, correct, seen], device)
+            loss_sum, correct, seen = sum_across_workers([loss_sum, correct, seen], device)
             val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, labels[ctrl_rows], targets,
                            validation)
             epochs.append({"epoch": global_epoch, "train_loss": loss_sum / max(seen, 1),
@@ -270,7 +270,7 @@ def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device
     partial.mkdir(parents=True, exist_ok=True)
     dim = len(next(iter(seen.values())))
     shards = write_rank_shards(partial, [ids[r] for r in rows], np.stack([seen[r] for r in rows]), rank)
-    listed = _gather_to_rank0(shards)
+    listed = gather_to_rank0(shards)
     if rank != 0:
         return None
     finish_store(partial, [s for part in listed for s in part], identity, dim)
@@ -315,10 +315,3 @@ def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clus
     }
     io.write_json(folder / "metrics.json", metrics)
     return metrics
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if _distributed():
-        dist.barrier()

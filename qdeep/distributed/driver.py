@@ -5,15 +5,14 @@ The per-worker loop is `worker.train_func`; this module only configures Ray Trai
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qdeep import io
+from qdeep.distributed.worker import CHECKPOINT_FILE, train_func
 from qdeep.options import worker_range
-from qdeep.distributed.worker import CHECKPOINT_FILE, CRASH_ENV, train_func
 
 
 @dataclass
@@ -49,8 +48,6 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
     (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    if os.environ.get(CRASH_ENV):  # fault-injection tests only
-        loop_config = {**loop_config, "crash": os.environ[CRASH_ENV], "run_dir": str(Path(storage_path) / name)}
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     lo, hi = worker_range(workers)
     resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0)), **({"GPU": gpus} if use_gpu else {})}

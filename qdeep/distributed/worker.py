@@ -8,7 +8,6 @@ how it is scored (validation) and in which stages (fit strategy) are parts named
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +16,14 @@ import numpy as np
 import torch
 
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
+from qdeep.distributed.comm import broadcast_from_rank0, gather, gather_to_rank0, sum_across_workers
 from qdeep.distributed.tasks import require_visible
-from qdeep.models import apply_freeze, build_model, set_train_mode, weights_sha256
+from qdeep.models import apply_freeze, build_model, set_train_mode
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
+from qdeep.parts.callbacks import callbacks
 from qdeep.parts.fit import param_groups, stage_of
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CRASH_ENV = "QDEEP_TEST_CRASH"  # tests only: "RANK:EPOCH:MARKER_FILE" makes that rank exit hard once
 
 
 def train_func(config: dict) -> None:
@@ -37,8 +37,9 @@ def train_func(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(config["seed"])
-    n_nodes = len(set(_gather(ray.get_runtime_context().get_node_id())))
+    n_nodes = len(set(gather(ray.get_runtime_context().get_node_id())))
     load_plugins(config.get("plugins"))
+    hooks = callbacks()
     require_visible([*config["train_paths"], *config["val_paths"]])  # a node that joined after the driver's check
     targets = TARGETS.get(config["task"])(config["labels"])
     validation = VALIDATIONS.get(config["validation"])()
@@ -81,12 +82,13 @@ def train_func(config: dict) -> None:
                 load_optimizer_state(optimizer, bare, resumed["optimizer"])
                 if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
                     scaler.load_state_dict(resumed["scaler"])
-        _maybe_crash(config.get("crash"), rank, epoch, config.get("run_dir"))
+        for callback in hooks:
+            callback.on_epoch_start(rank, epoch)
         started = time.time()
         train_loader.sampler.set_epoch(epoch)
         loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device,
                                                   lambda i: schedule(epoch * len(train_loader) + i), stage.bn_stats)
-        loss_total, correct_total, seen_total, images_per_s = _sum_across_workers(
+        loss_total, correct_total, seen_total, images_per_s = sum_across_workers(
             [loss_sum, correct, seen, seen / (time.time() - started)], device)
         val = validate(model, val_loader, loss_fn, device, y_val, targets, validation)
         metrics = {
@@ -102,12 +104,13 @@ def train_func(config: dict) -> None:
             "images_per_s": images_per_s,
             "epoch_seconds": time.time() - started,
             "restarts": restarts,
-            "ranks_in_sync": float(len(set(_gather(weights_sha256(bare)))) == 1),
             "workers": world,
             "nodes": n_nodes,
             **{f"{validation.per_label_metric}_{label}": float(v)
                for label, v in zip(targets.vocabulary, val["score"].per_label)},
         }
+        for callback in hooks:
+            callback.on_epoch_end(rank, epoch, bare, metrics)
         history.append(metrics)
         thresholds = val["score"].thresholds
         state = {
@@ -249,7 +252,7 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
         indices.append(idx.numpy())
         probas.append(targets.activation(logits.float()).cpu().numpy())
     local = (np.concatenate(indices), np.concatenate(probas), loss_sum)
-    shards = _gather_to_rank0(local)
+    shards = gather_to_rank0(local)
     del local, indices, probas  # this rank's copy has been sent
     summary = None
     if shards is not None:  # rank 0
@@ -263,59 +266,10 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
         score = validation.score(y_val, proba)
         del proba
         summary = (loss, score.metrics, score.per_label, score.thresholds)
-    loss, metrics, per_label, thresholds = _broadcast_from_rank0(summary)
+    loss, metrics, per_label, thresholds = broadcast_from_rank0(summary)
     if summary is None:
         score = Score(metrics, per_label, thresholds)
     return {"score": score, "loss": loss}
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather(obj) -> list:
-    """Every rank's `obj`, on every rank (small objects only: node ids, weight hashes)."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_to_rank0(obj) -> list | None:
-    """Every rank's `obj` on rank 0 (in rank order); None on the other ranks. With NCCL the
-    objects travel through the current CUDA device, which Ray Train sets for each worker."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _broadcast_from_rank0(obj):
-    """Rank 0's `obj` on every rank."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _sum_across_workers(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _log_mlflow(config: dict, rank: int, metrics: dict) -> None:
@@ -329,30 +283,3 @@ def _log_mlflow(config: dict, rank: int, metrics: dict) -> None:
     for key, value in metrics.items():
         if key != "epoch":
             client.log_metric(config["mlflow_run_id"], key, float(value), step=step)
-
-
-def _maybe_crash(spec: str | None, rank: int, epoch: int, run_dir: str | None) -> None:
-    """Fault injection for tests: the named rank dies hard (no cleanup) once, in the named epoch."""
-    if not spec:
-        return
-    crash_rank, crash_epoch, marker = spec.split(":", 2)
-    if rank == int(crash_rank) and epoch == int(crash_epoch) and not os.path.exists(marker):
-        if run_dir:
-            _wait_until_checkpoint_registered(Path(run_dir))
-        Path(marker).write_text(f"rank {rank} crashed in epoch {epoch}\n")
-        os._exit(1)
-
-
-def _wait_until_checkpoint_registered(run_dir: Path, timeout: float = 120.0) -> None:
-    """Ray's controller registers reports asynchronously (it polls workers); a worker that dies
-    first takes its unpolled reports with it. The fault test waits for the newest checkpoint on
-    storage to appear in Ray's checkpoint-manager snapshot, so it tests our resume, not the poll."""
-    newest = max((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()), default=None)
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while newest and time.time() < deadline:
-        if snapshot.exists() and newest in snapshot.read_text():
-            return
-        time.sleep(0.05)
-    if newest:
-        raise RuntimeError(f"fault test: checkpoint {newest} was not registered within {timeout:.0f} s")

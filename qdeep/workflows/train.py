@@ -11,13 +11,13 @@ import torch
 
 from qdeep import io, tracking
 from qdeep.config import TrainConfig
-from qdeep.options import worker_range
 from qdeep.distributed import driver
 from qdeep.distributed.predict import CNN_KIND
 from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.models import parse_freeze
+from qdeep.options import worker_range
 from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_bar_chart
 
