@@ -92,6 +92,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def claim_run(path: str | os.PathLike, settings: dict, refusal: str, option: str) -> dict:
+    """Rerunning a run resumes it, so it must be the same run. `path` (local or URI) holds the record
+    the run's first launch wrote with `record_run`: its settings and the ids to resume by (its MLflow
+    run). Returns that record ({} before the first launch); a launch with other settings is refused,
+    `refusal` naming the run and the changed settings listed."""
+    recorded = read_json(path) or {}
+    old = recorded.get("settings", {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)) if recorded else []
+    if changed:
+        from qdeep.errors import QdeepError
+
+        raise QdeepError(f"{refusal} ({', '.join(changed)}); rerun with those settings to resume, "
+                         f"or use another {option}")
+    return recorded
+
+
+def record_run(path: str | os.PathLike, settings: dict, **ids) -> None:
+    """What `claim_run` reads back: the settings, and ids such as `mlflow_run_id`."""
+    write_json(path, {"settings": settings, **ids})
+
+
 def read_model_json(path: str | os.PathLike, what: str = "model config"):
     """A model directory's JSON file (config.json, labels.json, ...). Missing: "not a qdeep model
     directory"; unreadable or not JSON: one line naming it and why."""

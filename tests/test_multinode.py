@@ -314,7 +314,7 @@ def test_elastic_workers_finish_on_the_cluster(cluster):
     # Both nodes were up: the elastic run started with all the workers they hold.
     assert m["history"][-1]["workers"] == 2, job
     recorded = json.loads((cluster.shared / "runs" / "elastic" / "qdeep_run.json").read_text())
-    assert recorded["workers"] == "1-2"
+    assert recorded["settings"]["workers"] == "1-2"
 
 
 def test_deepcluster_job(cluster):

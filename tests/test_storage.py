@@ -102,14 +102,18 @@ def test_the_refusal_names_the_path_and_the_blind_nodes(ray_cluster):
         storage.refuse_unless_shared("/data/runs", nodes, {node: None})
 
 
-def test_json_records_go_through_pyarrow_for_uris(tmp_path):
-    from qdeep.workflows.tune import SWEEP_FILE, _record_parent, _recorded_parent
+def test_run_records_go_through_pyarrow_for_uris(tmp_path):
+    from qdeep.io import claim_run, record_run
 
-    for experiment in (str(tmp_path / "a" / "sweep"), f"file://{tmp_path / 'b' / 'sweep'}"):
-        assert _recorded_parent(experiment) is None
-        _record_parent(experiment, "run-1")
-        assert _recorded_parent(experiment) == "run-1"
-    assert json.loads((tmp_path / "b" / "sweep" / SWEEP_FILE).read_text()) == {"parent_run_id": "run-1"}
+    for record in (str(tmp_path / "a" / "sweep.json"), f"file://{tmp_path / 'b' / 'sweep.json'}"):
+        assert claim_run(record, {"lr": 0.1}, "sweep 's'", "--name") == {}
+        record_run(record, {"lr": 0.1}, mlflow_run_id="run-1")
+        assert claim_run(record, {"lr": 0.1}, "sweep 's'", "--name")["mlflow_run_id"] == "run-1"
+        with pytest.raises(QdeepError, match=r"^sweep 's' \(lr\); rerun with those settings to resume, or use "
+                                             r"another --name$"):
+            claim_run(record, {"lr": 0.2}, "sweep 's'", "--name")
+    assert json.loads((tmp_path / "b" / "sweep.json").read_text()) == {"settings": {"lr": 0.1},
+                                                                       "mlflow_run_id": "run-1"}
 
 
 @pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),

@@ -161,23 +161,14 @@ def outcome_of(result, name: str, score_metric: str) -> TrainOutcome:
     return TrainOutcome(best=_load(best), latest=_load(result.checkpoint), path=result.path)
 
 
-RUN_FILE = "qdeep_run.json"
+RUN_FILE = "qdeep_run.json"  # beside Ray Train's files: the settings of a named run
 
 
-def claim_run(storage_path: str, name: str, fingerprint: dict) -> None:
-    """Rerunning a name resumes it, so the same name must mean the same training: the first launch
-    records its configuration beside Ray's files, later launches must match it."""
-    from qdeep.errors import QdeepError
-
+def claim_run(storage_path: str, name: str, settings: dict) -> None:
+    """Rerunning a name resumes it, so the same name must mean the same training (`io.claim_run`)."""
     path = f"{storage_path.rstrip('/')}/{name}/{RUN_FILE}"
-    recorded = io.read_json(path)
-    if recorded is None:
-        io.write_json(path, fingerprint)
-        return
-    changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-    if changed:
-        raise QdeepError(f"run {name!r} in {storage_path} was started with different settings "
-                         f"({', '.join(changed)}); rerun with those settings to resume, or use another --name")
+    io.claim_run(path, settings, f"run {name!r} in {storage_path} was started with different settings", "--name")
+    io.record_run(path, settings)
 
 
 def _load(checkpoint) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdeep import tracking
+from qdeep import io, tracking
 from qdeep.clustering.deepcluster import Clustering
 from qdeep.clustering.kmeans import nmi
 from qdeep.config import DeepClusterConfig
@@ -79,7 +79,9 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
         check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
         check_model(config.train_config(config.train.weights), config.k)
-        parent_id = claim_out(out, config, len(coll.paths))
+        settings = {**config.fingerprint(), "n_images": len(coll.paths)}
+        parent_id = io.claim_run(out / STATE_FILE, settings, f"{out} holds a DeepCluster run with other settings",
+                                 "--out").get("mlflow_run_id")
         history = finished_iterations(out)
         uri = tracking.tracking_uri(tracking_uri)
         runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
@@ -88,7 +90,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                             "workers": workers, "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()),
                             "labels": str(labels or data or "")}, uri=tracking_uri)
         with runner as run:
-            _record(out, config, len(coll.paths), run.info.run_id)
+            io.record_run(out / STATE_FILE, settings, mlflow_run_id=run.info.run_id)
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
             loop = {}
@@ -159,25 +161,6 @@ def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=No
         raise QdeepError(f"{labels or data}: no ground-truth label for {len(missing)} of {len(paths)} images "
                          f"(first: {missing[0]})")
     return [by_path[p] for p in paths]
-
-
-def claim_out(out: Path, config: DeepClusterConfig, n_images: int) -> str | None:
-    """A rerun of OUT must be the same run: returns its MLflow run id to resume, or None."""
-    path = out / STATE_FILE
-    if not path.is_file():
-        return None
-    recorded = json.loads(path.read_text())
-    now = {**config.fingerprint(), "n_images": n_images}
-    changed = sorted(k for k in set(recorded["settings"]) | set(now) if recorded["settings"].get(k) != now.get(k))
-    if changed:
-        raise QdeepError(f"{out} holds a DeepCluster run with other settings ({', '.join(changed)}); "
-                         "rerun with those settings to resume, or use another --out")
-    return recorded["mlflow_run_id"]
-
-
-def _record(out: Path, config: DeepClusterConfig, n_images: int, run_id: str) -> None:
-    write_json(out / STATE_FILE, {"settings": {**config.fingerprint(), "n_images": n_images},
-                                  "mlflow_run_id": run_id})
 
 
 def finished_iterations(out: Path) -> list[dict]:

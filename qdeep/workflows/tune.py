@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qdeep import io, tracking
-from qdeep.config import SWEPT, Sweep
+from qdeep.config import SWEEP_OPTIONS, SWEPT, Sweep, pick
 from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, settle
 from qdeep.distributed.session import LOG_FILE, quiet, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
@@ -48,13 +48,17 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                                 sweep.base.task, sweep.base.validation)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
         _check_grid(sweep, len(prepared.targets))
-        parent_id = _recorded_parent(experiment)
+        settings = {"space": sweep.space, **sweep.base.as_dict(),
+                    **pick(sweep, [o for o in SWEEP_OPTIONS if o != "max_concurrent"])}
+        record = f"{experiment}/{SWEEP_FILE}"  # local, NFS or s3://, like the trials
+        refusal = f"sweep {name!r} in {storage_path} was started with different settings"
+        parent_id = io.claim_run(record, settings, refusal, "--name").get("mlflow_run_id")
         runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
             f"tune-{name}", {"space": json.dumps(sweep.space), **sweep.base.as_dict(), "name": name,
                              "num_samples": sweep.num_samples, "scheduler": sweep.scheduler,
                              "workers_per_trial": sweep.workers_per_trial, **prepared.sizes}, uri=tracking_uri)
         with runner as parent:
-            _record_parent(experiment, parent.info.run_id)
+            io.record_run(record, settings, mlflow_run_id=parent.info.run_id)
             settings = {"base": sweep.base.as_dict(), "name": name, "storage_path": storage_path,
                         "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
                         "workers_per_trial": sweep.workers_per_trial, "gpus_per_trial": sweep.gpus_per_trial}
@@ -138,15 +142,6 @@ def _check_grid(sweep: Sweep, num_labels: int) -> None:
 
     for arch, weights, freeze in itertools.product(*map(options, ("arch", "weights", "freeze"))):
         check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels)
-
-
-def _recorded_parent(experiment: str) -> str | None:
-    recorded = io.read_json(f"{experiment}/{SWEEP_FILE}")  # local, NFS or s3://, like the trials
-    return recorded["parent_run_id"] if recorded else None
-
-
-def _record_parent(experiment: str, run_id: str) -> None:
-    io.write_json(f"{experiment}/{SWEEP_FILE}", {"parent_run_id": run_id})
 
 
 def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: str = "f2") -> list[dict]:
