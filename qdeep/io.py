@@ -3,13 +3,14 @@ local path or any URI pyarrow opens (s3://, gs://, ...), model directories' JSON
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 
 @contextmanager
@@ -30,6 +31,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence], end: str = "\n") -> None:
+    """A UTF-8 CSV with `header`, its lines ending in `end`, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator=end)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def is_uri(path) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Sequence
@@ -17,10 +16,7 @@ FORMATTERS: Registry = Registry("output format")
 
 def write_kaggle_submission(path: str | Path, names: Sequence[str], tags: Sequence[str]) -> None:
     """Kaggle Planet format: header `image_name,tags`, tags space-separated; written atomically."""
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_name", "tags"])
-        writer.writerows(zip(names, tags))
+    io.write_csv(path, ["image_name", "tags"], zip(names, tags))
 
 
 def _label_key(targets) -> str:
@@ -40,11 +36,9 @@ class Csv:
     """`image`, the prediction (`labels`, space-separated, or `label`), then `p_<class>` per class."""
 
     def write(self, path, names, targets, proba, pred) -> None:
-        with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image", _label_key(targets), *(f"p_{c}" for c in targets.vocabulary)])
-            for name, decoded, row in zip(names, targets.decode(pred), np.asarray(proba)):
-                writer.writerow([name, decoded, *(f"{p:.6f}" for p in row)])
+        io.write_csv(path, ["image", _label_key(targets), *(f"p_{c}" for c in targets.vocabulary)],
+                     ([name, decoded, *(f"{p:.6f}" for p in row)]
+                      for name, decoded, row in zip(names, targets.decode(pred), np.asarray(proba))))
 
 
 @FORMATTERS.register("jsonl")

@@ -11,7 +11,6 @@ backbone, and for which labels?
 
 from __future__ import annotations
 
-import csv
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,11 +95,9 @@ def winners(results: dict[str, dict], vocab: list[str]) -> dict[str, str]:
 
 def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str = "f2",
                  prefix: str = "f2") -> None:
-    with io.atomic_path(out / "ladder.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["name", metric, *vocab])
-        for rung, r in results.items():
-            writer.writerow([rung, f"{r['score']:.6f}", *(f"{r['per_label'].get(t, 0.0):.6f}" for t in vocab)])
+    io.write_csv(out / "ladder.csv", ["name", metric, *vocab],
+                 ([rung, f"{r['score']:.6f}", *(f"{r['per_label'].get(t, 0.0):.6f}" for t in vocab)]
+                  for rung, r in results.items()))
     best = winners(results, vocab)
     lines = ["# Experiment ladder", "", f"{metric} on one held-out split; every rung scored the same way "
              f"(per-label {prefix} below).", "", f"| rung | {metric} |", "|---|---|"]

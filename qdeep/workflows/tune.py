@@ -8,7 +8,6 @@ run, and writes results.csv, report.md and two plots.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -166,10 +165,7 @@ def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: s
 def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str = "val_f2", prefix: str = "f2") -> None:
     out.mkdir(parents=True, exist_ok=True)
     columns = ["trial_id", *SWEPT, metric, "epochs", "status", "seconds", *[f"{prefix}_{t}" for t in vocab]]
-    with io.atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    io.write_csv(out / "results.csv", columns, ([r.get(c, "") for c in columns] for r in rows))
     lines = ["# Sweep results", "", f"| rank | trial | arch | weights | freeze | lr | {metric} | epochs | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):

@@ -1,0 +1,393 @@
+"""Drawing one synthetic Planet tile: every tag leaves a visible trace in the pixels (`synth`
+decides the tags and writes the files). Colour tags (forest, fields, water, clouds, haze, ...)
+shift the colour histogram; shape tags (roads, buildings, logging tracks, mines) occupy few pixels
+of ambiguous colour, so they reward a model that looks at spatial structure."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+PLANET_TAGS: tuple[str, ...] = (
+    "agriculture",
+    "artisinal_mine",
+    "bare_ground",
+    "blooming",
+    "blow_down",
+    "clear",
+    "cloudy",
+    "conventional_mine",
+    "cultivation",
+    "habitation",
+    "haze",
+    "partly_cloudy",
+    "primary",
+    "road",
+    "selective_logging",
+    "slash_burn",
+    "water",
+)
+
+_FOREST = (34, 68, 36)
+_SCRUB = (92, 106, 74)
+_FIELD_COLOURS = ((128, 168, 78), (164, 176, 92), (184, 164, 112), (112, 150, 70), (150, 160, 96))
+_SOIL_COLOURS = ((152, 102, 58), (170, 126, 70), (138, 92, 56))
+_WATER_COLOURS = ((26, 52, 100), (30, 72, 102), (40, 66, 116))
+
+
+# ---------------------------------------------------------------- drawing helpers
+
+
+class _Layer:
+    """An RGB drawing surface plus coverage mask, so PIL can draw crisp shapes that
+    are then composited (optionally softened or shaded) onto the float tile."""
+
+    def __init__(self, size: int):
+        self.rgb = Image.new("RGB", (size, size))
+        self.mask = Image.new("L", (size, size))
+        self._rgb_draw = ImageDraw.Draw(self.rgb)
+        self._mask_draw = ImageDraw.Draw(self.mask)
+
+    def polygon(self, points, colour) -> None:
+        self._rgb_draw.polygon(points, fill=colour)
+        self._mask_draw.polygon(points, fill=255)
+
+    def ellipse(self, box, colour) -> None:
+        self._rgb_draw.ellipse(box, fill=colour)
+        self._mask_draw.ellipse(box, fill=255)
+
+    def line(self, points, colour, width: int) -> None:
+        self._rgb_draw.line(points, fill=colour, width=width, joint="curve")
+        self._mask_draw.line(points, fill=255, width=width, joint="curve")
+
+    def composite(self, img: np.ndarray, opacity: float = 1.0, blur: float = 0.0,
+                  shade: np.ndarray | None = None) -> np.ndarray:
+        """Blend onto ``img`` in place; returns the alpha used (H, W)."""
+        mask = self.mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else self.mask
+        alpha = np.asarray(mask, dtype=np.float32) * (opacity / 255.0)
+        top = np.asarray(self.rgb, dtype=np.float32)
+        if shade is not None:
+            top = top * shade[..., None]
+        img += alpha[..., None] * (top - img)
+        return alpha
+
+
+def _colour(rng: np.random.Generator, base, spread: float = 12.0) -> tuple[int, int, int]:
+    """Per-image colour jitter so the model learns a colour range, not one RGB value."""
+    c = np.clip(np.asarray(base, dtype=np.float64) + rng.normal(0.0, spread, 3), 0, 255)
+    return tuple(int(v) for v in c)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-ish noise with features about ``size / cells`` pixels wide."""
+    cells = max(2, int(cells))
+    grid = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))
+
+
+def _edge_point(rng: np.random.Generator, size: int, side: int) -> np.ndarray:
+    """A point just outside one tile edge, so lines cross the whole tile."""
+    t = rng.uniform(0.1, 0.9) * size
+    lo, hi = -0.05 * size, 1.05 * size
+    return np.array([(lo, t), (hi, t), (t, lo), (t, hi)][side])
+
+
+def _curve(rng: np.random.Generator, size: int, bend: float, n: int = 12,
+           start: np.ndarray | None = None, end: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """A quadratic Bezier from edge to edge: straight when ``bend`` is 0, river-like when large."""
+    sides = rng.permutation(4)[:2]
+    p0 = _edge_point(rng, size, sides[0]) if start is None else start
+    p2 = _edge_point(rng, size, sides[1]) if end is None else end
+    mid = (p0 + p2) / 2
+    d = p2 - p0
+    normal = np.array([-d[1], d[0]]) / (np.hypot(*d) + 1e-9)
+    p1 = mid + normal * rng.uniform(-bend, bend) * size
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+    return [tuple(p) for p in pts.tolist()]
+
+
+def _blob(rng: np.random.Generator, cx: float, cy: float, r: float, vertices: int,
+          irregularity: float) -> list[tuple[float, float]]:
+    """An irregular polygon: angular when ``vertices`` is small, patch-like when large."""
+    angles = np.sort(rng.uniform(0, 2 * math.pi, vertices))
+    radii = r * (1 + irregularity * rng.uniform(-1, 1, vertices))
+    return list(zip((cx + radii * np.cos(angles)).tolist(), (cy + radii * np.sin(angles)).tolist()))
+
+
+def _rotated_rect(cx: float, cy: float, w: float, h: float, angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    corners = ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners]
+
+
+# ------------------------------------------------------------------- land cover
+
+
+def _draw_ground(size: int, rng: np.random.Generator, forest: bool) -> np.ndarray:
+    """Mottled canopy (primary) or flat grey-olive scrub: the backdrop every other tag sits on."""
+    base = np.asarray(_colour(rng, _FOREST if forest else _SCRUB, 5), dtype=np.float32)
+    crowns = _smooth_noise(rng, size, size // 3)          # individual tree crowns
+    stands = _smooth_noise(rng, size, max(3, size // 16))  # patches of taller/denser forest
+    amp = (0.22, 0.10) if forest else (0.08, 0.10)
+    shade = 1.0 + amp[0] * crowns + amp[1] * stands
+    return base[None, None, :] * shade[..., None]
+
+
+def _draw_fields(img, size, rng) -> None:
+    """Agriculture: a rotated grid of large light fields covering a big share of the tile."""
+    layer = _Layer(size)
+    angle = rng.uniform(-0.6, 0.6)
+    cols, rows = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+    cw, ch = rng.uniform(0.14, 0.24, 2) * size
+    gap = max(1.0, size / 128)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    c, s = math.cos(angle), math.sin(angle)
+    for i in range(cols):
+        for j in range(rows):
+            if rng.random() < 0.12:
+                continue
+            ox, oy = (i - (cols - 1) / 2) * cw, (j - (rows - 1) / 2) * ch
+            fx, fy = cx + ox * c - oy * s, cy + ox * s + oy * c
+            colour = _colour(rng, _FIELD_COLOURS[int(rng.integers(len(_FIELD_COLOURS)))], 10)
+            layer.polygon(_rotated_rect(fx, fy, cw - gap, ch - gap, angle), colour)
+    layer.composite(img)
+
+
+def _draw_bare_ground(img, size, rng) -> None:
+    """Bare ground: one or two brown/ochre soil patches."""
+    layer = _Layer(size)
+    for _ in range(int(rng.integers(1, 3))):
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        r = rng.uniform(0.08, 0.18) * size
+        colour = _colour(rng, _SOIL_COLOURS[int(rng.integers(len(_SOIL_COLOURS)))], 10)
+        layer.polygon(_blob(rng, cx, cy, r, 9, 0.35), colour)
+    layer.composite(img, blur=size / 128, shade=1 + 0.08 * _smooth_noise(rng, size, size // 6))
+
+
+def _draw_cultivation(img, size, rng) -> None:
+    """Cultivation: a few small irregular clearings inside the forest."""
+    layer = _Layer(size)
+    for _ in range(int(rng.integers(2, 6))):
+        cx, cy = rng.uniform(0.1, 0.9, 2) * size
+        r = rng.uniform(0.03, 0.07) * size
+        base = (112, 148, 72) if rng.random() < 0.6 else (140, 112, 72)
+        layer.polygon(_blob(rng, cx, cy, r, 7, 0.4), _colour(rng, base, 10))
+    layer.composite(img)
+
+
+def _draw_blow_down(img, size, rng) -> None:
+    """Blow down: a patch of lighter canopy with parallel streaks of fallen trunks."""
+    layer = _Layer(size)
+    cx, cy = rng.uniform(0.25, 0.75, 2) * size
+    layer.polygon(_blob(rng, cx, cy, rng.uniform(0.1, 0.2) * size, 10, 0.3),
+                  _colour(rng, (104, 122, 72), 8))
+    theta = rng.uniform(0, math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * math.pi / max(2.5, 4 * size / 128))
+    streaks = 1.0 + 0.22 * np.sin(phase + 1.5 * _smooth_noise(rng, size, 6))
+    layer.composite(img, blur=0.6, shade=streaks)
+
+
+def _draw_water(img, size, rng) -> None:
+    """Water: a winding river band, or sometimes a lake."""
+    layer = _Layer(size)
+    colour = _colour(rng, _WATER_COLOURS[int(rng.integers(len(_WATER_COLOURS)))], 6)
+    if rng.random() < 0.7:
+        width = max(3, int(rng.uniform(0.06, 0.14) * size))
+        layer.line(_curve(rng, size, bend=0.35, n=16), colour, width)
+    else:
+        cx, cy = rng.uniform(0.25, 0.75, 2) * size
+        layer.polygon(_blob(rng, cx, cy, rng.uniform(0.12, 0.22) * size, 12, 0.25), colour)
+    layer.composite(img, blur=0.7)
+
+
+def _draw_conventional_mine(img, size, rng) -> None:
+    """Conventional mine: a large angular open pit stepped with concentric terraces."""
+    layer = _Layer(size)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    outline = np.asarray(_blob(rng, cx, cy, rng.uniform(0.2, 0.32) * size, int(rng.integers(5, 8)), 0.25))
+    base = np.asarray(_colour(rng, (176, 166, 148), 10), dtype=np.float64)
+    for k, scale in enumerate((1.0, 0.78, 0.56, 0.34)):
+        pts = (outline - (cx, cy)) * scale + (cx, cy)
+        tone = base + (-18 if k % 2 else 12)
+        layer.polygon([tuple(p) for p in pts.tolist()], tuple(int(v) for v in np.clip(tone, 0, 255)))
+    if rng.random() < 0.5:  # flooded pit bottom
+        pts = (outline - (cx, cy)) * 0.15 + (cx, cy)
+        layer.polygon([tuple(p) for p in pts.tolist()], _colour(rng, (60, 120, 120), 10))
+    layer.composite(img)
+
+
+def _draw_artisinal_mine(img, size, rng) -> None:
+    """Artisanal mine: muddy pits and turquoise/ochre pools strung along a stream."""
+    layer = _Layer(size)
+    stream = _curve(rng, size, bend=0.3, n=16)
+    layer.line(stream, _colour(rng, (150, 112, 70), 10), max(2, int(0.03 * size)))
+    pts = np.asarray(stream)
+    lo, hi = len(pts) // 4, 3 * len(pts) // 4
+    for _ in range(int(rng.integers(5, 12))):
+        x, y = pts[int(rng.integers(lo, hi))] + rng.normal(0, 0.05 * size, 2)
+        r = rng.uniform(0.015, 0.04) * size
+        kind = rng.random()
+        base = (176, 110, 60) if kind < 0.5 else (76, 172, 160) if kind < 0.8 else (192, 152, 72)
+        layer.polygon(_blob(rng, x, y, r, 6, 0.35), _colour(rng, base, 10))
+    layer.composite(img)
+
+
+def _draw_slash_burn(img, size, rng) -> None:
+    """Slash and burn: small charcoal-black scars with a grey smoke plume."""
+    scars, smoke = _Layer(size), _Layer(size)
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        r = rng.uniform(0.03, 0.07) * size
+        scars.polygon(_blob(rng, cx, cy, r, 7, 0.4), _colour(rng, (24, 21, 19), 4))
+        sx, sy = np.array([cx, cy]) + rng.normal(0, r, 2)
+        smoke.ellipse((sx - 1.5 * r, sy - r, sx + 1.5 * r, sy + r), _colour(rng, (150, 150, 148), 8))
+    scars.composite(img)
+    smoke.composite(img, opacity=0.5, blur=0.06 * size)
+
+
+def _draw_selective_logging(img, size, rng) -> None:
+    """Selective logging: thin winding skid trails with small log-landing clearings."""
+    layer = _Layer(size)
+    colour = _colour(rng, (158, 124, 86), 10)
+    for _ in range(int(rng.integers(1, 4))):
+        p = rng.uniform(0.1, 0.9, 2) * size
+        heading = rng.uniform(0, 2 * math.pi)
+        step = 0.05 * size
+        pts = [tuple(p)]
+        for _ in range(int(rng.integers(8, 16))):
+            heading += rng.normal(0, 0.5)
+            p = p + step * np.array([math.cos(heading), math.sin(heading)])
+            pts.append(tuple(p))
+        layer.line(pts, colour, 1)
+        for x, y in (pts[i] for i in rng.choice(len(pts), size=3, replace=False)):
+            r = rng.uniform(1.2, 2.5) * size / 128
+            layer.ellipse((x - r, y - r, x + r, y + r), colour)
+    layer.composite(img)
+
+
+def _draw_roads(img, size, rng) -> None:
+    """Roads: thin, light tan/grey lines, straight or gently curving, crossing the tile."""
+    layer = _Layer(size)
+    colour = _colour(rng, (186, 172, 146), 12)
+    for _ in range(int(rng.integers(1, 3))):
+        width = max(1, int(round(rng.uniform(1, 3) * size / 128)))
+        layer.line(_curve(rng, size, bend=rng.uniform(0, 0.2)), colour, width)
+    layer.composite(img)
+
+
+def _draw_habitation(img, size, rng) -> None:
+    """Habitation: a cleared lot with a cluster of small bright roofs."""
+    ground, roofs = _Layer(size), _Layer(size)
+    cx, cy = rng.uniform(0.2, 0.8, 2) * size
+    spread = rng.uniform(0.05, 0.1) * size
+    ground.polygon(_blob(rng, cx, cy, 2 * spread, 9, 0.3), _colour(rng, (148, 140, 116), 8))
+    angle = rng.uniform(0, math.pi / 2)
+    palette = ((228, 228, 222), (170, 170, 166), (186, 86, 64))
+    for _ in range(int(rng.integers(8, 26))):
+        x, y = np.array([cx, cy]) + rng.normal(0, spread, 2)
+        w, h = rng.uniform(2, 5, 2) * size / 128
+        roofs.polygon(_rotated_rect(x, y, w, h, angle), _colour(rng, palette[int(rng.integers(3))], 8))
+    ground.composite(img, opacity=0.6, blur=0.04 * size)
+    roofs.composite(img)
+
+
+def _draw_blooming(img, size, rng) -> None:
+    """Blooming: flowering trees as bright yellow/pink speckles scattered in the canopy."""
+    n = int(rng.integers(40, 140) * (size / 128) ** 2)
+    cx, cy = rng.uniform(0.2, 0.8, 2) * size
+    ys = np.clip(rng.normal(cy, 0.25 * size, n), 0, size - 1).astype(int)
+    xs = np.clip(rng.normal(cx, 0.25 * size, n), 0, size - 1).astype(int)
+    bases = np.array([(236, 222, 70), (232, 150, 190), (240, 236, 190)], dtype=np.float32)
+    colours = bases[rng.integers(0, 3, n)] + rng.normal(0, 8, (n, 3)).astype(np.float32)
+    img[ys, xs] = colours
+    big = rng.random(n) < 0.4  # some crowns cover two pixels
+    img[ys[big], np.minimum(xs[big] + 1, size - 1)] = colours[big]
+
+
+# ------------------------------------------------------------------- atmosphere
+
+
+def _apply_haze(img, size, rng) -> None:
+    """Haze: a low-contrast bluish-grey veil over the whole tile."""
+    veil = np.asarray(_colour(rng, (184, 192, 206), 6), dtype=np.float32)
+    strength = rng.uniform(0.4, 0.6) * (1 + 0.12 * _smooth_noise(rng, size, 4))
+    img += np.clip(strength, 0, 0.8)[..., None] * (veil - img)
+
+
+def _draw_partial_clouds(img, size, rng) -> None:
+    """Partly cloudy: a few soft white blobs covering roughly 15-50 % of the tile."""
+    target = rng.uniform(0.15, 0.5)
+    layer = _Layer(size)
+    white = int(rng.uniform(232, 250))
+    colour = (white, white, min(255, white + 2))
+    covered = 0.0
+    for _ in range(20):
+        if covered >= target:
+            break
+        room = max(target - covered, 0.04)
+        r = min(rng.uniform(0.1, 0.28), math.sqrt(room / math.pi) * 1.2) * size
+        cx, cy = rng.uniform(0, 1, 2) * size
+        layer.ellipse((cx - r * rng.uniform(0.8, 1.6), cy - r, cx + r * rng.uniform(0.8, 1.6), cy + r), colour)
+        covered = float(np.count_nonzero(np.asarray(layer.mask))) / (size * size)
+    layer.composite(img, opacity=0.95, blur=0.04 * size,
+                    shade=1 - 0.05 * np.abs(_smooth_noise(rng, size, 8)))
+
+
+def _draw_overcast(img, size, rng) -> None:
+    """Cloudy: an almost unbroken white/grey deck with at most a few small gaps."""
+    grey = rng.uniform(196, 238)
+    deck = np.float32(grey) * (1 + 0.04 * _smooth_noise(rng, size, 5))[..., None]
+    deck = deck * np.array([0.98, 0.99, 1.01], dtype=np.float32)
+    gaps = _Layer(size)
+    for _ in range(int(rng.integers(0, 3))):
+        cx, cy = rng.uniform(0, 1, 2) * size
+        r = rng.uniform(0.04, 0.1) * size
+        gaps.ellipse((cx - r, cy - r, cx + r, cy + r), (255, 255, 255))
+    hole = np.asarray(gaps.mask.filter(ImageFilter.GaussianBlur(0.03 * size)), dtype=np.float32) / 255
+    alpha = 1 - 0.8 * hole
+    img += alpha[..., None] * (deck - img)
+
+
+# ------------------------------------------------------------------------- tile
+
+# Painting order: broad land cover first, fine structures on top, atmosphere last.
+_LAND_DRAWERS = (
+    ("agriculture", _draw_fields),
+    ("bare_ground", _draw_bare_ground),
+    ("cultivation", _draw_cultivation),
+    ("blow_down", _draw_blow_down),
+    ("water", _draw_water),
+    ("conventional_mine", _draw_conventional_mine),
+    ("artisinal_mine", _draw_artisinal_mine),
+    ("slash_burn", _draw_slash_burn),
+    ("selective_logging", _draw_selective_logging),
+    ("road", _draw_roads),
+    ("habitation", _draw_habitation),
+    ("blooming", _draw_blooming),
+)
+
+
+def draw_tile(tags: Sequence[str], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render one (size, size, 3) uint8 RGB tile in which every tag in ``tags`` is visible."""
+    tags = set(tags)
+    unknown = tags - set(PLANET_TAGS)
+    if unknown:
+        raise ValueError(f"unknown tags: {sorted(unknown)}")
+    img = _draw_ground(size, rng, forest="primary" in tags or "cloudy" in tags)
+    for tag, drawer in _LAND_DRAWERS:
+        if tag in tags:
+            drawer(img, size, rng)
+    img *= np.float32(rng.uniform(0.92, 1.08))  # sensor/illumination variation
+    if "haze" in tags:
+        _apply_haze(img, size, rng)
+    elif "partly_cloudy" in tags:
+        _draw_partial_clouds(img, size, rng)
+    elif "cloudy" in tags:
+        _draw_overcast(img, size, rng)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(3.0)
+    return np.clip(img, 0, 255).astype(np.uint8)
