@@ -157,6 +157,24 @@ class DeepClusterConfig:
         return replace(self.train, weights=weights, schedule="constant", bn_stats=bn_stats)
 
 
+# The CLI's view of DeepCluster's pseudo-label training: the TrainConfig fields `qdeep deepcluster`
+# takes, two under names of their own, with its own help.
+DEEPCLUSTER_TRAIN_OPTIONS = ["epochs", "val_fraction", "balance", "freeze", "lr", "optimizer", "augment",
+                             "bn_stats", "batch_size", "image_size", "loader_workers", "seed"]
+DEEPCLUSTER_HELP = {
+    "epochs": {"flag": "--epochs-per-iteration", "help": "training epochs on each iteration's pseudo-labels"},
+    "val_fraction": {"flag": "--ctrl-fraction", "help": "images never trained on, scoring the pseudo-label task"},
+    "balance": {"choices": ("weights", "uniform"),
+                "help": "weights: balanced class weights; uniform: the reference's uniform per-cluster sampler"},
+    "freeze": {"help": "head | last:N | none (none: the whole network trains, as the reference)"},
+    "lr": {"help": "constant across iterations (0.01 diverged with frozen BatchNorm statistics)"},
+    "optimizer": {"help": "adamw | sgd (momentum 0.9, as the reference; the body's state carries over)"},
+    "augment": {"help": "pseudo-label training's augmentation: d4, flip (left-right), strong (the reference's "
+                        "random-resized crops, flips and colour jitter, below flip on small sets, see README "
+                        "Benchmarks) or none"},
+}
+
+
 def pick(args, names) -> dict:
     """The parsed values of the options `names` (their dests are the fields' names)."""
     return {name: getattr(args, name) for name in names}

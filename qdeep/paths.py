@@ -92,6 +92,16 @@ def planet_dir(path, option: str | None = "--data", split: str = "train") -> Pat
     return root
 
 
+def training_data(data=None, labels=None, images=None) -> None:
+    """`--data` a Planet layout, `--labels` a CSV, `--images` a folder of images, where given."""
+    if data:
+        planet_dir(data, "--data")
+    if labels:
+        input_file(labels, "--labels")
+    if images:
+        image_dir(images, "--images")
+
+
 def weights_file(weights: str | None, option: str = "--weights") -> None:
     """A weights PATH must be a non-empty file; the named weights (none, imagenet, bundled) pass."""
     if weights and weights not in NAMED_WEIGHTS:

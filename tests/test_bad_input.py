@@ -384,5 +384,5 @@ def test_an_unforeseen_filesystem_error_is_one_line_naming_the_path(tmp_path, ca
     def fails(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "o" / "metrics.json"))
 
-    monkeypatch.setattr(qdeep.cli, "cmd_synth", fails)  # build_parser binds it when main calls it
+    monkeypatch.setattr(qdeep.cli.commands, "cmd_synth", fails)  # build_parser binds it when main calls it
     _refused(capsys, ["synth", "--out", str(tmp_path / "o")], f"{tmp_path / 'o' / 'metrics.json'}: Permission denied")
