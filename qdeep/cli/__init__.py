@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qdeep.parts import load_plugins
 
         load_plugins(args.plugins)
+        if not args.verbose:  # MLflow's INFO lines (creating a store's tables, ...) are not results
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         with csv_encoding(getattr(args, "encoding", None)), verbose(args.verbose):
             args.func(args)
         log = commands.ray_log(args)

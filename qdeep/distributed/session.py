@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -59,28 +60,29 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log: Pa
 
 @contextmanager
 def ray_output_to(log: Path) -> Iterator[None]:
-    """Ray's and MLflow's driver-side log records, and Ray Data's progress bars, into `log`."""
-    log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    saved = {}
-    for name in ("ray", "mlflow", "alembic"):
-        logger = logging.getLogger(name)
-        saved[name] = (logger.handlers[:], logger.propagate)
-        logger.handlers, logger.propagate = [handler], False
+    """Everything written to this process's standard error by what started before the block or below
+    Python (Ray's loggers, its C++ core worker, the services it starts) goes to `log`, while qdeep's
+    own lines and progress bars stay on the terminal: descriptor 2 points at `log`, and `sys.stderr`
+    at a copy of the terminal's descriptor. Ray Data's progress bars are off meanwhile."""
     import ray.data
 
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    saved, sys.stderr = sys.stderr, os.fdopen(terminal, "w", buffering=1)
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         yield
     finally:
         context.enable_progress_bars = bars
-        for name, (handlers, propagate) in saved.items():
-            logger = logging.getLogger(name)
-            logger.handlers, logger.propagate = handlers, propagate
-        handler.close()
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        sys.stderr = saved
 
 
 @contextmanager
@@ -96,6 +98,8 @@ def _worker_output_to(log: Path) -> Iterator[None]:
         return
 
     def write(data: dict) -> None:
+        if data.get("pid") == "autoscaler":  # its periodic status report, which Ray too keeps off the terminal
+            return
         who = data.get("actor_name") or data.get("task_name") or "worker"
         with open(log, "a") as f:
             f.writelines(f"({who} pid={data.get('pid')}, ip={data.get('ip')}) {line}\n" for line in data["lines"])
