@@ -1,6 +1,7 @@
 """The seed platform's benchmark model: colour histograms + one Random Forest per label.
 
-scikit-learn style (configure in __init__, learn in fit, answer in predict_proba); no Ray here.
+A scikit-learn estimator (parameters in __init__, checks and learning in fit, answers in
+predict_proba; get_params/set_params/clone from BaseEstimator); no Ray here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import skops.io
 from PIL import Image
+from sklearn.base import BaseEstimator
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.tree._tree import Tree
+from sklearn.utils.validation import check_X_y
 from skops.io.exceptions import UntrustedTypesFoundException
 
 from qdeep import io
@@ -48,7 +51,7 @@ def color_histogram(image: Image.Image) -> np.ndarray:
     return hist.reshape(-1).astype(np.float32)
 
 
-class HistogramForest:
+class HistogramForest(BaseEstimator):
     """One RandomForestClassifier per label; a label constant in training predicts its constant."""
 
     def __init__(self, n_estimators: int = 200, min_samples_leaf: int = 1, n_jobs: int = -1, random_state: int = 0):
@@ -57,10 +60,11 @@ class HistogramForest:
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("n_estimators", "min_samples_leaf", "n_jobs", "random_state")}
-
     def fit(self, x: np.ndarray, y: np.ndarray) -> "HistogramForest":
+        """x: (n, features); y: (n, L), one 0/1 column per label. The forests check their own parameters."""
+        x, y = check_X_y(x, y, multi_output=True)
+        if y.ndim != 2:
+            raise ValueError(f"y must have one column per label, got shape {y.shape}")
         self.forests_: list[RandomForestClassifier | float] = []
         for j in range(y.shape[1]):
             col = y[:, j]

@@ -215,6 +215,22 @@ def test_weights_errors_as_functions(built, tmp_path):
         build_model(ARCH, 3, weights=str(tmp_path / "list.pt"))
 
 
+def test_a_malicious_cached_imagenet_file_is_refused(tmp_path, monkeypatch):
+    """torch.hub loads a cached ImageNet file with weights_only=False; qdeep's safe loader reads it first."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    write_bad("torch-pickle", cached, marker)
+    with pytest.raises(QdeepError) as err:
+        build_model(ARCH, 3, weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message and str(cached) in message and "it needs exec" in message, message
+    assert not marker.exists()
+
+
 # ---- a CNN model directory for predict --------------------------------------------------------
 
 CNN_CASES = [

