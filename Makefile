@@ -1,6 +1,8 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when missing and install qdeep.
-# `make test-fast` leaves out the slow tier (Ray Train/Tune/DeepCluster runs); `make gpu-check`
-# runs the GPU tier and prints GPU figures on a machine with an NVIDIA GPU.
+# The tests come in tiers (pytest markers, tests/conftest.py): `make test-fast` runs the `unit` tier
+# (no Ray; about a minute), `make test-ray` the `ray` and `multinode` tiers, `make gpu-check` the `gpu`
+# tier and GPU figures on a machine with an NVIDIA GPU; `make test` runs everything, as CI does.
+# `make lint` checks the import layers (.importlinter).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,32 +10,33 @@ STAMP  := $(VENV)/.qdeep-installed
 GPU_STAMP := $(VENV)/.qdeep-gpu-installed
 DEMO   := demo
 
-.PHONY: install demo test test-fast gpu-check bench clean
+.PHONY: install demo test test-fast test-ray lint gpu-check bench clean
 
 install: $(STAMP)
 
-# torch/torchvision are pinned first: these exact wheels sit on the build machines' disk,
-# any other version would download gigabytes.
+# torch/torchvision first, at constraints.txt's pins (docker/Dockerfile reads the same file): these
+# exact wheels sit on the build machines' disk, any other version would download gigabytes.
+PIP    := $(BIN)/pip install -q -c constraints.txt
 define BASE_INSTALL
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) torch torchvision
 endef
 
 # faiss comes as one of two wheels that must never sit side by side: the CPU one here, the GPU
 # one for gpu-check. Each install removes the other wheel and the other stamp.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(BASE_INSTALL)
 	$(BIN)/pip uninstall -q -y faiss-gpu
-	$(BIN)/pip install -q -e ".[cpu,test]"
+	$(PIP) -e ".[cpu,test]"
 	rm -f $(GPU_STAMP)
 	touch $(STAMP)
 
-$(GPU_STAMP): pyproject.toml
+$(GPU_STAMP): pyproject.toml constraints.txt
 	@nvidia-smi -L >/dev/null 2>&1 || { echo "make gpu-check: no NVIDIA GPU here (nvidia-smi -L fails); run it on a GPU machine" >&2; exit 1; }
 	$(BASE_INSTALL)
 	$(BIN)/pip uninstall -q -y faiss-cpu
-	$(BIN)/pip install -q -e ".[gpu,test]"
+	$(PIP) -e ".[gpu,test]"
 	rm -f $(STAMP)
 	touch $(GPU_STAMP)
 
@@ -56,11 +59,21 @@ demo: $(STAMP)
 	@echo "DeepCluster grids: $(DEMO)/deepcluster/grids/, curves: $(DEMO)/deepcluster/curves.png"
 	@echo "MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlflow.db"
 
+# Every tier (the gpu tests skip, with the reason, where torch sees no GPU): what CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The unit tier: no Ray anywhere, about a minute on 2 cores.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -m unit
+
+# Ray Train, Tune, Data and DeepCluster on a local Ray, and the multi-node clusters: most of the time.
+test-ray: $(STAMP)
+	$(BIN)/python -m pytest -q -m "ray or multinode"
+
+# The layers point one way (.importlinter): cli -> workflows -> distributed -> library, no Ray below.
+lint: $(STAMP)
+	$(BIN)/lint-imports
 
 # On one CUDA GPU, with the GPU faiss: the `gpu` tests (tests/test_gpu.py), then k-means and
 # ResNet-50 training figures (scripts/gpu_check.py). About 6 minutes after the install.

@@ -1,5 +1,7 @@
-"""The installed `qdeep` entry point: help everywhere, one-line errors, tracebacks only with --debug."""
+"""The installed `qdeep` entry point: help everywhere, one-line errors, tracebacks only with --debug.
+None of these starts Ray: the whole module is the unit tier."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +10,72 @@ import pytest
 
 QDEEP = str(Path(sys.executable).with_name("qdeep"))
 
+pytestmark = pytest.mark.unit
+
 
 def _run(*args, cwd=None):
     return subprocess.run([QDEEP, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["baseline"], ["predict"]])
-def test_help(command):
-    r = _run(*command, "--help")
-    assert r.returncode == 0 and "usage: qdeep" in r.stdout
+COMMANDS = ["synth", "baseline", "train", "tune", "ladder", "features", "deepcluster", "predict", "compare"]
+
+
+def test_the_help_tests_cover_every_command():
+    from qdeep.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert sorted(sub.choices) == sorted(COMMANDS), "a command without a --help test below"
+
+
+def test_help_lists_every_command():
+    r = _run("--help")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("usage: qdeep ") and "COMMAND ..." in r.stdout.splitlines()[0]
+    for command in COMMANDS:
+        assert re.search(rf"^ {{4}}{command} ", r.stdout, flags=re.MULTILINE), f"{command} missing from qdeep --help"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_each_command(command):
+    r = _run(command, "--help")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"usage: qdeep {command} [-h]"), r.stdout[:200]
+    assert option_help(r.stdout, "-h") == "-h, --help show this help message and exit"
+
+
+def option_help(text: str, flag: str) -> str:
+    """One option's entry in argparse's help, its lines joined and spaces collapsed: the line that
+    starts with `flag`, then the deeper-indented lines under it (long invocations put the help there)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"\s{{2,4}}{re.escape(flag)}[ ,]|\s{{2,4}}{re.escape(flag)}$",
+                                                                line))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= 4:
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+# Options generated from the run configurations' fields (qdeep/options.py add_fields): each shows the
+# configuration's default; DeepCluster's training has defaults of its own (sgd, 1 epoch per iteration).
+GENERATED = {
+    "train": [("--epochs", "5"), ("--lr", "0.001"), ("--optimizer", "adamw"), ("--batch-size", "64")],
+    "tune": [("--epochs", "5"), ("--num-samples", "1"), ("--scheduler", "asha"), ("--optimizer", "adamw")],
+    "ladder": [("--lr", "0.001"), ("--epochs", "5"), ("--optimizer", "adamw")],
+    "deepcluster": [("--lr", "0.001"), ("--epochs-per-iteration", "1"), ("--optimizer", "sgd"), ("--k", "5"),
+                    ("--final-k", "20")],
+}
+
+
+@pytest.mark.parametrize("command", sorted(GENERATED))
+def test_help_shows_the_defaults_of_the_generated_options(command):
+    r = _run(command, "--help")
+    assert r.returncode == 0, r.stderr
+    for flag, default in GENERATED[command]:
+        entry = option_help(r.stdout, flag)
+        assert entry.endswith(f"(default {default})"), (flag, entry)
 
 
 def test_synth_writes_a_planet_layout(tmp_path):

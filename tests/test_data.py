@@ -15,6 +15,8 @@ from qdeep.data import (
 )
 from qdeep.errors import BadInputError, QdeepError
 
+pytestmark = pytest.mark.unit  # no Ray
+
 
 def _jpg(path, color=(10, 120, 30), size=16):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ from PIL import Image
 from qdeep.cli import main
 from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
 
+pytestmark = pytest.mark.ray  # DeepCluster runs on a real local Ray
 
-@pytest.mark.slow
+
 def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_uri):
     scenes = tmp_path / "scenes"
     write_synthetic_classes(scenes, n_per_class=16, size=40, seed=5)
@@ -73,10 +74,13 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     clusters = table.column("cluster").to_numpy()
     assert set(clusters) <= set(range(6))
 
+    # one grid per final cluster, an empty one included: up to 16 of its members, 4 by row, 96 px each
     grids = sorted(p.name for p in (out / "grids").iterdir())
-    assert grids == [f"cluster_{c:02d}.png" for c in range(6) if (clusters == c).any()] or len(grids) == 6
-    with Image.open(out / "grids" / "cluster_00.png") as grid:
-        assert grid.width == 4 * 96
+    assert grids == [f"cluster_{c:02d}.png" for c in range(6)]
+    for c in range(6):
+        with Image.open(out / "grids" / f"cluster_{c:02d}.png") as grid:
+            shown = min(int((clusters == c).sum()), 16)
+            assert grid.size == (4 * 96, 18 + max(1, -(-shown // 4)) * 96), (c, shown, grid.size)
     assert (out / "curves.png").stat().st_size > 0 and (out / "sizes.png").stat().st_size > 0
 
     mlflow.set_tracking_uri(sqlite_uri)
@@ -100,7 +104,6 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert {"iteration-1", "iteration-2"} <= children
 
 
-@pytest.mark.slow
 def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray_cluster, tmp_path, sqlite_uri,
                                                                               crash_once):
     marker = tmp_path / "crashed"
@@ -118,15 +121,24 @@ def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray
     assert m["iterations"][1]["weights"].endswith("iter_01/model.pt")  # the restarted group went on from it
 
 
-def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path):
+def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "deepcluster.json").write_text(json.dumps({"settings": {"k": 7}, "mlflow_run_id": "x"}))
+    state = json.dumps({"settings": {"k": 7}, "mlflow_run_id": "x"})
+    (out / "deepcluster.json").write_text(state)
     scenes = tmp_path / "scenes"
     write_synthetic_classes(scenes, n_per_class=4, size=16, seed=0)
     code = main(["deepcluster", "--images", str(scenes), "--arch", "resnet18", "--weights", "none", "--k", "2",
                  "--final-k", "2", "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err, err
+    prefix = f"qdeep: error: {out.resolve()} holds a DeepCluster run with other settings ("
+    assert err[-1].startswith(prefix), err
+    assert err[-1].endswith("; rerun with those settings to resume, or use another --out"), err
+    changed = err[-1][len(prefix):].split(")", 1)[0].split(", ")
+    assert {"k", "n_images"} <= set(changed), changed  # the recorded run had k=7 and nothing else
+    assert (out / "deepcluster.json").read_text() == state  # the refused launch recorded nothing
+    assert not (out / "metrics.json").exists() and not (out / "iterations").exists()
 
 
 def test_a_relative_weights_path_is_resolved_where_the_command_runs(ray_cluster, tmp_path, sqlite_uri, monkeypatch):

@@ -15,6 +15,8 @@ from qdeep.data.transforms import to_tensor
 from qdeep.distributed.features import load_backbone
 from qdeep.models import embed
 
+pytestmark = pytest.mark.ray  # Ray Data runs on a real local Ray
+
 
 @pytest.fixture
 def ray_data_warnings():

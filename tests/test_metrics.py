@@ -5,6 +5,8 @@ from sklearn.metrics import fbeta_score
 from qdeep.metrics import THRESHOLD_GRID, binarize, f2_score, per_label_f2, tune_thresholds
 from qdeep.parts.validation import KFoldValidation
 
+pytestmark = pytest.mark.unit  # no Ray
+
 
 def _random_labels(rng, n, L, p):
     y = rng.random((n, L)) < p

@@ -34,7 +34,7 @@ import pytest
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 from qdeep.distributed.worker import CHECKPOINT_FILE
 
-pytestmark = pytest.mark.slow  # real multi-node Ray clusters: `make test-fast` leaves this module out
+pytestmark = pytest.mark.multinode  # real multi-node Ray clusters: `make test-fast` leaves this module out
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"  # loopback addresses: one per node, both on this machine
 BIN = Path(sys.executable).parent  # the venv's python, ray and qdeep

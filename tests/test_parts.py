@@ -13,6 +13,8 @@ from qdeep.parts import FIT_STRATEGIES, FORMATTERS, TARGETS, VALIDATIONS, infer_
 from qdeep.parts.fit import param_groups, stage_of
 from qdeep.parts.targets import load_targets
 
+pytestmark = pytest.mark.unit  # no Ray
+
 
 def test_multiclass_targets_encode_decode_and_name_the_bad_row(tmp_path):
     targets = TARGETS.get("multiclass").from_labels([["river"], ["forest"], ["town"]])

@@ -17,6 +17,8 @@ from qdeep.data.synth import (
     write_synthetic_planet,
 )
 
+pytestmark = pytest.mark.unit  # no Ray
+
 
 def _read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as f:

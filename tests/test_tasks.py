@@ -12,7 +12,7 @@ from qdeep.cli import main
 from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
 from qdeep.models import apply_freeze, build_model
 
-pytestmark = pytest.mark.slow  # Ray Train runs: `make test-fast` leaves this module out
+pytestmark = pytest.mark.ray  # Ray Train runs: `make test-fast` (the unit tier) leaves this module out
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",
         "--warmup-steps", "2", "--workers", "2"]

@@ -8,7 +8,7 @@ import pytest
 
 from qdeep.cli import main
 
-pytestmark = pytest.mark.slow  # Ray Train runs: `make test-fast` leaves this module out
+pytestmark = pytest.mark.ray  # Ray Train runs: `make test-fast` (the unit tier) leaves this module out
 
 # A small model at a small input size keeps each run to seconds on 2 cores.
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",

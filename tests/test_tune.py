@@ -28,7 +28,6 @@ def _parents(uri):
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
-@pytest.mark.slow
 def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, tmp_path, sqlite_uri):
     out = tmp_path / "out"
     assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18,efficientnet_lite0", "--freeze", "head,none",
@@ -50,7 +49,6 @@ def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, tmp_pa
     assert {c.data.params["arch"] for c in children} == set(archs)
 
 
-@pytest.mark.slow
 def test_asha_stops_clearly_worse_trials_early(planet_dir, ray_cluster, tmp_path, sqlite_uri):
     out = tmp_path / "out"
     # lr 1e-9 cannot learn (an lr of 0 is refused): those trials sit at their initial F2 and fall below the good one.
@@ -65,7 +63,6 @@ def test_asha_stops_clearly_worse_trials_early(planet_dir, ray_cluster, tmp_path
     assert statuses["stopped"] == "KILLED"
 
 
-@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, ray_cluster, tmp_path, sqlite_uri):
     out = tmp_path / "out"
     argv = ["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "head,none", "--lr", "3e-3",
@@ -87,7 +84,6 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, r
     assert len(parents) == 1 and len(_children(sqlite_uri, parents[0].info.run_id)) == 2
 
 
-@pytest.mark.slow
 def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
     out = tmp_path / "ladder"
     assert main(["ladder", "--data", str(planet_dir), "--out", str(out), "--arch", "efficientnet_lite0",
@@ -110,7 +106,6 @@ def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_
     assert "histogram_rf" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_trials_run_on_the_head_are_retried_and_find_a_relative_weights_path(planet_dir, ray_cluster, tmp_path,
                                                                             sqlite_uri, monkeypatch):
     """A trial's driver asks for the head's own resource (never a spot GPU node's), Tune retries a failed

@@ -1,0 +1,132 @@
+"""ShardSampler: each rank's share of an epoch, as (epoch, index) keys. No Ray, no process group:
+each rank's sampler is built here as its worker would build it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from qdeep.data.loader import ShardSampler
+
+pytestmark = pytest.mark.unit
+
+
+def shards(n, world, epoch=0, shuffle=True, seed=0, plan=None) -> list[list[tuple[int, int]]]:
+    """Every rank's keys for one epoch."""
+    out = []
+    for rank in range(world):
+        sampler = ShardSampler(n, world, rank, shuffle, seed, plan)
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+def rows(keys) -> list[int]:
+    return [i for _, i in keys]
+
+
+def dealt(shards_: list[list]) -> list[int]:
+    """The epoch's order before it was dealt out: rank r has positions r, r + world, ..."""
+    world = len(shards_)
+    return [rows(shards_[j % world])[j // world] for j in range(sum(map(len, shards_)))]
+
+
+@pytest.mark.parametrize("n, world", [(24, 1), (24, 2), (24, 3), (24, 4), (23, 2), (23, 3), (23, 4), (5, 8)])
+def test_every_row_once_per_epoch_padded_by_repeats_to_a_multiple_of_the_world(n, world):
+    parts = shards(n, world)
+    pad = -n % world
+    assert all(len(p) == (n + pad) // world for p in parts), "every rank gets as many keys (DDP steps in lockstep)"
+    counts = Counter(i for p in parts for i in rows(p))
+    assert set(counts) == set(range(n)), "every row, and nothing else"
+    assert sorted(counts.values()) == [1] * (n - pad) + [2] * pad, "only the padding repeats a row"
+    order = dealt(parts)
+    assert order[n:] == order[:pad], "the padding repeats the first rows of the epoch's order"
+
+
+def test_the_shuffle_is_shared_by_the_ranks_and_dealt_out_by_rank():
+    n, world = 23, 3
+    (alone,) = shards(n, 1, epoch=2, seed=7)  # one rank: the epoch's whole order
+    order = rows(alone)
+    assert sorted(order) == list(range(n)) and order != list(range(n))
+    parts = shards(n, world, epoch=2, seed=7)
+    padded = order + order[:-n % world]
+    for rank, part in enumerate(parts):
+        assert rows(part) == padded[rank::world]
+    # each rank builds its own sampler: the same arguments give the same keys, every time
+    assert shards(n, world, epoch=2, seed=7) == parts
+
+
+def test_the_order_differs_per_epoch_and_per_seed_and_keys_carry_the_epoch():
+    n, world = 40, 2
+    by_epoch = {e: shards(n, world, epoch=e) for e in range(4)}
+    orders = {e: tuple(dealt(p)) for e, p in by_epoch.items()}
+    assert len(set(orders.values())) == 4, "each epoch its own order"
+    assert all(sorted(o) == list(range(n)) for o in orders.values())
+    assert tuple(dealt(shards(n, world, epoch=1, seed=1))) != orders[1], "the seed matters"
+    for e, parts in by_epoch.items():
+        assert {epoch for part in parts for epoch, _ in part} == {e}, "(epoch, index): augmentation follows the epoch"
+
+
+def test_set_epoch_moves_an_existing_sampler():
+    sampler = ShardSampler(10, 2, 1, True, 0)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    third = list(sampler)
+    assert rows(third) != rows(first) and {e for e, _ in third} == {3}
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_without_shuffle_the_rows_are_dealt_in_order():
+    parts = shards(7, 3, shuffle=False)
+    assert [rows(p) for p in parts] == [[0, 3, 6], [1, 4, 0], [2, 5, 1]]  # padded with rows 0 and 1
+
+
+def test_the_plan_gives_the_epochs_rows_repeats_included():
+    """E.g. DeepCluster's uniform per-cluster draw: the plan, not range(n), is the epoch."""
+    calls = []
+
+    def plan(epoch):
+        calls.append(epoch)
+        rng = np.random.default_rng(epoch)
+        return rng.choice(50, size=31 + epoch)  # with replacement, of another length than n
+
+    n, world = 50, 4
+    for epoch in (0, 1):
+        calls.clear()
+        parts = shards(n, world, epoch=epoch, plan=plan)
+        assert set(calls) == {epoch}
+        planned = plan(epoch)
+        pad = -len(planned) % world
+        order = dealt(parts)
+        assert Counter(order[:len(planned)]) == Counter(planned.tolist()), "the plan's rows, each as often"
+        assert order[len(planned):] == order[:pad] and len(order) == len(planned) + pad
+        for rank in range(world):
+            sampler = ShardSampler(n, world, rank, True, 0, plan)
+            sampler.set_epoch(epoch)
+            assert len(sampler) == len(parts[rank]) == -(-len(planned) // world)
+
+
+def test_the_plan_is_shuffled_unless_shuffle_is_off():
+    planned = np.array([4, 4, 1, 9, 2])
+    (ordered,) = shards(10, 1, shuffle=False, plan=lambda e: planned)
+    assert rows(ordered) == planned.tolist()
+    (shuffled,) = shards(10, 1, shuffle=True, seed=3, plan=lambda e: planned)
+    assert sorted(rows(shuffled)) == sorted(planned.tolist())
+
+
+# Padding takes the first `pad` rows of the epoch: with fewer rows than that (n < -n % world, e.g. 1 row
+# on 3 ranks) it comes up short, and the last ranks get fewer keys than len() promises (in training, one
+# batch fewer than the others). qdeep/data/loader.py; np.resize(idx, len(idx) + pad) would repeat cyclically.
+SHORT_PADDING = pytest.mark.xfail(strict=True, reason="ShardSampler pads short when n < -n % world_size")
+
+
+@pytest.mark.parametrize("n, world", [(1, 1), (10, 3), (12, 3), (13, 4), (5, 8), (0, 2),
+                                      pytest.param(1, 3, marks=SHORT_PADDING),
+                                      pytest.param(2, 7, marks=SHORT_PADDING)])
+def test_len_is_the_keys_each_rank_yields(n, world):
+    for rank, part in enumerate(shards(n, world)):
+        sampler = ShardSampler(n, world, rank, True, 0)
+        assert len(sampler) == len(part) == -(-n // world)
