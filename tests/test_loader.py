@@ -120,12 +120,7 @@ def test_the_plan_is_shuffled_unless_shuffle_is_off():
 # Padding takes the first `pad` rows of the epoch: with fewer rows than that (n < -n % world, e.g. 1 row
 # on 3 ranks) it comes up short, and the last ranks get fewer keys than len() promises (in training, one
 # batch fewer than the others). qdeep/data/loader.py; np.resize(idx, len(idx) + pad) would repeat cyclically.
-SHORT_PADDING = pytest.mark.xfail(strict=True, reason="ShardSampler pads short when n < -n % world_size")
-
-
-@pytest.mark.parametrize("n, world", [(1, 1), (10, 3), (12, 3), (13, 4), (5, 8), (0, 2),
-                                      pytest.param(1, 3, marks=SHORT_PADDING),
-                                      pytest.param(2, 7, marks=SHORT_PADDING)])
+@pytest.mark.parametrize("n, world", [(1, 1), (10, 3), (12, 3), (13, 4), (5, 8), (0, 2), (1, 3), (2, 7)])
 def test_len_is_the_keys_each_rank_yields(n, world):
     for rank, part in enumerate(shards(n, world)):
         sampler = ShardSampler(n, world, rank, True, 0)

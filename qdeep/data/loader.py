@@ -56,7 +56,7 @@ class ShardSampler(Sampler):
         if self.shuffle:
             idx = np.random.default_rng((self.seed, self.epoch)).permutation(idx)
         pad = -len(idx) % self.world
-        return np.concatenate([idx, idx[:pad]])[self.rank::self.world]
+        return np.concatenate([idx, np.resize(idx, pad)])[self.rank::self.world]  # repeats, even past n
 
     def __iter__(self):
         return iter([(self.epoch, int(i)) for i in self._indices()])
