@@ -7,20 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qdeep.errors import QdeepError
-from qdeep.options import (
-    crop_fraction,
-    fraction,
-    fraction_closed,
-    freeze_spec,
-    image_size,
-    int_range,
-    learning_rate,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    seed_int,
-)
+from qdeep.options import (crop_fraction, fraction, fraction_closed, freeze_spec, image_size, int_range, learning_rate,
+                           non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")  # --weights besides a PATH
 

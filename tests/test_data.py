@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdeep.data import (
-    BadInputPolicy,
-    ImageDecodeError,
-    image_id,
-    load_labeled_folder,
-    load_planet,
-    load_rgb,
-    scan_images,
-)
+from qdeep.data import (BadInputPolicy, ImageDecodeError, image_id, load_labeled_folder, load_planet, load_rgb,
+                        scan_images)
 from qdeep.errors import BadInputError, QdeepError
 
 pytestmark = pytest.mark.unit  # no Ray

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdeep.data.synth import (
-    ATMOSPHERIC_TAGS,
-    PLANET_TAGS,
-    draw_tile,
-    sample_tags,
-    write_synthetic_planet,
-)
+from qdeep.data.synth import ATMOSPHERIC_TAGS, PLANET_TAGS, draw_tile, sample_tags, write_synthetic_planet
 
 pytestmark = pytest.mark.unit  # no Ray
 

@@ -30,15 +30,8 @@ from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
 from qdeep.distributed.comm import barrier, broadcast_from_rank0, gather_to_rank0, sum_across_workers
 from qdeep.distributed.tasks import require_visible
-from qdeep.distributed.worker import (
-    load_optimizer_state,
-    lr_factor,
-    make_optimizer,
-    optimizer_state,
-    train_one_epoch,
-    validate,
-    worker_batch,
-)
+from qdeep.distributed.worker import (load_optimizer_state, lr_factor, make_optimizer, optimizer_state, train_one_epoch,
+                                      validate, worker_batch)
 from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_sha256
 from qdeep.parts import TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
