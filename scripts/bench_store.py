@@ -9,23 +9,24 @@
 
 Usage: python scripts/bench_store.py [--rows 200000] [--dim 256] [--rows-per-shard 50000]
 
-Measured 2026-11 on the 2-core shared dev VM (AMD EPYC, sha_ni; other work running, so wall
-times are noisy: best of 3), 200,000 x 256 float32 = 205 MB, 4 shards of 50,000 rows:
+Measured 2026-12 on the 2-core shared dev VM (AMD EPYC, sha_ni; other sessions' tests running,
+load 2-6, so wall times are very noisy: best of 3, the two sides of each ratio taking turns),
+200,000 x 256 float32 = 205 MB, 4 shards of 50,000 rows:
 
                   baseline    MB/s              store    MB/s   ratio
-    write          np.save    5021        StoreWriter     683    0.14x
-    read hot       np.load    6861           to_numpy     987    0.14x
-    read hot       np.load    6861        iter_shards     974    0.14x
-    verify hot     np.load    6861    verify (sha256)    1653    0.24x
-    read cold      np.load    2568           to_numpy     924    0.36x
+    write          np.save    5022        StoreWriter     417    0.08x
+    read hot       np.load    6888           to_numpy    1210    0.18x
+    read hot       np.load    6888        iter_shards    1221    0.18x
+    verify hot     np.load    6888    verify (sha256)    1671    0.24x
+    read cold      np.load    2802           to_numpy     905    0.32x
 
-    (over six runs: StoreWriter 243-736 MB/s, to_numpy 560-1248 MB/s; np.save/np.load 3.6-7 GB/s)
+    (over four runs: StoreWriter 279-417 MB/s, to_numpy 349-1210 MB/s; np.save/np.load 3-7 GB/s)
 
     memory, 8 shards of 26 MB of features (205 MB in all), fresh process per row:
                       peak RSS +  anon RSS +  arrow peak  caller holds
-    iter_shards            80 MB       54 MB        6 MB         26 MB
-    sample(20,000)         48 MB       23 MB        6 MB         20 MB
-    cluster_store          85 MB       82 MB        6 MB         46 MB
+    iter_shards            80 MB       55 MB        6 MB         26 MB
+    sample(20,000)         46 MB       21 MB        6 MB         20 MB
+    cluster_store          74 MB       73 MB        6 MB         46 MB
 
 So streaming costs about one shard plus what the caller holds (the `for` loop's variables keep
 the previous shard until the next one is ready): anonymous memory grows by 2 x 26 MB, Arrow's own
@@ -41,6 +42,14 @@ copy, the whitened sample), ~71 MB while it assigns (the shard being read, two w
 blocks, and its outputs: 200,000 image ids as Python strings, ~16 MB, labels and distances).
 Before this bench measured it, it held the previous shard, a whitened copy of the whole shard and
 three shard-sized temporaries for the distances: ~150 MB.
+
+StoreWriter writes each shard in the caller's thread. It used to encode two shards at a time in
+background threads; run in turns with the present writer on the same loaded VM, that was no
+faster: 220-389 against 279-417 MB/s over four runs of this script, and in three write-only
+comparisons of 11-15 turns each the medians were 1.04-1.12x in favour of one thread, though one
+comparison's best threaded turn (656 MB/s, both cores free for a moment) beat the best single-
+threaded one by 1.5x. No qdeep command writes through StoreWriter: `qdeep features` writes its
+shards from Ray Data tasks, DeepCluster from each Ray Train worker (write_rank_shards).
 
 Why the store does not reach 0.8x against np.save/np.load, and why it stays so: the issue's format
 contract stores features as Arrow fixed_size_list<float32>[dim] (or Arrow's tensor extension type,
@@ -60,9 +69,9 @@ keeps image ids and checks a checksum does not get there here. The store is not 
 bottleneck either: embedding 100,000 images takes a minute or more even on a GPU node (JPEG
 decoding, inference), writing their 2048-dim descriptors (0.8 GB) about a second. So the
 interoperable column was kept and the 0.8x goal is not met. sha256 (1.8 GB/s with sha_ni) is
-overlapped with decoding in a second thread on reads, and StoreWriter encodes two shards at a time.
-On slow storage both are I/O bound on about the same number of bytes (uncompressed): the cold read
-is 0.36x here because the VM's disk is fast next to the decoder.
+overlapped with decoding in a second thread on reads. On slow storage both are I/O bound on about
+the same number of bytes (uncompressed): the cold read is only 0.1-0.3x here because the VM's
+disk is fast next to the decoder.
 """
 
 from __future__ import annotations
@@ -85,15 +94,17 @@ MODEL = {"arch": "bench", "weights": "random", "weights_sha256": "0" * 64}
 KMEANS_K = 100
 
 
-def _best(fn, repeats: int, before=None) -> float:
-    """Best-of-N seconds (the least disturbed run on a noisy machine)."""
-    best = float("inf")
+def _best(*runs, repeats: int) -> list[float]:
+    """Best-of-N seconds of each (fn, before) run (the least disturbed on a noisy machine), the
+    runs taking turns, so that a burst of other load falls on both sides of a ratio."""
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, (fn, before) in enumerate(runs):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -202,23 +213,23 @@ def main() -> None:
         def fresh_store():
             shutil.rmtree(store_dir, ignore_errors=True)
 
-        t_save = _best(lambda: np.save(npy, x), args.repeats)
-        t_write = _best(lambda: _write_store(store_dir, images, x, args.rows_per_shard), args.repeats, fresh_store)
+        t_save, t_write = _best((lambda: np.save(npy, x), None),
+                                (lambda: _write_store(store_dir, images, x, args.rows_per_shard), fresh_store),
+                                repeats=args.repeats)
         rows.append(("write", "np.save", t_save, "StoreWriter", t_write))
 
         store = FeatureStore(store_dir)
         shard_files = [store_dir / s.file for s in store.shards]
         assert np.array_equal(store.to_numpy()[1], x)
-        t_load = _best(lambda: np.load(npy), args.repeats)
-        t_numpy = _best(store.to_numpy, args.repeats)
-        t_iter = _best(lambda: _iterate(store), args.repeats)
-        t_verify = _best(store.verify, args.repeats)
+        t_load, t_numpy, t_iter, t_verify = _best((lambda: np.load(npy), None), (store.to_numpy, None),
+                                                  (lambda: _iterate(store), None), (store.verify, None),
+                                                  repeats=args.repeats)
         rows.append(("read hot", "np.load", t_load, "to_numpy", t_numpy))
         rows.append(("read hot", "np.load", t_load, "iter_shards", t_iter))
         rows.append(("verify hot", "np.load", t_load, "verify (sha256)", t_verify))
 
-        t_load_cold = _best(lambda: np.load(npy), args.repeats, lambda: _evict([npy]))
-        t_numpy_cold = _best(store.to_numpy, args.repeats, lambda: _evict(shard_files))
+        t_load_cold, t_numpy_cold = _best((lambda: np.load(npy), lambda: _evict([npy])),
+                                          (store.to_numpy, lambda: _evict(shard_files)), repeats=args.repeats)
         rows.append(("read cold", "np.load", t_load_cold, "to_numpy", t_numpy_cold))
 
         on_disk = sum(p.stat().st_size for p in shard_files) / 1e6

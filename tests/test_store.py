@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from qdeep.clustering.store import FeatureStore, StoreWriter, write_store_from_dataset
+from qdeep.clustering.store import FeatureStore, StoreWriter
+from qdeep.distributed.features import store_dataset, write_store_from_dataset
 from qdeep.errors import QdeepError
 
 MODEL = {"arch": "resnet18", "weights": "imagenet", "weights_sha256": "ab" * 32}
@@ -98,7 +99,7 @@ def test_round_trip_through_ray_data(ray_cluster, tmp_path):
     assert [got_images[i] for i in order] == images and np.array_equal(got[order], feats)
     assert sorted(store.read_column("tile")) == sorted(i % 3 for i in range(90))
 
-    batch = store.to_ray_dataset().take_batch(1000, batch_format="numpy")
+    batch = store_dataset(store).take_batch(1000, batch_format="numpy")
     assert batch["features"].shape == (90, DIM) and batch["features"].dtype == np.float32
     order = np.argsort(batch["image"])
     assert list(batch["image"][order]) == images and np.array_equal(batch["features"][order], feats)
