@@ -114,7 +114,7 @@ def test_trials_run_on_the_head_are_retried_and_find_a_relative_weights_path(pla
     from ray.tune import ExperimentAnalysis
 
     from qdeep.models import build_model
-    from qdeep.workflows.tune import HEAD_RESOURCE, TRIAL_CPU
+    from qdeep.distributed.tune import HEAD_RESOURCE, TRIAL_CPU
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w").mkdir()
@@ -148,7 +148,9 @@ def test_fractional_gpus_per_worker_are_refused_before_any_trial(planet_dir, tmp
 def test_sweep_file_grids_samplers_and_fixed_settings(tmp_path):
     from ray import tune
 
-    from qdeep.workflows.tune import Sweep, expected_trials, param_space
+    from qdeep.config import Sweep
+    from qdeep.distributed.tune import param_space
+    from qdeep.workflows.tune import expected_trials
 
     path = tmp_path / "sweep.yaml"
     path.write_text("arch: [resnet18, alexnet]\nfreeze: [head, 'last:1', none]\nlr: {loguniform: [1.0e-4, 1.0e-2]}\n"

@@ -148,7 +148,8 @@ def cmd_deepcluster(args) -> None:
     config = DeepClusterConfig(train=train, **pick(args, ["k", "iterations", "final_k", "pca"]))
     m = run_deepcluster(args.out, args.images, config, labels=args.labels, data=args.data, workers=args.workers,
                         storage_path=args.storage_path, on_bad_image=args.on_bad_image, use_gpu=_use_gpu(args),
-                        tracking_uri=args.tracking_uri, address=args.address, max_failures=args.max_failures)
+                        tracking_uri=args.tracking_uri, address=args.address, max_failures=args.max_failures,
+                        plugins=args.plugins)
     final = m["final"]
     text = f"final: {len(final['sizes'])} clusters, score {final['score']:.4f}"
     if "nmi_true" in final:

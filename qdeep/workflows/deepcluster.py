@@ -27,8 +27,16 @@ from qdeep.config import DeepClusterConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.distributed import driver
-from qdeep.distributed.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
-                                           n_finished, network, truth_scores)
+from qdeep.distributed.deepcluster import (
+    cluster_placed,
+    cluster_stats,
+    deepcluster_func,
+    in_order,
+    iteration_dir,
+    n_finished,
+    network,
+    truth_scores,
+)
 from qdeep.distributed.features import embed_images
 from qdeep.distributed.prepare import check_model, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
@@ -36,6 +44,7 @@ from qdeep.distributed.storage import check_shared_storage, check_shared_trackin
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
 from qdeep.io import atomic_dir, atomic_path, filesystem, write_json
+from qdeep.parts import load_plugins
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
 
 STATE_FILE = "deepcluster.json"
@@ -58,9 +67,10 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                     data: str | Path | None = None, workers: int | str = 2, storage_path: str | None = None,
                     on_bad_image: str = "error", use_gpu: bool | None = None,
                     tracking_uri: str | None = None, address: str | None = None,
-                    max_failures: int | None = None, progress=print) -> dict:
+                    max_failures: int | None = None, plugins: list[str] | None = None, progress=print) -> dict:
     """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
     started = time.time()
+    load_plugins(plugins)
     out = Path(out).resolve()
     storage_path = storage_path or str(out / "ray_results")
     _check(config)
@@ -89,7 +99,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
             if len(history) < config.iterations:
                 before, launched = len(history), time.time()
                 try:
-                    run_loop(out, coll, config, workers, storage_path, use_gpu, max_failures)
+                    run_loop(out, coll, config, workers, storage_path, use_gpu, max_failures, plugins)
                 finally:  # what finished is logged, also when Ctrl+C stopped the rest
                     for m in finished_iterations(out)[len(history):]:
                         log_iteration(m, config, uri)
@@ -172,7 +182,7 @@ def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, stor
 
 
 def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, storage_path: str,
-             use_gpu: bool | None = None, max_failures: int | None = None) -> None:
+             use_gpu: bool | None = None, max_failures: int | None = None, plugins: list[str] | None = None) -> None:
     """Iterations n_finished(out) + 1 ... config.iterations, all in one Ray Train run
     (`train.deepcluster.deepcluster_func`); each writes OUT/iterations/iter_XX/ as it finishes."""
     name = f"{out.name}-deepcluster"
@@ -180,7 +190,7 @@ def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, st
     loop = {**config.train_config(config.train.weights).as_dict(), "out": str(out), "k": config.k,
             "iterations": config.iterations, "paths": coll.paths, "ids": coll.ids, "is_ctrl": coll.is_ctrl.tolist(),
             "truth": coll.truth, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
-            "launch_id": uuid.uuid4().hex}
+            "plugins": list(plugins or []), "launch_id": uuid.uuid4().hex}
     trainer = driver.make_trainer(loop, workers, name, storage_path, driver.default_max_failures(workers, max_failures),
                                   use_gpu, train_loop=deepcluster_func)
     driver.fit_keeping_ctrl_c(trainer)
