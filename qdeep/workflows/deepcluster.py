@@ -27,16 +27,8 @@ from qdeep.config import DeepClusterConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.distributed import driver
-from qdeep.distributed.deepcluster import (
-    cluster_placed,
-    cluster_stats,
-    deepcluster_func,
-    in_order,
-    iteration_dir,
-    n_finished,
-    network,
-    truth_scores,
-)
+from qdeep.distributed.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
+                                           n_finished, network, truth_scores)
 from qdeep.distributed.features import embed_images
 from qdeep.distributed.prepare import check_model, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
