@@ -8,7 +8,6 @@ import pytest
 
 from qdeep.clustering.kmeans import (
     KMeans,
-    _two_means,
     choose_pca_dim,
     cluster_sizes,
     clustering_score,
@@ -38,10 +37,9 @@ def blobs(n=2000, k=10, d=32, sep=8.0, seed=0):
     return x.astype(np.float32), truth
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "afkmc2", "random"])
-def test_kmeans_recovers_separated_blobs(init):
+def test_kmeans_recovers_separated_blobs():
     x, truth = blobs()
-    km = KMeans(10, seed=0, init=init).fit(x)
+    km = KMeans(10, seed=0).fit(x)
     assert km.centroids_.shape == (10, 32) and km.centroids_.dtype == np.float32
     assert km.labels_.shape == (2000,)
     assert nmi(km.labels_, truth) > 0.95
@@ -51,43 +49,17 @@ def test_kmeans_recovers_separated_blobs(init):
     assert km.gpu_ is False  # faiss-cpu here
 
 
-def test_refine_repairs_a_bad_seeding():
-    """Random init on many separated blobs leaves some blobs without a centroid; split/merge fixes it."""
-    x, truth = blobs(n=6000, k=60, d=16, sep=10.0, seed=3)
-    plain = KMeans(60, init="random", refine=0, seed=1).fit(x)
-    fixed = KMeans(60, init="random", seed=1).fit(x)
-    assert fixed.n_swaps_ > 0
-    assert fixed.inertia_ < 0.5 * plain.inertia_
-    assert nmi(fixed.labels_, truth) > 0.99
-
-
-def test_subsampled_fit_labels_every_row():
-    x, truth = blobs(n=3000)
-    km = KMeans(10, sample_size=300, max_points_per_centroid=100, seed=2).fit(x)
-    assert km.n_train_ == 300
-    assert km.labels_.shape == (3000,)
-    assert nmi(km.labels_, truth) > 0.95
-    assert KMeans(10, seed=2).fit(x).n_train_ == 10 * 16  # the default cap: 16 rows per centroid
-
-
-@pytest.mark.parametrize("sep, polish", [(8.0, "auto"), (8.0, 1), (0.3, "auto"), (0.3, 2)])
-def test_polish_labels_are_exact_nearest_centroids(sep, polish):
-    """The polish relabels only rows Hamerly's bound cannot settle; labels must still be exact."""
-    x, _ = blobs(n=4000, k=20, d=16, sep=sep, seed=4)
-    km = KMeans(20, max_points_per_centroid=20, polish=polish, seed=0).fit(x)
-    assert km.n_train_ == 400
-    np.testing.assert_array_equal(km.labels_, km.predict(x))
-    if polish != "auto":
-        assert km.n_polish_ == polish
-    elif sep > 1:
-        assert km.n_polish_ == 1  # separated blobs: the bound settles nearly every row
-    plain = KMeans(20, max_points_per_centroid=20, polish=0, seed=0).fit(x)
-    assert km.inertia_ <= plain.inertia_ * (1 + 1e-6)
+def test_kmeans_trains_on_every_row():
+    """No subsampling (faiss' default is 256 rows per centroid): at convergence every centroid is
+    the mean of all the rows labelled with it."""
+    x, _ = blobs(n=20_000, k=5, d=8, sep=10.0, seed=1)
+    km = KMeans(5, seed=0, niter=50).fit(x)
+    means = np.stack([x[km.labels_ == c].astype(np.float64).mean(0) for c in range(5)])
+    np.testing.assert_allclose(km.centroids_, means, atol=1e-4)
 
 
 @pytest.mark.parametrize("sep", [8.0, 1.0, 0.3])
 def test_labels_and_predict_equal_a_flat_search(sep):
-    """Bounds, projected candidates and the polish skip searches, never change an answer."""
     x, _ = blobs(n=20000, k=40, d=64, sep=sep, seed=6)
     km = KMeans(40, seed=0).fit(x)
     truth = flat_search(x, km.centroids_)
@@ -96,49 +68,24 @@ def test_labels_and_predict_equal_a_flat_search(sep):
     np.testing.assert_array_equal(km.predict_stream(x[i : i + 3001] for i in range(0, len(x), 3001)), truth)
     direct = ((x.astype(np.float64) - km.centroids_[truth]) ** 2).sum()
     assert km.inertia_ == pytest.approx(direct, rel=1e-5)
-    if sep > 4:  # separated: projected candidates confirmed by Elkan's bound, the polish nearly free
-        assert km._predict_axes is not None and km.n_polish_ == 1
-        assert km.n_searched_ < 0.2 * len(x)  # a plain labelling pass alone searches every row
-    if sep < 0.5:  # no cluster structure: the polish cannot be afforded and is not tried
-        assert km.n_polish_ == 0 and km._predict_axes is None
 
 
-def test_bounds_skip_searches_on_separated_blobs():
-    """Lloyd on the training rows only searches rows whose label the bounds cannot settle."""
-    x, truth = blobs(n=8000, k=50, d=32, sep=10.0, seed=2)
-    km = KMeans(50, seed=0, max_points_per_centroid=10_000).fit(x)  # training set = all rows
-    assert km.n_train_ == len(x) and nmi(km.labels_, truth) > 0.99
-    assert km.n_searched_ < 2 * len(x)  # plain Lloyd: one search of every row per iteration
-    assert len(km.obj_) >= 3
-    np.testing.assert_array_equal(km.labels_, flat_search(x, km.centroids_))
-
-
-def test_two_means_splits_each_cluster_on_its_own():
-    """The vectorised 2-means of several clusters gives what each cluster gives alone."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3000, 16)).astype(np.float32)
-    x[:1500, 0] += 6.0  # the first cluster's rows straddle two groups
-    groups = [np.arange(0, 3000, 2), np.arange(1, 3000, 7), np.array([5, 9]), np.arange(3000)[::3][:2100]]
-    together, sse = _two_means(x, groups, max_fit=1000)
-    for g, halves, s in zip(groups, together, sse):
-        alone, s_alone = _two_means(x, [g], max_fit=1000)
-        np.testing.assert_allclose(halves, alone[0], rtol=1e-5, atol=1e-5)
-        assert s == pytest.approx(s_alone[0], rel=1e-6)
-        direct = np.minimum(*(((x[g].astype(np.float64) - h) ** 2).sum(1) for h in halves)).sum()
-        assert s == pytest.approx(direct, rel=1e-5)
-    assert abs(together[0][0, 0] - together[0][1, 0]) > 4.0  # split along the gap
-    assert sse[0] < 0.7 * ((x[groups[0]] - x[groups[0]].mean(0)) ** 2).sum()  # 16 + 9 -> 16 per row
+def test_restarts_keep_the_lowest_objective():
+    x, _ = blobs(n=3000, k=30, d=16, sep=3.0, seed=2)
+    runs = [KMeans(30, seed=s).fit(x) for s in range(4)]
+    best = KMeans(30, seed=0, nredo=4).fit(x)
+    assert best.obj_[-1] == min(run.obj_[-1] for run in runs)
+    assert best.inertia_ <= min(run.inertia_ for run in runs) * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("sep, d", [(1.0, 32), (8.0, 64)])
 def test_deterministic_for_a_seed(sep, d):
     x, _ = blobs(n=1500, k=20, d=d, sep=sep)  # sep 1: overlapping blobs, many equally good local minima
-    a = KMeans(20, seed=5, max_points_per_centroid=40).fit(x)
-    b = KMeans(20, seed=5, max_points_per_centroid=40).fit(x)
+    a = KMeans(20, seed=5).fit(x)
+    b = KMeans(20, seed=5).fit(x)
     np.testing.assert_array_equal(a.centroids_, b.centroids_)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_array_equal(a.obj_, b.obj_)
-    assert a.n_searched_ == b.n_searched_
 
 
 def test_predict_stream_equals_predict():
@@ -153,13 +100,14 @@ def test_predict_stream_equals_predict():
     np.testing.assert_array_equal(labels, whole)
     direct = ((x.astype(np.float64) - km.centroids_[whole]) ** 2).sum(1)
     assert sq.dtype == np.float32 and np.allclose(sq, direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(km.fit_predict(x[:600]), km.labels_)
 
 
 def test_empty_clusters_are_counted():
     """5 distinct points, each repeated 20 times, into k=8: at most 5 clusters can hold rows."""
     rng = np.random.default_rng(0)
     x = np.repeat(rng.normal(0, 10, size=(5, 4)), 20, axis=0).astype(np.float32)
-    km = KMeans(8, seed=0, init="random").fit(x)
+    km = KMeans(8, seed=0).fit(x)
     sizes = cluster_sizes(km.labels_, 8)
     assert sizes.sum() == 100
     assert km.n_empty_ == n_empty_clusters(sizes) == int((sizes == 0).sum()) == 3
@@ -168,12 +116,48 @@ def test_empty_clusters_are_counted():
 
 
 def test_kmeans_rejects_bad_input():
+    x = np.zeros((10, 4), np.float32)
+    for bad in (KMeans(0), KMeans(3, niter=0), KMeans(3, nredo=0), KMeans(3, use_gpu="yes"), KMeans(50)):
+        with pytest.raises(ValueError):
+            bad.fit(x)  # scikit-learn style: parameters are checked in fit
     with pytest.raises(ValueError):
-        KMeans(3, init="kmeans||")
-    with pytest.raises(ValueError):
-        KMeans(50).fit(np.zeros((10, 4), np.float32))
+        KMeans(3).fit(np.zeros(10, np.float32))
     with pytest.raises(RuntimeError):
-        KMeans(3).predict(np.zeros((10, 4), np.float32))
+        KMeans(3).predict(x)
+    with pytest.raises(RuntimeError):
+        KMeans(3, use_gpu=True).fit(x)  # faiss-cpu here: no GPU to run on
+
+
+def test_kmeans_is_a_scikit_learn_estimator():
+    from sklearn.base import clone
+
+    km = KMeans(7, niter=5, nredo=2, seed=3, use_gpu=False)
+    assert km.get_params() == {"k": 7, "niter": 5, "nredo": 2, "seed": 3, "use_gpu": False, "verbose": False}
+    copy = clone(km).set_params(k=4)
+    assert copy.k == 4 and km.k == 7 and not hasattr(copy, "centroids_")
+    x, _ = blobs(n=500, k=4)
+    assert copy.fit_predict(x).shape == (500,) and copy.centroids_.shape == (4, 32)
+
+
+def test_the_gpu_branch_runs_faiss_torch_loop(monkeypatch, capsys):
+    """fit's GPU branch (faiss' torch Lloyd loop, `torch_lloyd`), wired up on the CPU: a CPU tensor
+    where the GPU would hold a CUDA one, a CPU index where it would copy one to the GPUs."""
+    import torch
+
+    from qdeep.clustering import kmeans
+
+    x, truth = blobs(n=3000, k=10, d=32, sep=1.0, seed=4)
+    cpu = KMeans(10, seed=0, nredo=3, use_gpu=False).fit(x)
+    monkeypatch.setattr(kmeans, "gpu_available", lambda: True)
+    monkeypatch.setattr(kmeans, "faiss_lloyd", None)  # the CPU loop must not run
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index)
+    km = KMeans(10, seed=0, nredo=3).fit(x)
+    assert km.gpu_ is True and km.centroids_.dtype == np.float32 and km.centroids_.shape == (10, 32)
+    assert len(km.obj_) == 20 and km.obj_[-1] <= km.obj_[0]  # faiss' torch loop runs every iteration
+    np.testing.assert_array_equal(km.labels_, flat_search(x, km.centroids_))
+    assert km.inertia_ == pytest.approx(cpu.inertia_, rel=0.02) and nmi(km.labels_, truth) > 0.9
+    assert capsys.readouterr().out == ""  # faiss' "preproc..." is silenced
 
 
 def test_whitening_dim_and_unit_norm():
