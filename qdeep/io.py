@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+
+from qdeep.errors import QdeepError
 
 
 @contextmanager
@@ -48,7 +50,7 @@ def is_uri(path) -> bool:
     return bool(sep) and scheme.lower() != "file"
 
 
-def filesystem(path: str):
+def filesystem(path: str | os.PathLike):
     """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
     import pyarrow.fs
 
@@ -64,7 +66,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     if "://" not in str(path):
         write_text(path, text)
         return
-    fs, inner = filesystem(str(path))
+    fs, inner = filesystem(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as f:
         f.write(text.encode())
@@ -74,7 +76,7 @@ def read_json(path: str | os.PathLike) -> dict | None:
     """The JSON file at `path` (local or URI), or None if there is none."""
     import pyarrow.fs
 
-    fs, inner = filesystem(str(path))
+    fs, inner = filesystem(path)
     if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(inner) as f:
@@ -110,8 +112,6 @@ def claim_run(path: str | os.PathLike, settings: dict, refusal: str, option: str
     old = recorded.get("settings", {})
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)) if recorded else []
     if changed:
-        from qdeep.errors import QdeepError
-
         raise QdeepError(f"{refusal} ({', '.join(changed)}); rerun with those settings to resume, "
                          f"or use another {option}")
     return recorded
@@ -125,8 +125,6 @@ def record_run(path: str | os.PathLike, settings: dict, **ids) -> None:
 def read_model_json(path: str | os.PathLike, what: str = "model config"):
     """A model directory's JSON file (config.json, labels.json, ...). Missing: "not a qdeep model
     directory"; unreadable or not JSON: one line naming it and why."""
-    from qdeep.errors import QdeepError
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))

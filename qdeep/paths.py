@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qdeep.config import NAMED_WEIGHTS
 from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
-from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS
+from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS, TRAIN_DIR, train_csv
 from qdeep.errors import QdeepError
 from qdeep.io import is_uri
 
@@ -59,19 +59,11 @@ def input_file(path, option: str | None = None) -> Path:
     return p.resolve()
 
 
-def has_image(root: Path, recursive: bool = True) -> bool:
-    """Whether any file with an image extension lies in `root` (below it too, if `recursive`)."""
-    if not recursive:
-        return any(is_image_file(e.name) for e in os.scandir(root) if e.is_file())
-    return any(is_image_file(f) for _, _, files in os.walk(root) for f in files)
-
-
-def image_dir(path, option: str | None = "--images", recursive: bool = True) -> Path:
-    """A folder holding at least one image (recursively by default)."""
+def image_dir(path, option: str | None = "--images") -> Path:
+    """A folder holding at least one image, in it or below it."""
     root = input_dir(path, option)
-    if not has_image(root, recursive):
-        where = "in or below" if recursive else "in"
-        raise QdeepError(f"{_name(path, option)}: no images ({', '.join(IMAGE_EXTENSIONS)}) {where} this folder")
+    if not any(is_image_file(f) for _, _, files in os.walk(root) for f in files):
+        raise QdeepError(f"{_name(path, option)}: no images ({', '.join(IMAGE_EXTENSIONS)}) in or below this folder")
     return root
 
 
@@ -80,13 +72,13 @@ def planet_dir(path, option: str | None = "--data", split: str = "train") -> Pat
     test-jpg/ (or test-jpg-additional/) for "test"."""
     root = input_dir(path, option)
     if split == "train":
-        csv = next((root / n for n in TRAIN_CSVS if (root / n).exists()), None)
+        csv = train_csv(root)
         if csv is None:
             raise QdeepError(f"{_name(path, option)}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet "
                              "layout: train_v2.csv, train-jpg/)")
         input_file(csv)
-        if not (root / "train-jpg").is_dir():
-            raise QdeepError(f"{_name(path, option)}: no train-jpg/ folder (expected the Kaggle Planet layout)")
+        if not (root / TRAIN_DIR).is_dir():
+            raise QdeepError(f"{_name(path, option)}: no {TRAIN_DIR}/ folder (expected the Kaggle Planet layout)")
     elif not any((root / d).is_dir() for d in TEST_DIRS):
         raise QdeepError(f"{_name(path, option)}: no {' or '.join(TEST_DIRS)}/ folder of test images")
     return root
@@ -158,7 +150,7 @@ def os_error_line(exc: OSError) -> str | None:
     """`PATH: reason` for a filesystem error that names its path, else None."""
     if exc.filename is None:
         return None
-    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
     return f"{where}: {exc.strerror or type(exc).__name__}"
 
 

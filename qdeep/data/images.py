@@ -11,6 +11,7 @@ from PIL import Image, ImageFile, ImageOps
 from qdeep.errors import BadInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112
 
 # Truncated JPEGs must fail loudly, never decode as grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -26,9 +27,6 @@ class ImageDecodeError(BadInputError):
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-EXIF_ORIENTATION = 0x0112
 
 
 def load_rgb(path: str | Path) -> Image.Image:

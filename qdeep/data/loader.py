@@ -4,7 +4,7 @@ sampler that gives each rank its share of an epoch."""
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,15 +51,12 @@ class ShardSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> np.ndarray:
+    def __iter__(self):
         idx = self.plan(self.epoch) if self.plan else np.arange(self.n)
         if self.shuffle:
             idx = np.random.default_rng((self.seed, self.epoch)).permutation(idx)
-        pad = -len(idx) % self.world
-        return np.concatenate([idx, np.resize(idx, pad)])[self.rank::self.world]  # repeats, even past n
-
-    def __iter__(self):
-        return iter([(self.epoch, int(i)) for i in self._indices()])
+        idx = np.resize(idx, len(idx) + -len(idx) % self.world)  # padded by repeating the order, even past n
+        return iter([(self.epoch, int(i)) for i in idx[self.rank::self.world]])
 
     def __len__(self) -> int:
         total = len(self.plan(self.epoch)) if self.plan else self.n

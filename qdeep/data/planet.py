@@ -44,9 +44,9 @@ def csv_encoding(encoding: str | None) -> Iterator[None]:
         _ENCODING.reset(token)
 
 
-def decode_csv(csv_path: Path, encoding: str | None = None) -> str:
-    """The text of `csv_path`; bytes that are not `encoding` are an error naming the file, line and column."""
-    encoding = encoding or _ENCODING.get()
+def decode_csv(csv_path: Path) -> str:
+    """The text of `csv_path`; bytes that are not in the CSV encoding are an error naming the file, line and column."""
+    encoding = _ENCODING.get()
     codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
         data = csv_path.read_bytes()
@@ -78,10 +78,11 @@ class ImageSet:
         """The sorted set of tags seen: the label order every model saves and predicts in."""
         return sorted({t for tags in self.tags or [] for t in tags})
 
-    def subset(self, keep: list[bool]) -> "ImageSet":
-        pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
-        return ImageSet(pick(self.names), pick(self.paths), pick(self.tags) if self.tags is not None else None,
-                        pick(self.origins) if self.origins is not None else None)
+    def subset(self, keep: list[bool]) -> ImageSet:
+        def pick(xs):
+            return None if xs is None else [x for x, k in zip(xs, keep) if k]
+
+        return ImageSet(pick(self.names), pick(self.paths), pick(self.tags), pick(self.origins))
 
 
 @dataclass
@@ -91,12 +92,17 @@ class Dataset:
     source: str
 
 
+def train_csv(data_dir: Path) -> Path | None:
+    """`DIR/train_v2.csv`, else `DIR/train.csv`, else None."""
+    return next((data_dir / n for n in TRAIN_CSVS if (data_dir / n).exists()), None)
+
+
 def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
     """`DIR/train_v2.csv` (or train.csv) + `DIR/train-jpg/`, and test images when present."""
     data_dir = Path(data_dir).resolve()  # workers on other processes and nodes need absolute paths
     if not data_dir.is_dir():
         raise QdeepError(f"{data_dir}: data directory not found")
-    csv_path = next((data_dir / n for n in TRAIN_CSVS if (data_dir / n).exists()), None)
+    csv_path = train_csv(data_dir)
     if csv_path is None:
         raise QdeepError(f"{data_dir}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet layout)")
     train = read_labeled(csv_path, data_dir / TRAIN_DIR, policy, recursive=False)
@@ -106,7 +112,7 @@ def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
 def load_labeled_folder(labels_csv: str | Path, images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
     """Any labels CSV (image_name,tags) over any image folder; no test split."""
     train = read_labeled(Path(labels_csv).resolve(), Path(images_dir).resolve(), policy, recursive=True)
-    return Dataset(train=train, test=ImageSet(tags=None), source=str(labels_csv))
+    return Dataset(train=train, test=ImageSet(), source=str(labels_csv))
 
 
 def load_class_folders(images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
@@ -125,7 +131,7 @@ def load_class_folders(images_dir: str | Path, policy: BadInputPolicy) -> Datase
         out.origins.append(str(path))
     if len({t[0] for t in out.tags}) < 2:
         raise QdeepError(f"{root}: a folder-per-class layout needs at least 2 class folders with images")
-    return Dataset(train=out, test=ImageSet(tags=None), source=str(root))
+    return Dataset(train=out, test=ImageSet(), source=str(root))
 
 
 def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recursive: bool) -> ImageSet:
@@ -134,8 +140,9 @@ def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recur
     if not images_dir.is_dir():
         raise QdeepError(f"{images_dir}: image directory not found")
     on_disk = scan_images(images_dir, policy, recursive=recursive)
-    lookup = {p.relative_to(images_dir).as_posix(): p for p in on_disk}
-    lookup.update({image_id(p, images_dir): p for p in on_disk if image_id(p, images_dir) not in lookup})
+    # A row names its image by its path below the folder, with or without the extension (the whole path wins).
+    by_id = {image_id(p, images_dir): p for p in on_disk}
+    lookup = by_id | {p.relative_to(images_dir).as_posix(): p for p in on_disk}
     out = ImageSet(tags=[], origins=[])
     used = set()
     for line, name, tags in rows:
@@ -185,36 +192,13 @@ def _read_rows(csv_path: Path, policy: BadInputPolicy, check_tags: bool = True) 
     A tag holding the delimiter (a quoted "clear,primary") is a malformed row, not a label."""
     if not csv_path.is_file():
         raise QdeepError(f"{csv_path}: file not found")
-    text = decode_csv(csv_path)
-    with io.StringIO(text, newline="") as f:
-        return _parse_rows(csv_path, _records(csv_path, csv.reader(f, delimiter=DELIMITER, strict=True)), policy,
-                           check_tags)
-
-
-def _records(csv_path: Path, reader) -> Iterator[tuple[int, list[str]]]:
-    """(line, fields) of each record (its last line, for a quoted field spanning lines). A stray or
-    unclosed quote is an error naming the line its record starts on: the rows after it cannot be trusted."""
-    end = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise QdeepError(f"{csv_path}:{end + 1}: not a readable CSV ({exc}; a stray or unclosed quote?)") from None
-        end = reader.line_num
-        yield end, row
-
-
-def _parse_rows(csv_path: Path, records: Iterator[tuple[int, list[str]]], policy: BadInputPolicy,
-                check_tags: bool) -> list[tuple[int, str, list[str]]]:
-    """The rows of `_read_rows`, from the CSV's records."""
-    rows, first_line, n_data_rows = [], {}, 0
+    records = _records(csv_path, decode_csv(csv_path))
     _, header = next(records, (0, None))
     if header is None:
         raise QdeepError(f"{csv_path}: empty CSV (expected header 'image_name,tags' and rows)")
     if [h.strip() for h in header] != HEADER:
         raise QdeepError(f"{csv_path}:1: expected header 'image_name,tags', got {','.join(header)!r}")
+    rows, first_line, n_data_rows = [], {}, 0
     for line, row in records:
         if not row:
             continue
@@ -236,6 +220,22 @@ def _parse_rows(csv_path: Path, records: Iterator[tuple[int, list[str]]], policy
     if n_data_rows == 0:
         raise QdeepError(f"{csv_path}: empty CSV (header only, no rows)")
     return rows
+
+
+def _records(csv_path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record (its last line, for a quoted field spanning lines). A stray or
+    unclosed quote is an error naming the line its record starts on: the rows after it cannot be trusted."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=DELIMITER, strict=True)
+    end = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise QdeepError(f"{csv_path}:{end + 1}: not a readable CSV ({exc}; a stray or unclosed quote?)") from None
+        end = reader.line_num
+        yield end, row
 
 
 def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,

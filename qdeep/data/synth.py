@@ -17,12 +17,13 @@ every tag.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from qdeep.data.tiles import PLANET_TAGS, draw_tile  # noqa: F401 (draw_tile: part of this API)
+from qdeep.data.tiles import PLANET_TAGS, draw_tile  # draw_tile: part of this API too
 from qdeep.io import write_csv
 
 ATMOSPHERIC_TAGS = ("clear", "cloudy", "haze", "partly_cloudy")
@@ -48,11 +49,7 @@ _LAND_PROBS = (
 _ROAD_BASE, _ROAD_IF_HABITATION, _ROAD_IF_AGRICULTURE = 0.09, 0.60, 0.30
 _WATER_IF_MINE = 0.60
 
-
 _SPLIT_IDS = {"train": 0, "test": 1}
-
-
-# --------------------------------------------------------------------------- tags
 
 
 def sample_tags(rng: np.random.Generator) -> list[str]:
@@ -78,7 +75,17 @@ def sample_tags(rng: np.random.Generator) -> list[str]:
     return sorted(tags)
 
 
-# ------------------------------------------------------------------------ files
+def _progress(jobs: list, show: bool, desc: str):
+    """`jobs`, counted on a progress bar if `show`."""
+    if not show:
+        return jobs
+    from tqdm import tqdm
+
+    return tqdm(jobs, desc=desc, unit="img")
+
+
+def _save_tile(tags, size: int, rng: np.random.Generator, path: Path) -> None:
+    Image.fromarray(draw_tile(tags, size, rng)).save(path, format="JPEG", quality=90)
 
 
 def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 128, seed: int = 0,
@@ -92,23 +99,15 @@ def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 12
         raise ValueError("need n >= 0 and size >= 8")
     n_test = max(1, n // 4) if n_test is None else int(n_test)
     out = Path(out)
-    jobs = [("train", i) for i in range(n)] + [("test", i) for i in range(n_test)]
-    for split in ("train", "test"):
-        (out / f"{split}-jpg").mkdir(parents=True, exist_ok=True)
-
-    iterator = jobs
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(jobs, desc="synthetic planet", unit="img")
-
     rows: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    for split, i in iterator:
+    for split in rows:
+        (out / f"{split}-jpg").mkdir(parents=True, exist_ok=True)
+    jobs = [("train", i) for i in range(n)] + [("test", i) for i in range(n_test)]
+    for split, i in _progress(jobs, progress, "synthetic planet"):
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])
         tags = sample_tags(rng)
         name = f"{split}_{i}"
-        Image.fromarray(draw_tile(tags, size, rng)).save(
-            out / f"{split}-jpg" / f"{name}.jpg", format="JPEG", quality=90)
+        _save_tile(tags, size, rng, out / f"{split}-jpg" / f"{name}.jpg")
         rows[split].append((name, " ".join(tags)))
 
     header = ("image_name", "tags")  # the csv module's default line ends, as before
@@ -116,10 +115,8 @@ def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 12
     write_csv(out / "test_solution_v2.csv", header, rows["test"], end="\r\n")
     write_csv(out / "sample_submission_v2.csv", header, [(n, "primary clear") for n, _ in rows["test"]], end="\r\n")
 
-    counts = dict.fromkeys(PLANET_TAGS, 0)
-    for _, tags in rows["train"]:
-        for tag in tags.split():
-            counts[tag] += 1
+    seen = Counter(tag for _, tags in rows["train"] for tag in tags.split())
+    counts = {tag: seen[tag] for tag in PLANET_TAGS}
     return {"n_train": n, "n_test": n_test, "size": size, "seed": seed, "tag_counts": counts}
 
 
@@ -141,14 +138,9 @@ def write_synthetic_classes(out: str | os.PathLike, n_per_class: int = 100, size
     if n_per_class < 1 or size < 8:
         raise ValueError("need n_per_class >= 1 and size >= 8")
     out = Path(out)
-    jobs = [(c, i) for c in SCENE_CLASSES for i in range(n_per_class)]
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="synthetic scenes", unit="img")
-    for name, i in jobs:
-        rng = np.random.default_rng([seed, _CLASS_SPLIT_ID, list(SCENE_CLASSES).index(name), i])
+    jobs = [(name, c, i) for c, name in enumerate(SCENE_CLASSES) for i in range(n_per_class)]
+    for name, c, i in _progress(jobs, progress, "synthetic scenes"):
+        rng = np.random.default_rng([seed, _CLASS_SPLIT_ID, c, i])
         (out / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(draw_tile(SCENE_CLASSES[name], size, rng)).save(
-            out / name / f"{name}_{i}.jpg", format="JPEG", quality=90)
+        _save_tile(SCENE_CLASSES[name], size, rng, out / name / f"{name}_{i}.jpg")
     return {"classes": list(SCENE_CLASSES), "n_per_class": n_per_class, "size": size, "seed": seed}

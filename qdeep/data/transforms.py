@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def augment(x: torch.Tensor, rng: random.Random, crop: float = 0.0, kind: str = 
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
     side = x.shape[1]
     if kind == "strong":
-        top, left, h, w = _resized_crop_box(side, side, rng)
+        top, left, h, w = _resized_crop_box(side, rng)
         x = F.resized_crop(x, top, left, h, w, [side, side], antialias=True)
         for adjust in rng.sample([F.adjust_brightness, F.adjust_contrast, F.adjust_saturation], 3):
             x = adjust(x, rng.uniform(1 - JITTER, 1 + JITTER))
@@ -72,13 +72,12 @@ def augment(x: torch.Tensor, rng: random.Random, crop: float = 0.0, kind: str = 
     return x
 
 
-def _resized_crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """(top, left, h, w) as torchvision's RandomResizedCrop draws it, from `rng`."""
-    area = height * width
+def _resized_crop_box(side: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) in a square image, as torchvision's RandomResizedCrop draws it, from `rng`."""
     for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
+        target = side * side * rng.uniform(*CROP_SCALE)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    return 0, 0, height, width
+        if 0 < w <= side and 0 < h <= side:
+            return rng.randint(0, side - h), rng.randint(0, side - w), h, w
+    return 0, 0, side, side
