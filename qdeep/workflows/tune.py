@@ -1,10 +1,7 @@
-"""Ray Tune sweeps over architecture x weights x freeze depth x learning rate.
-
-Each trial is a whole Ray Train run (Train V2 pattern): a small Tune function builds and fits a
-TorchTrainer, whose workers report through Tune, so one trial can span several GPU workers.
-The sweep driver sizes concurrency from the cluster's free resources, opens one MLflow parent
-run, and writes results.csv, report.md and two plots.
-"""
+"""`qdeep tune`: a Ray Tune sweep over architecture x weights x freeze depth x learning rate, each
+trial a whole Ray Train run (qdeep/distributed/tune.py). The driver sizes concurrency from the
+cluster's free resources, opens one MLflow parent run (a child per trial), and writes results.csv,
+report.md and two plots."""
 
 from __future__ import annotations
 
@@ -25,7 +22,9 @@ from qdeep.errors import QdeepError
 from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import ladder_plot, per_label_heatmap
 
-SWEEP_FILE = "qdeep_sweep.json"
+SWEEP_FILE = "qdeep_sweep.json"  # the sweep's settings and MLflow parent run, beside its trials
+
+
 def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None, name: str = "sweep",
              storage_path: str | None = None, on_bad_image: str = "error", tracking_uri: str | None = None,
              address: str | None = None, plugins: list[str] | None = None) -> list[dict]:
@@ -46,7 +45,8 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
                                 sweep.base.task, sweep.base.validation)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
-        _check_grid(sweep, len(prepared.targets))
+        vocab = prepared.targets.vocabulary
+        _check_grid(sweep, len(vocab))
         settings = {"space": sweep.space, **sweep.base.as_dict(),
                     **pick(sweep, [o for o in SWEEP_OPTIONS if o != "max_concurrent"])}
         record = f"{experiment}/{SWEEP_FILE}"  # local, NFS or s3://, like the trials
@@ -58,12 +58,12 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                              "workers_per_trial": sweep.workers_per_trial, **prepared.sizes}, uri=tracking_uri)
         with runner as parent:
             io.record_run(record, settings, mlflow_run_id=parent.info.run_id)
-            settings = {"base": sweep.base.as_dict(), "name": name, "storage_path": storage_path,
-                        "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
-                        "workers_per_trial": sweep.workers_per_trial, "gpus_per_trial": sweep.gpus_per_trial}
-            trainable = tune.with_resources(tune.with_parameters(tune_trial, data=prepared, sweep=settings),
-                                            TRIAL_RESOURCES)
-            if tune.Tuner.can_restore(experiment):
+            trial_settings = {"base": sweep.base.as_dict(), "name": name, "storage_path": storage_path,
+                              "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
+                              "workers_per_trial": sweep.workers_per_trial, "gpus_per_trial": sweep.gpus_per_trial}
+            trainable = tune.with_resources(
+                tune.with_parameters(tune_trial, data=prepared, settings=trial_settings), TRIAL_RESOURCES)
+            if tune.Tuner.can_restore(experiment):  # a rerun: finished trials stay, the others resume
                 tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
             else:
@@ -80,16 +80,16 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
             if unfinished:  # Ctrl+C: Tune saved its state and returned early
                 raise KeyboardInterrupt(f"sweep {name!r}: {unfinished} trial(s) unfinished; "
                                         "rerun with the same --name to resume")
-            rows = _rows(grid, prepared.targets.vocabulary, sweep.base.epochs, metric, prefix)
-            for row in rows:
+            rows = _rows(grid, vocab, sweep.base.epochs, metric, prefix)
+            for row in rows:  # Tune stops trials by killing them: their runs are closed here
                 child = tracking.find_child(uri, parent.info.run_id, row["trial_id"])
-                if child:  # Tune stops trials by killing them: their runs are closed here
+                if child:
                     status = {"completed": "FINISHED", "stopped": "KILLED"}.get(row["status"], "FAILED")
                     tracking.end_run(uri, child, status, {"qdeep_status": row["status"]})
-            write_reports(out, rows, prepared.targets.vocabulary, metric, prefix)
+            reports = write_reports(out, rows, vocab, metric, prefix)
             tracking.log_metrics({f"best_{metric}": max((r[metric] for r in rows), default=0.0),
                                   "trials": len(rows), "seconds": time.time() - started})
-            tracking.log_artifacts(out / "results.csv", out / "report.md", out / "ladder.png", out / "per_label.png")
+            tracking.log_artifacts(*reports)
     return rows
 
 
@@ -136,36 +136,38 @@ def _check_gpus(sweep: Sweep) -> None:
 def _check_grid(sweep: Sweep, num_labels: int) -> None:
     """Every listed (arch, weights, freeze) must build before any trial starts."""
     def options(key):
-        value = sweep.space.get(key, [getattr(sweep.base, key)])
-        return value if isinstance(value, list) else value.get("choice", [getattr(sweep.base, key)])
+        value = sweep.space.get(key, getattr(sweep.base, key))
+        if isinstance(value, dict):  # a sampler: only a choice lists its values
+            value = value.get("choice", getattr(sweep.base, key))
+        return value if isinstance(value, list) else [value]
 
     for arch, weights, freeze in itertools.product(*map(options, ("arch", "weights", "freeze"))):
         check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels)
 
 
-def _rows(grid, vocab: list[str], epochs: int, metric: str = "val_f2", prefix: str = "f2") -> list[dict]:
-    """One row per trial; a trial that reported fewer epochs than asked was stopped by ASHA."""
+def _rows(grid, vocab: list[str], epochs: int, metric: str, prefix: str) -> list[dict]:
+    """One row per trial, best first; a trial that reported fewer epochs than asked was stopped by ASHA."""
     rows = []
     for result in grid:
         m, config = result.metrics or {}, result.config
         done = int(m.get("epoch", -1)) + 1
-        status = "error" if result.error else ("completed" if done >= epochs else "stopped")
         rows.append({
             "trial_id": m.get("trial_id") or Path(result.path).name,
             **{k: config.get(k) for k in SWEPT},
             metric: round(float(m.get(metric, 0.0)), 6),
             "epochs": done,
-            "status": status,
+            "status": "error" if result.error else ("completed" if done >= epochs else "stopped"),
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
             **{f"{prefix}_{t}": round(float(m.get(f"{prefix}_{t}", 0.0)), 6) for t in vocab},
         })
     return sorted(rows, key=lambda r: -r[metric])
 
 
-def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str = "val_f2", prefix: str = "f2") -> None:
+def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str, prefix: str) -> list[Path]:
+    """results.csv, report.md and the two plots; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     columns = ["trial_id", *SWEPT, metric, "epochs", "status", "seconds", *[f"{prefix}_{t}" for t in vocab]]
-    io.write_csv(out / "results.csv", columns, ([r.get(c, "") for c in columns] for r in rows))
+    io.write_csv(out / "results.csv", columns, ([r[c] for c in columns] for r in rows))
     lines = ["# Sweep results", "", f"| rank | trial | arch | weights | freeze | lr | {metric} | epochs | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
@@ -177,4 +179,7 @@ def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str = "
                       f"lr {best['lr']:g}: {metric} {best[metric]:.4f}."]
     io.write_text(out / "report.md", "\n".join(lines) + "\n")
     ladder_plot(rows, out / "ladder.png", metric)
-    per_label_heatmap(rows, vocab, out / "per_label.png", prefix=prefix)
+    per_label_heatmap([f"{r['arch']}/{r['freeze']}/{r['lr']:g}" for r in rows],
+                      [[r[f"{prefix}_{t}"] for t in vocab] for r in rows], vocab, out / "per_label.png",
+                      prefix.upper())
+    return [out / n for n in ("results.csv", "report.md", "ladder.png", "per_label.png")]
