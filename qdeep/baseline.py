@@ -24,6 +24,7 @@ from qdeep import io
 from qdeep.errors import QdeepError
 
 N_BINS = 26
+N_FEATURES = 3 * N_BINS
 KIND = "histogram_rf"
 # The forests are saved with skops, not joblib/pickle: loading a pickle runs whatever code it holds,
 # so sharing a model would be sharing code. skops builds only the types it is told to trust: its
@@ -39,7 +40,6 @@ TRUSTED_TYPES = [
     "sklearn.tree._classes.DecisionTreeClassifier",
     "sklearn.tree._tree.Tree",
 ]
-N_FEATURES = 3 * N_BINS
 # 256 intensity values -> 26 equal-width bins; PIL counts the 256 values in C, numpy sums runs.
 _BIN_STARTS = np.searchsorted((np.arange(256) * N_BINS) // 256, np.arange(N_BINS))
 
@@ -71,12 +71,8 @@ class HistogramForest(BaseEstimator):
             if col.min() == col.max():
                 self.forests_.append(float(col[0]))
                 continue
-            forest = RandomForestClassifier(
-                n_estimators=self.n_estimators,
-                min_samples_leaf=self.min_samples_leaf,
-                n_jobs=self.n_jobs,
-                random_state=self.random_state + j,
-            )
+            forest = RandomForestClassifier(n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf,
+                                            n_jobs=self.n_jobs, random_state=self.random_state + j)
             self.forests_.append(forest.fit(x, col))
         return self
 

@@ -1,10 +1,15 @@
 """The CLI's option types: each refuses a bad value in one line saying what is allowed, before
-Ray starts or any image is read (argparse calls them while parsing)."""
+Ray starts or any image is read (argparse calls them while parsing). `parse_freeze` and
+`worker_range` read the same values for the library (a sweep file, a workflow's arguments)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+
+from qdeep.errors import QdeepError
 
 
 class ArgumentError(SystemExit):
@@ -20,8 +25,6 @@ class Parser(argparse.ArgumentParser):
     (see `qdeep baseline --help`)`, exit 2; no usage block."""
 
     def error(self, message: str):
-        import re
-
         match = re.match(r"argument ([^:]+): (.*)", message, re.DOTALL)
         if match:
             option, rest = match.group(1).split("/")[-1], match.group(2)
@@ -35,84 +38,72 @@ def _bad(text, expected: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
 
 
-def int_range(lo: int | None = None, hi: int | None = None, unit: str = ""):
-    """An argparse type: an integer in [lo, hi] (either end open when None)."""
-    if hi is None:
-        expected = f"an integer >= {lo}" if lo is not None else "an integer"
-    else:
-        expected = f"an integer from {lo} to {hi}"
-    expected += unit
+def _number(convert, expected: str, allowed):
+    """An argparse type: `convert(text)` if `allowed(value)`, else one line saying what is `expected`."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(str(text).strip())
+            value = convert(str(text).strip())
         except ValueError:
             raise _bad(text, expected) from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if not allowed(value):
             raise _bad(text, expected)
         return value
 
-    parse.__name__ = f"int_range({lo}, {hi})"
     return parse
 
 
-def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-                expected: str | None = None):
-    """An argparse type: a finite number within lo..hi, each end open or closed."""
-    if expected is None:
-        if hi is None:
-            expected = f"a number {'>' if lo_open else '>='} {lo:g}"
-        else:
-            expected = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+def int_range(lo: int, hi: int | None = None, unit: str = ""):
+    """An integer from lo to hi (no upper end when None)."""
+    expected = (f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}") + unit
+    return _number(int, expected, lambda v: lo <= v and (hi is None or v <= hi))
 
-    def parse(text: str) -> float:
-        import math
 
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise _bad(text, expected) from None
-        if not math.isfinite(value):
-            raise _bad(text, expected)
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise _bad(text, expected)
-        if hi is not None and (value > hi or (hi_open and value == hi)):
-            raise _bad(text, expected)
-        return value
-
-    parse.__name__ = f"float_range({lo}, {hi})"
-    return parse
+def float_range(expected: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """A finite number from lo to hi, each end open or closed."""
+    return _number(float, expected, lambda v: math.isfinite(v) and lo <= v <= hi
+                   and not (lo_open and v == lo) and not (hi_open and v == hi))
 
 
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 seed_int = int_range(0, 2**32 - 1)
-positive_float = float_range(0, lo_open=True)
-non_negative_float = float_range(0)
-fraction = float_range(0, 1, lo_open=True, hi_open=True, expected="a fraction strictly between 0 and 1")
-fraction_closed = float_range(0, 1, expected="a fraction from 0 to 1")
-crop_fraction = float_range(0, 1, hi_open=True, expected="a fraction from 0 up to (not including) 1")
+positive_float = float_range("a number > 0", 0, lo_open=True)
+non_negative_float = float_range("a number >= 0", 0)
+fraction = float_range("a fraction strictly between 0 and 1", 0, 1, lo_open=True, hi_open=True)
+fraction_closed = float_range("a fraction from 0 to 1", 0, 1)
+crop_fraction = float_range("a fraction from 0 up to (not including) 1", 0, 1, hi_open=True)
 image_size = int_range(1, unit=" (pixels)")
-learning_rate = float_range(0, lo_open=True, expected="a learning rate > 0")
+learning_rate = float_range("a learning rate > 0", 0, lo_open=True)
 
 FREEZE_EXPECTED = "head, none or last:N with N >= 1"
+FREEZE_HELP = "head (only the new head trains), last:N (head + last N blocks, N >= 1) or none (everything trains)"
+
+
+def parse_freeze(freeze: str) -> tuple[str, int]:
+    """``"head"`` -> ("head", 0), ``"last:N"`` -> ("last", N), ``"none"`` -> ("none", 0)."""
+    text = str(freeze).strip().lower()
+    if text in ("head", "none"):
+        return text, 0
+    kind, sep, count = text.partition(":")
+    digits = count.strip().removeprefix("+")
+    if kind == "last" and sep and digits.isdecimal() and int(digits) >= 1:
+        return "last", int(digits)
+    raise QdeepError(f"bad freeze value {freeze!r}: expected {FREEZE_HELP}")
 
 
 def freeze_spec(text: str) -> str:
-    """head | none | last:N (N >= 1), as `qdeep.models.parse_freeze` reads it (checked here without torch)."""
-    import re
-
-    t = str(text).strip().lower()
-    if t in ("head", "none") or (re.fullmatch(r"last:\s*\+?\d+\s*", t) and int(t.partition(":")[2]) >= 1):
-        return text
-    raise _bad(text, FREEZE_EXPECTED)
+    """head | none | last:N (N >= 1), as `parse_freeze` reads it; kept as given."""
+    try:
+        parse_freeze(text)
+    except QdeepError:
+        raise _bad(text, FREEZE_EXPECTED) from None
+    return text
 
 
 def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
     """`N`, `"N"`, `"MIN-MAX"` or `(MIN, MAX)` as (MIN, MAX). MIN < MAX is elastic: Ray Train starts
     with as many workers as the cluster's nodes hold (at least MIN) and grows towards MAX as nodes join."""
-    from qdeep.errors import QdeepError
-
     if isinstance(workers, tuple):
         lo, hi = workers
     else:
@@ -129,13 +120,10 @@ def worker_range(workers: int | str | tuple[int, int]) -> tuple[int, int]:
 
 def workers_spec(text: str) -> str:
     """N or MIN-MAX, as `worker_range` reads it; kept as given."""
-    from qdeep.errors import QdeepError
-
     try:
         worker_range(text)
     except QdeepError as exc:
-        message = str(exc)
-        raise argparse.ArgumentTypeError(message.removeprefix("--workers ")) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--workers ")) from None
     return text
 
 
@@ -165,7 +153,6 @@ def csv_list(kind, what: str = "values"):
             raise _bad(text, f"a comma-separated list of {what}")
         return values
 
-    parse.__name__ = f"list of {what}"
     return parse
 
 

@@ -1,9 +1,10 @@
 """One name -> one part (as timm's model registry): parts, architectures and model kinds are
-chosen by name from the CLI or a saved file, and a plugin module registers more with the same
-decorator. Bottom layer, so that every package can keep a registry."""
+chosen by name from the CLI or a saved file, and a plugin module (`load_plugins`, --plugin MODULE)
+registers more with the same decorator. Bottom layer, so that every package can keep a registry."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -39,3 +40,12 @@ class Registry(Generic[T]):
 
     def __contains__(self, name) -> bool:
         return isinstance(name, str) and name in self._parts
+
+
+def load_plugins(modules) -> None:
+    """Import modules that register parts. Workers import them too (the name travels in the config)."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise QdeepError(f"cannot import plugin module {module!r}: {exc}") from None

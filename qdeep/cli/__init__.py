@@ -36,28 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = commands.ray_log(args)
         if log is not None and log.is_file() and not args.verbose:
             print(f"Ray's output: {log}")
-    except QdeepError as exc:
-        if args.debug:
-            raise
-        print(f"qdeep: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:  # Ctrl+C; Ray Train's and Tune's graceful aborts end up here too
         print(f"qdeep: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 130
-    except OSError as exc:  # a filesystem error names its path: one line, no traceback
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise
-        line = paths.os_error_line(exc)
+        if isinstance(exc, QdeepError):  # bad input, its message the whole story: exit 2
+            line = str(exc)
+        else:  # a filesystem error naming its path is one line too (exit 2); anything else, exit 1
+            line = paths.os_error_line(exc) if isinstance(exc, OSError) else None
         if line is None:
             print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
             return 1
         print(f"qdeep: error: {line}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"qdeep: error: {one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -12,24 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from qdeep.errors import QdeepError
-
-FREEZE_HELP = "head (only the new head trains), last:N (head + last N blocks, N >= 1) or none (everything trains)"
-
-
-def parse_freeze(freeze: str) -> tuple[str, int]:
-    """``"head"`` -> ("head", 0), ``"last:N"`` -> ("last", N), ``"none"`` -> ("none", 0)."""
-    text = str(freeze).strip().lower()
-    if text in ("head", "none"):
-        return text, 0
-    kind, sep, count = text.partition(":")
-    if kind == "last" and sep:
-        try:
-            n = int(count)
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return "last", n
-    raise QdeepError(f"bad freeze value {freeze!r}: expected {FREEZE_HELP}")
+from qdeep.options import parse_freeze
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,14 +58,15 @@ def set_train_mode(model: nn.Module, bn_stats: str | None = None) -> nn.Module:
     """
     model.train()
     bare = unwrap(model)
-    if bn_stats is None:
-        keep = None
-    else:
-        parts = _trained_parts(bare, bn_stats)
-        keep = None if parts is None else {id(m) for part in parts for m in part.modules()}
+    parts = None if bn_stats is None else _trained_parts(bare, bn_stats)
+    following = None if parts is None else {id(m) for part in parts for m in part.modules()}
     for module in bare.modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        if (keep is None and bn_stats is None and _is_frozen(module)) or (keep is not None and id(module) not in keep):
+        if bn_stats is None:
+            keeps_stats = _is_frozen(module)
+        else:
+            keeps_stats = following is not None and id(module) not in following  # depth none: every layer follows
+        if keeps_stats:
             module.eval()
     return model

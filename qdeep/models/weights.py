@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from qdeep.config import NAMED_WEIGHTS
 from qdeep.errors import QdeepError
 
-CHOICES = ("none", "imagenet", "bundled")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 PROBE_TIMEOUT_S = 3.0
@@ -92,7 +92,8 @@ def _timm_cache(source: str) -> tuple[Path | None, str, str]:
                  f"HF_HUB_OFFLINE=1 then uses only the cache)")
         probe = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     elif url:
-        where, probe = f"{_hub_checkpoint(url).name} (from {url}) in {_hub_checkpoint(url).parent}", url
+        target = _hub_checkpoint(url)
+        where, probe = f"{target.name} (from {url}) in {target.parent}", url
     else:
         raise QdeepError(f"timm has no ImageNet weights for {source}; use --weights none or a PATH")
     return _timm_cached_file(cfg), where, probe
@@ -185,7 +186,7 @@ def read_file(path: str | os.PathLike) -> dict:
     """The state_dict of ``--weights PATH``; a missing file says what --weights takes."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise QdeepError(f"weights file not found: {path} (--weights takes {' | '.join(CHOICES)} | PATH)")
+        raise QdeepError(f"weights file not found: {path} (--weights takes {' | '.join(NAMED_WEIGHTS)} | PATH)")
     return read_state_dict(path)
 
 

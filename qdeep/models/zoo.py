@@ -1,26 +1,27 @@
-"""The model zoo: one name -> one architecture, with a fresh multi-label head.
+"""The model zoo: one name -> one architecture, with a fresh head.
 
-Planet chips carry several tags at once, so every model ends in ``nn.Linear(feature_dim,
-num_labels)`` giving one logit per tag (training applies sigmoid + BCEWithLogitsLoss). Each
-architecture also declares its input size, normalisation, head and ordered blocks in an
-``ArchSpec``; training, freezing, inference and clustering read it from ``model.qdeep_arch``
-instead of knowing about architectures themselves. Names outside the registry go to
-torchvision, then timm, with blocks found by a heuristic.
+Every model ends in ``nn.Linear(feature_dim, num_labels)``, one logit per tag or class (the
+task's targets part chooses the activation and the loss). Each architecture also declares its
+input size, normalisation, head and ordered blocks in an ``ArchSpec``; training, freezing,
+inference and clustering read it from ``model.qdeep_arch`` instead of knowing about
+architectures themselves. Names outside the registry go to torchvision, then timm, with blocks
+found by a heuristic.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
+from qdeep.config import NAMED_WEIGHTS
 from qdeep.errors import QdeepError
 from qdeep.models.freeze import apply_freeze, parse_freeze, unwrap
-from qdeep.models.weights import CHOICES, imagenet_model, library_model, load_bundled, load_strict, read_file
+from qdeep.models.weights import imagenet_model, library_model, load_bundled, load_strict, read_file
 from qdeep.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,23 +109,26 @@ def _largest_group(head: str, model: nn.Module) -> list[str]:
 # ---- spec -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ArchSpec:
-    """What the rest of qdeep needs to know about an architecture."""
+    """An architecture: how its library builds it (what `ARCHS` registers; any other torchvision or
+    timm name gets a generic one), then what `arch_spec` reads from a probe model: what the rest of
+    qdeep needs to know, from ``model.qdeep_arch``."""
 
-    name: str
     library: str  # "torchvision" | "timm"
-    source_name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    feature_dim: int
-    head_path: str  # dotted module name of the classifier Linear
-    anchors: Callable[[nn.Module], list[str]] = field(repr=False)
+    source_name: str  # the library's name for it
+    anchors: Callable[[nn.Module], list[str]] | None = field(default=None, repr=False)  # None: `_largest_group`
     anchors_end_stages: bool = False
     build_kwargs: dict = field(default_factory=dict, repr=False)
     scratch_kwargs: dict = field(default_factory=dict, repr=False)
     ignore_keys: tuple[str, ...] = ()  # state_dict prefixes dropped from weight files
+    # read from the probe model by `arch_spec`
+    name: str = ""
+    input_size: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    feature_dim: int = 0
+    head_path: str = ""  # dotted module name of the classifier Linear
 
     def block_names(self, model: nn.Module) -> list[list[str]]:
         """Module names of each block, first to last."""
@@ -140,35 +144,22 @@ class ArchSpec:
         return unwrap(model).get_submodule(self.head_path)
 
 
-@dataclass
-class _Entry:
-    """How to build a registered architecture from its library (``ARCHS`` sets its ``name``)."""
-
-    library: str
-    source: str
-    anchors: Callable[[nn.Module], list[str]] | None = None  # None: the generic heuristic
-    anchors_end_stages: bool = False
-    build_kwargs: dict = field(default_factory=dict)
-    scratch_kwargs: dict = field(default_factory=dict)
-    ignore_keys: tuple[str, ...] = ()
+def _resnet(source: str) -> ArchSpec:
+    return ArchSpec("torchvision", source, functools.partial(_named, ("layer1", "layer2", "layer3", "layer4")))
 
 
-def _resnet(source: str) -> _Entry:
-    return _Entry("torchvision", source, functools.partial(_named, ("layer1", "layer2", "layer3", "layer4")))
+def _conv_stages(source: str) -> ArchSpec:
+    return ArchSpec("torchvision", source, functools.partial(_pools, "features"), anchors_end_stages=True)
 
 
-def _conv_stages(source: str) -> _Entry:
-    return _Entry("torchvision", source, functools.partial(_pools, "features"), anchors_end_stages=True)
-
-
-def _lite(n: int) -> _Entry:
-    return _Entry("timm", f"tf_efficientnet_lite{n}", functools.partial(_children_of, "blocks"))
+def _lite(n: int) -> ArchSpec:
+    return ArchSpec("timm", f"tf_efficientnet_lite{n}", functools.partial(_children_of, "blocks"))
 
 
 _MIXED = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
           "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
-ARCHS: Registry[_Entry] = Registry("arch", hint="or any torchvision or timm model name")
+ARCHS: Registry[ArchSpec] = Registry("arch", hint="or any torchvision or timm model name")
 ARCHS.register("alexnet")(_conv_stages("alexnet"))
 ARCHS.register("vgg11_bn")(_conv_stages("vgg11_bn"))
 ARCHS.register("vgg16_bn")(_conv_stages("vgg16_bn"))
@@ -176,12 +167,12 @@ ARCHS.register("resnet18")(_resnet("resnet18"))
 ARCHS.register("resnet50")(_resnet("resnet50"))
 # No auxiliary head (it would make forward return a tuple in train mode); inputs are
 # normalised with ImageNet statistics and mapped to Google's [-1, 1] inside the model.
-ARCHS.register("inception_v3")(_Entry("torchvision", "inception_v3", functools.partial(_named, _MIXED),
-                                      build_kwargs={"aux_logits": False, "transform_input": True},
-                                      scratch_kwargs={"init_weights": True}, ignore_keys=("AuxLogits.",)))
+ARCHS.register("inception_v3")(ArchSpec("torchvision", "inception_v3", functools.partial(_named, _MIXED),
+                                        build_kwargs={"aux_logits": False, "transform_input": True},
+                                        scratch_kwargs={"init_weights": True}, ignore_keys=("AuxLogits.",)))
 # Chollet's Xception (Keras weights ported by Cadene); timm 1.0 calls it legacy_xception.
-ARCHS.register("xception")(_Entry("timm", "legacy_xception",
-                                  functools.partial(_named, tuple(f"block{i}" for i in range(1, 13)))))
+ARCHS.register("xception")(ArchSpec("timm", "legacy_xception",
+                                    functools.partial(_named, tuple(f"block{i}" for i in range(1, 13)))))
 ARCHS.register("efficientnet_lite0")(_lite(0))
 ARCHS.register("efficientnet_lite1")(_lite(1))
 ARCHS.register("efficientnet_lite2")(_lite(2))
@@ -192,29 +183,29 @@ def list_archs() -> list[str]:
     return ARCHS.names()
 
 
-def _entry(arch: str) -> _Entry:
-    """The registry entry, else a generic torchvision or timm one."""
+def _recipe(arch: str) -> ArchSpec:
+    """The registered spec, else a generic torchvision or timm one (not yet probed)."""
     if arch in ARCHS:
         return ARCHS.get(arch)
     import torchvision
 
     if arch in torchvision.models.list_models():
-        return _Entry("torchvision", arch)
+        return ArchSpec("torchvision", arch)
     import timm
 
     if timm.is_model(arch):
-        return _Entry("timm", arch)
+        return ArchSpec("timm", arch)
     return ARCHS.get(arch)  # "unknown arch ... (known: ...; or any torchvision or timm model name)"
 
 
-def _probe_model(entry: _Entry) -> nn.Module:
+def _probe_model(recipe: ArchSpec) -> nn.Module:
     """A throwaway model to read shapes from: on the meta device (no memory) when possible."""
-    kwargs = {**entry.build_kwargs, **entry.scratch_kwargs}
+    kwargs = {**recipe.build_kwargs, **recipe.scratch_kwargs}
     try:
         with torch.device("meta"):
-            return library_model(entry.library, entry.source, **kwargs)
+            return library_model(recipe.library, recipe.source_name, **kwargs)
     except Exception:  # some constructors compute on their tensors
-        return library_model(entry.library, entry.source, **kwargs)
+        return library_model(recipe.library, recipe.source_name, **kwargs)
 
 
 def _find_head(model: nn.Module, library: str) -> str:
@@ -229,15 +220,15 @@ def _find_head(model: nn.Module, library: str) -> str:
     return path
 
 
-def _input_stats(entry: _Entry, model: nn.Module) -> tuple[int, tuple, tuple]:
+def _input_stats(recipe: ArchSpec, model: nn.Module) -> tuple[int, tuple, tuple]:
     """Input size and normalisation the library documents for the pretrained weights."""
-    if entry.library == "timm":
+    if recipe.library == "timm":
         cfg = model.pretrained_cfg
         return int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
     import torchvision
 
     try:
-        preprocess = torchvision.models.get_model_weights(entry.source).DEFAULT.transforms()
+        preprocess = torchvision.models.get_model_weights(recipe.source_name).DEFAULT.transforms()
     except (ValueError, KeyError, AttributeError):
         return 224, IMAGENET_MEAN, IMAGENET_STD
     return int(preprocess.crop_size[0]), tuple(preprocess.mean), tuple(preprocess.std)
@@ -245,17 +236,14 @@ def _input_stats(entry: _Entry, model: nn.Module) -> tuple[int, tuple, tuple]:
 
 @functools.lru_cache(maxsize=None)
 def arch_spec(arch: str) -> ArchSpec:
-    """The ``ArchSpec`` of ``arch`` (QdeepError for unknown names)."""
-    entry = _entry(arch)
-    probe = _probe_model(entry)
-    head = _find_head(probe, entry.library)
-    size, mean, std = _input_stats(entry, probe)
-    anchors = entry.anchors or functools.partial(_largest_group, head)
-    return ArchSpec(name=arch, library=entry.library, source_name=entry.source, input_size=size,
-                    mean=mean, std=std, feature_dim=probe.get_submodule(head).in_features, head_path=head,
-                    anchors=anchors, anchors_end_stages=entry.anchors_end_stages,
-                    build_kwargs=entry.build_kwargs, scratch_kwargs=entry.scratch_kwargs,
-                    ignore_keys=entry.ignore_keys)
+    """The ``ArchSpec`` of ``arch``, its shapes read from a probe model (QdeepError for unknown names)."""
+    recipe = _recipe(arch)
+    probe = _probe_model(recipe)
+    head = _find_head(probe, recipe.library)
+    size, mean, std = _input_stats(recipe, probe)
+    return replace(recipe, name=arch, input_size=size, mean=mean, std=std,
+                   feature_dim=probe.get_submodule(head).in_features, head_path=head,
+                   anchors=recipe.anchors or functools.partial(_largest_group, head))
 
 
 # ---- build ------------------------------------------------------------------------------------
@@ -304,13 +292,13 @@ def _from_file(spec: ArchSpec, path: str, num_labels: int | None) -> nn.Module:
 
 
 def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze: str = "none") -> nn.Module:
-    """``arch`` with ``weights``, a multi-label head of ``num_labels`` logits (None: keep ImageNet's) and ``freeze``."""
+    """``arch`` with ``weights``, a head of ``num_labels`` logits (None: keep ImageNet's) and ``freeze``."""
     parse_freeze(freeze)
     if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
         raise QdeepError(f"num_labels must be a positive integer, got {num_labels!r}")
     spec = arch_spec(arch)
     choice = str(weights).strip()
-    if choice.lower() in CHOICES:
+    if choice.lower() in NAMED_WEIGHTS:
         model = _create(spec, choice.lower())
         if num_labels is not None:
             _replace_head(model, spec, num_labels)

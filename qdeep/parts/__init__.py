@@ -12,8 +12,8 @@ A new task is one new small part here (see README, "Adding a task").
 from qdeep.parts.callbacks import CALLBACKS
 from qdeep.parts.fit import FIT_STRATEGIES
 from qdeep.parts.formatters import FORMATTERS
-from qdeep.parts.registry import load_plugins
 from qdeep.parts.targets import TARGETS, infer_task
 from qdeep.parts.validation import VALIDATIONS
+from qdeep.registry import load_plugins
 
 __all__ = ["CALLBACKS", "FIT_STRATEGIES", "FORMATTERS", "TARGETS", "VALIDATIONS", "infer_task", "load_plugins"]

@@ -4,7 +4,7 @@ its tests register a fault injector and a check that the ranks' weights agree (t
 
 from __future__ import annotations
 
-from qdeep.parts.registry import Registry
+from qdeep.registry import Registry
 
 CALLBACKS: Registry = Registry("callback")
 

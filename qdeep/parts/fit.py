@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qdeep.config import resolved_bn_stats
 from qdeep.errors import QdeepError
 from qdeep.models import parse_freeze
 from qdeep.models.freeze import unwrap
-from qdeep.parts.registry import Registry
+from qdeep.registry import Registry
 
 FIT_STRATEGIES: Registry = Registry("fit strategy")
 
@@ -32,15 +33,10 @@ class Stage:
 
 def kept_bn_stats(config: dict) -> str | None:
     """`Stage.bn_stats` for `config["bn_stats"]`: "head" (every layer keeps its statistics) for
-    frozen, None (the layers that train follow the batch) for batch; auto is frozen from pretrained
-    weights, batch from none."""
-    stats = config.get("bn_stats", "batch")
-    if stats == "batch":
+    frozen, None (the layers that train follow the batch) for batch."""
+    if resolved_bn_stats(config.get("bn_stats", "batch"), config.get("weights")) == "batch":
         return None
-    scratch = str(config["weights"]).strip().lower() == "none"
-    if stats == "auto":
-        return None if scratch else "head"
-    if scratch:
+    if str(config["weights"]).strip().lower() == "none":
         raise QdeepError("--bn-stats frozen keeps the starting network's BatchNorm statistics, and --weights none "
                          "has none worth keeping: use --bn-stats batch, or pretrained --weights")
     return "head"

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from qdeep import io
-from qdeep.parts.registry import Registry
+from qdeep.registry import Registry
 
 FORMATTERS: Registry = Registry("output format")
 

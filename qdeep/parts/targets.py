@@ -13,7 +13,7 @@ import torch
 
 from qdeep import io
 from qdeep.errors import QdeepError
-from qdeep.parts.registry import Registry
+from qdeep.registry import Registry
 
 TARGETS: Registry = Registry("task")
 
@@ -41,6 +41,7 @@ class Targets:
         return self.name
 
     def encode(self, label_lists: Sequence[Sequence[str]], origins: Sequence[str] | None = None) -> np.ndarray:
+        """One row per image; errors name the image by `origins[i]` (its CSV line) when given."""
         raise NotImplementedError
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ class Targets:
         raise NotImplementedError
 
     def loss_weights(self, y: np.ndarray) -> list[float]:
-        """Weights that balance rare labels or classes in the loss (`--pos-weight` / `--balance weights`)."""
+        """Weights that balance rare labels or classes in the loss (`--balance weights`)."""
         raise NotImplementedError
 
     def decide(self, proba: np.ndarray, thresholds: Sequence[float] | None = None) -> np.ndarray:
@@ -61,33 +62,34 @@ class Targets:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> None:
+        """labels.json, which `load_targets` reads back."""
         io.write_json(path, {"kind": self.kind, "labels": self.vocabulary})
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Targets":
-        return cls(json.loads(Path(path).read_text())["labels"])
+    def _ids(self, labels: Sequence[str], where: str) -> list[int]:
+        """Vocabulary indices of one image's labels; an unknown label names `where` the image came from."""
+        for label in labels:
+            if label not in self._index:
+                raise QdeepError(f"{where}: label {label!r} is not in the vocabulary {self.vocabulary}")
+        return [self._index[label] for label in labels]
 
-    def _unknown(self, label: str, where: str) -> QdeepError:
-        return QdeepError(f"{where}: label {label!r} is not in the vocabulary {self.vocabulary}")
+
+def _where(origins: Sequence[str] | None, i: int) -> str:
+    """How an error names image `i`: its origin (a CSV line) when known."""
+    return origins[i] if origins else f"image {i}"
 
 
 @TARGETS.register("multilabel")
 class MultiLabelTargets(Targets):
     """Planet-style: any number of tags per image, one 0/1 column per tag; sigmoid + BCE."""
 
-    validation = "f2"
-
     @classmethod
     def from_tags(cls, tag_lists: Sequence[Sequence[str]]) -> "MultiLabelTargets":
         return cls.from_labels(tag_lists)
 
     def encode(self, label_lists, origins=None) -> np.ndarray:
-        y = np.zeros((len(label_lists), len(self.vocabulary)), dtype=np.uint8)
+        y = np.zeros((len(label_lists), len(self)), dtype=np.uint8)
         for i, tags in enumerate(label_lists):
-            for t in tags:
-                if t not in self._index:
-                    raise self._unknown(t, origins[i] if origins else f"image {i}")
-                y[i, self._index[t]] = 1
+            y[i, self._ids(tags, _where(origins, i))] = 1
         return y
 
     def activation(self, logits):
@@ -121,13 +123,10 @@ class MultiClassTargets(Targets):
     def encode(self, label_lists, origins=None) -> np.ndarray:
         y = np.empty(len(label_lists), dtype=np.int64)
         for i, labels in enumerate(label_lists):
-            where = origins[i] if origins else f"image {i}"
             if len(labels) != 1:
-                raise QdeepError(f"{where}: {len(labels)} labels {' '.join(labels)!r}; "
+                raise QdeepError(f"{_where(origins, i)}: {len(labels)} labels {' '.join(labels)!r}; "
                                  "a multiclass task needs exactly one per image (use --task multilabel?)")
-            if labels[0] not in self._index:
-                raise self._unknown(labels[0], where)
-            y[i] = self._index[labels[0]]
+            y[i] = self._ids(labels, _where(origins, i))[0]
         return y
 
     def activation(self, logits):

@@ -15,19 +15,27 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
-from qdeep.parts.registry import Registry
+from qdeep.registry import Registry
 
 VALIDATIONS: Registry = Registry("validation")
 
 
 @dataclass
 class ValidationResult:
-    oof_proba: np.ndarray  # (n, L) out-of-fold probabilities
-    folds: np.ndarray  # (n,) fold index of each row
     thresholds: np.ndarray  # (L,) tuned on all out-of-fold rows, for prediction
     f2: float  # cross-fitted: each fold scored with thresholds tuned on the other folds
     per_label_f2: np.ndarray  # (L,) cross-fitted
     fold_f2: list[float]
+
+
+def _fold_ids(splitter, y: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold index per row from a scikit-learn style splitter of `n_folds` folds."""
+    if len(y) < n_folds:
+        raise ValueError(f"{len(y)} images cannot be split into {n_folds} folds")
+    folds = np.empty(len(y), dtype=np.int64)
+    for k, (_, test) in enumerate(splitter.split(np.zeros((len(y), 1)), y)):
+        folds[test] = k
+    return folds
 
 
 class KFoldValidation:
@@ -40,13 +48,8 @@ class KFoldValidation:
 
     def split(self, y: np.ndarray) -> np.ndarray:
         """Fold index per row."""
-        if len(y) < self.n_folds:
-            raise ValueError(f"{len(y)} images cannot be split into {self.n_folds} folds")
-        folds = np.empty(len(y), dtype=np.int64)
-        kfold = MultilabelStratifiedKFold(n_splits=self.n_folds, shuffle=True, random_state=self.seed)
-        for k, (_, test) in enumerate(kfold.split(np.zeros((len(y), 1)), y)):
-            folds[test] = k
-        return folds
+        return _fold_ids(MultilabelStratifiedKFold(n_splits=self.n_folds, shuffle=True, random_state=self.seed),
+                         y, self.n_folds)
 
     def run(self, make_estimator: Callable[[], object], x: np.ndarray, y: np.ndarray, progress=None) -> ValidationResult:
         """Fit one estimator per fold (scikit-learn fit/predict_proba) and score the OOF predictions."""
@@ -59,38 +62,17 @@ class KFoldValidation:
                 progress.update(1)
         return self.score(y, oof, folds)
 
-    def score(self, y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
-        return cross_fitted_score(y, oof, folds)
-
-
-def holdout_mask(y: np.ndarray, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
-    """True for the held-out rows: one fold of a stratified split, the same for a given seed."""
-    return KFoldValidation(max(2, round(1 / fraction)), seed).split(y) == 0
-
-
-def score_holdout(y: np.ndarray, proba: np.ndarray, n_folds: int = 5) -> ValidationResult:
-    """How every model is scored on a held-out split: thresholds tuned on all its rows for later
-    use, F2 cross-fitted over `n_folds` interleaved folds of it, so none is scored on its own rows."""
-    return cross_fitted_score(y, proba, np.arange(len(y)) % n_folds)
-
-
-def cross_fitted_score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
-    """Each fold binarised with thresholds tuned on the other folds; kept thresholds use all rows."""
-    pred = np.zeros(y.shape, dtype=bool)
-    fold_f2 = []
-    for k in np.unique(folds):
-        held = folds == k
-        thresholds = tune_thresholds(y[~held], oof[~held])
-        pred[held] = binarize(oof[held], thresholds)
-        fold_f2.append(f2_score(y[held], pred[held]))
-    return ValidationResult(
-        oof_proba=oof,
-        folds=folds,
-        thresholds=tune_thresholds(y, oof),
-        f2=f2_score(y, pred),
-        per_label_f2=per_label_f2(y, pred),
-        fold_f2=fold_f2,
-    )
+    @staticmethod
+    def score(y: np.ndarray, oof: np.ndarray, folds: np.ndarray) -> ValidationResult:
+        """Each fold binarised with thresholds tuned on the other folds; kept thresholds use all rows."""
+        pred = np.zeros(y.shape, dtype=bool)
+        fold_f2 = []
+        for k in np.unique(folds):
+            held = folds == k
+            pred[held] = binarize(oof[held], tune_thresholds(y[~held], oof[~held]))
+            fold_f2.append(f2_score(y[held], pred[held]))
+        return ValidationResult(thresholds=tune_thresholds(y, oof), f2=f2_score(y, pred),
+                                per_label_f2=per_label_f2(y, pred), fold_f2=fold_f2)
 
 
 @dataclass
@@ -103,45 +85,47 @@ class Score:
     thresholds: np.ndarray | None = None
 
 
+class Validation:
+    """A validation part: `folds` splits the rows (seeded), `score` scores a model's probabilities."""
+
+    metric: str  # the score that chooses the best epoch
+    per_label_metric: str
+
+    def holdout(self, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+        """True for the held-out rows: one fold of a stratified split, the same for a given seed."""
+        return self.folds(y, max(2, round(1 / fraction)), seed) == 0
+
+
 @VALIDATIONS.register("f2")
-class F2Validation:
+class F2Validation(Validation):
     """Multi-label: stratified over all labels at once; mean per-image F2 with per-label thresholds."""
 
     metric, per_label_metric = "f2", "f2"
-
-    def holdout(self, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-        return holdout_mask(y, fraction, seed)
 
     def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
         return KFoldValidation(n_folds, seed).split(y)
 
     def score(self, y: np.ndarray, proba: np.ndarray) -> Score:
-        scored = score_holdout(y, proba)
+        """Thresholds tuned on all the rows for later use, F2 cross-fitted over 5 interleaved folds
+        of them, so none is scored on its own rows."""
+        scored = KFoldValidation.score(y, proba, np.arange(len(y)) % 5)
         return Score({"f2": float(scored.f2)}, scored.per_label_f2, scored.thresholds)
 
 
 @VALIDATIONS.register("accuracy")
-class AccuracyValidation:
+class AccuracyValidation(Validation):
     """One class per image: stratified by class; accuracy, macro-F1 and per-class F1 of the argmax."""
 
     metric, per_label_metric = "accuracy", "f1"
-
-    def holdout(self, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-        return self.folds(y, max(2, round(1 / fraction)), seed) == 0
 
     def folds(self, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
         import warnings
 
         from sklearn.model_selection import StratifiedKFold
 
-        if len(y) < n_folds:
-            raise ValueError(f"{len(y)} images cannot be split into {n_folds} folds")
-        folds = np.empty(len(y), dtype=np.int64)
         with warnings.catch_warnings():  # classes rarer than n_folds: sklearn warns, the split is still valid
             warnings.simplefilter("ignore", UserWarning)
-            for k, (_, test) in enumerate(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(y, y)):
-                folds[test] = k
-        return folds
+            return _fold_ids(StratifiedKFold(n_folds, shuffle=True, random_state=seed), y, n_folds)
 
     def score(self, y: np.ndarray, proba: np.ndarray) -> Score:
         from sklearn.metrics import accuracy_score, f1_score
