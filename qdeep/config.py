@@ -95,6 +95,7 @@ class Sweep:
         spec = yaml.safe_load(Path(path).read_text()) or {}
         space = {k: spec.pop(k) for k in SWEPT if k in spec}
         base = TrainConfig(**{k: spec.pop(k) for k in list(spec) if k in TrainConfig.__dataclass_fields__})
+        space = {k: space.get(k, getattr(base, k)) for k in SWEPT}  # a key the file leaves out: the default
         unknown = set(spec) - set(cls.__dataclass_fields__)
         if unknown:
             raise QdeepError(f"{path}: unknown keys {sorted(unknown)}")

@@ -162,6 +162,7 @@ def test_sweep_file_grids_samplers_and_fixed_settings(tmp_path):
     space = param_space(sweep.space)
     assert space["arch"] == tune.grid_search(["resnet18", "alexnet"])
     assert 1e-4 <= space["lr"].sample() <= 1e-2
+    assert space["weights"] == "none"  # a swept key the file leaves out: one value, the default
     path.write_text("arch: [resnet18]\nbogus: 1\n")
     with pytest.raises(Exception, match="unknown keys"):
         Sweep.from_yaml(path)
