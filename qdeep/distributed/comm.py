@@ -41,7 +41,7 @@ def broadcast_from_rank0(obj):
 
 def sum_across_workers(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qdeep import io
+from qdeep.distributed.tasks import raise_user_error
 from qdeep.distributed.worker import CHECKPOINT_FILE, train_func
 from qdeep.options import worker_range
 
@@ -42,7 +43,7 @@ def cpus_per_worker(workers: int, use_gpu: bool, loader_workers: int = 0) -> int
 
 def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
                  max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
-                 keep_checkpoints: int = 2, callbacks: list | None = None, train_loop=None):
+                 callbacks: list | None = None, train_loop=None):
     """A TorchTrainer for `train_func` (or `train_loop`): `workers` data-parallel workers, checkpoints
     kept by the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same
     (storage_path, name) -> resume."""
@@ -50,7 +51,9 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
 
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     lo, hi = worker_range(workers)
-    resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0)), **({"GPU": gpus} if use_gpu else {})}
+    resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0))}
+    if use_gpu:
+        resources["GPU"] = gpus
     return _trainer_class()(
         train_loop or train_func,
         train_loop_config=loop_config,
@@ -61,7 +64,7 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints,
+                num_to_keep=2,
                 checkpoint_score_attribute=loop_config["score_metric"],
                 checkpoint_score_order="max",
             ),
@@ -83,14 +86,20 @@ def default_max_failures(workers: int | str | tuple[int, int], max_failures: int
 
 
 def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
-        max_failures: int | None = None, use_gpu: bool | None = None, cpus: int | None = None) -> TrainOutcome:
+        max_failures: int | None = None, use_gpu: bool | None = None) -> TrainOutcome:
     """Run training to the end (or resume it) and load its best and latest checkpoints."""
-    max_failures = default_max_failures(workers, max_failures)
-    trainer = make_trainer(loop_config, workers, name, storage_path, max_failures, use_gpu, cpus)
-    outcome = outcome_of(fit_keeping_ctrl_c(trainer), name, loop_config["score_metric"])
-    if outcome.latest["epoch"] + 1 < loop_config["epochs"]:  # Ray Train ends a run early only on Ctrl+C
-        raise KeyboardInterrupt(f"training run {name!r} was aborted after epoch {outcome.latest['epoch']}")
-    return outcome
+    trainer = make_trainer(loop_config, workers, name, storage_path, default_max_failures(workers, max_failures),
+                           use_gpu)
+    result = fit_keeping_ctrl_c(trainer)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint ({result.error})")
+    latest = _load(result.checkpoint)
+    if latest["epoch"] + 1 < loop_config["epochs"]:  # Ray Train ends a run early only on Ctrl+C
+        raise KeyboardInterrupt(f"training run {name!r} was aborted after epoch {latest['epoch']}")
+    metric = loop_config["score_metric"]
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(metric, -1))[0] if result.best_checkpoints \
+        else result.checkpoint
+    return TrainOutcome(best=_load(best), latest=latest, path=result.path)
 
 
 def _trainer_class():
@@ -118,47 +127,32 @@ def _trainer_class():
 
 
 def fit_keeping_ctrl_c(trainer):
-    """`trainer.fit()`, then the caller's Ctrl+C handler back: Ray Train installs its own (which
-    aborts the run gracefully) and leaves it in place, so a later Ctrl+C would do nothing. A Ctrl+C
-    during the run raises KeyboardInterrupt here, whatever Ray Train made of it."""
+    """`trainer.fit()` of a `make_trainer` trainer, then the caller's Ctrl+C handler back: Ray Train
+    installs its own (which aborts the run gracefully) and leaves it in place, so a later Ctrl+C would
+    do nothing. A Ctrl+C during the run raises KeyboardInterrupt here, whatever Ray Train made of it;
+    a worker's `QdeepError` (images not visible from its node, ...) comes out as itself, for the
+    CLI's one-line message, not inside Ray Train's `TrainingFailedError`."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return _fit(trainer)
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        result = _fit(trainer)
-    except BaseException:  # SystemExit from Ray Train's handler, or an error of the aborted run
-        if getattr(trainer, "interrupted", False):
-            raise KeyboardInterrupt("training aborted by Ctrl+C") from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if getattr(trainer, "interrupted", False):
-        raise KeyboardInterrupt("training aborted by Ctrl+C")
-    return result
-
-
-def _fit(trainer):
-    """`trainer.fit()`; a worker's `QdeepError` (images not visible from its node, ...) comes out as
-    itself, for the CLI's one-line message, not inside Ray Train's `TrainingFailedError`."""
     from ray.train import TrainingFailedError
 
-    from qdeep.distributed.tasks import raise_user_error
-
+    main = threading.current_thread() is threading.main_thread()  # Ray Train's handler goes there only
+    previous = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
-    except TrainingFailedError as exc:
-        raise_user_error(exc)
-
-
-def outcome_of(result, name: str, score_metric: str) -> TrainOutcome:
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {name!r} finished without a checkpoint ({result.error})")
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(score_metric, -1))[0] if result.best_checkpoints \
-        else result.checkpoint
-    return TrainOutcome(best=_load(best), latest=_load(result.checkpoint), path=result.path)
+        result = trainer.fit()
+    except BaseException as exc:  # SystemExit from Ray Train's handler, or an error of the aborted run
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training aborted by Ctrl+C") from None
+        if isinstance(exc, TrainingFailedError):
+            raise_user_error(exc)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training aborted by Ctrl+C")
+    return result
 
 
 RUN_FILE = "qdeep_run.json"  # beside Ray Train's files: the settings of a named run

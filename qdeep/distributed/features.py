@@ -1,9 +1,9 @@
 """Descriptors of every image (penultimate, globally pooled CNN features) into a feature store.
 
-A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (one model per
-actor; GPU actors when the cluster has GPUs, else one actor per CPU, into which Ray Data fuses
-the decoding), then Parquet shards written as the rows arrive (`write_store_from_dataset`, one
-shard per batch). `store_dataset` reads a store back as a Ray Data dataset.
+A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (`tasks.model_stage`:
+GPU actors when the cluster has GPUs, else one actor per CPU, into which Ray Data fuses the
+decoding), then Parquet shards written as the rows arrive (`write_store_from_dataset`, one shard per
+batch). `store_dataset` reads a store back as a Ray Data dataset.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, FeatureSto
                                     features_to_numpy, finish_store, shard_table, staging_dir, write_shard)
 from qdeep.data.images import load_rgb
 from qdeep.data.transforms import to_uint8
-from qdeep.distributed.tasks import check_visible_everywhere, node_name, not_visible, raise_user_error
+from qdeep.distributed.prepare import try_input_size
+from qdeep.distributed.tasks import (check_visible_everywhere, model_stage, not_visible, raise_user_error,
+                                     raising_udf_errors)
 from qdeep.errors import QdeepError
 from qdeep.models import build_model, embed, weights_sha256
 
@@ -36,7 +38,7 @@ def decode(batch: dict, size: int) -> dict:
     try:
         pixels = np.stack([to_uint8(load_rgb(p), size) for p in batch["path"]])
     except FileNotFoundError as exc:
-        raise not_visible([exc.filename], len(batch["path"]), node_name()) from None
+        raise not_visible([exc.filename], len(batch["path"])) from None
     return {"image": batch["image"], "pixels": pixels}
 
 
@@ -60,67 +62,38 @@ class Embedder:
 
 
 def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
-                 image_size: int | None = None, rows_per_shard: int = 50_000, extra: dict | None = None,
+                 image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1):
-    """Descriptors of already-checked images into the store at `out` (call inside a Ray session).
-    GPU actors when the cluster has GPUs (use_gpu None), or when asked (an autoscaler adds them):
-    the pool starts with one and grows, as GPUs join, to `max_gpu_actors` (or the GPUs up now)."""
+    """Descriptors of already-checked images into the store at `out` (call inside a Ray session), on
+    `tasks.model_stage`'s actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked."""
     import ray
 
     model = load_backbone(arch, weights)
-    spec = model.qdeep_arch
-    size = image_size or spec.input_size
-    try:
-        with torch.no_grad():
-            dim = embed(model, torch.zeros(1, 3, size, size)).shape[1]
-    except RuntimeError as exc:
-        raise QdeepError(f"{arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
-                         "use a larger --image-size") from None
+    size = image_size or model.qdeep_arch.input_size
+    dim = try_input_size(lambda x: embed(model, x), arch, size).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    use_gpu = bool(gpus) if use_gpu is None else use_gpu
-    # A CPU actor runs torch on one thread (Ray sets OMP_NUM_THREADS to its 1 CPU), so CPU runs get
-    # one actor per CPU (no more than there are batches), each decoding its own batches: 0.71-0.86x
-    # a plain all-cores loop on 2 cores, against 0.54x for one actor (scripts/bench_features.py).
-    cpus = int(resources.get("CPU", 1))
-    batches = -(-len(paths) // batch_size)
-    if use_gpu:
-        most = max(1, int(gpus), max_gpu_actors)
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=min(most, max(1, int(gpus))))
-    else:
-        pool = ray.data.ActorPoolStrategy(size=max(1, min(cpus, batches)))
     check_visible_everywhere(paths)
     rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
     ds = (ray.data.from_items(rows)
           .map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       batch_size=batch_size, compute=pool, num_gpus=int(use_gpu)))
-    try:
-        return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
-                                        extra={"image_root": str(root), **(extra or {})})
-    except Exception as exc:  # images missing on a node that joined after the check: say so in one line
-        raise_user_error(exc)
+                       **model_stage(len(paths), batch_size, use_gpu, max_gpu_actors)))
+    return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
+                                    extra={"image_root": str(root), **(extra or {})})
 
 
 def _write_batch_shard(batch: dict, directory: str, dim: int) -> dict:
-    """Ray Data UDF: one batch becomes one shard, checksummed where it was written. Bad rows come
-    back as the batch's `error`, not raised: Ray Data would wrap the QdeepError in a report that
-    no longer holds it (the cause is lost on the way to the driver)."""
-    out = {"file": "", "rows": 0, "bytes": 0, "sha256": "", "first": "", "columns": "{}", "error": ""}
-    try:
-        missing = [c for c in RESERVED if c not in batch]
-        if missing:
-            raise QdeepError(f"the dataset needs 'image' and 'features' columns; it lacks {', '.join(missing)} "
-                             f"(has {', '.join(sorted(batch))})")
-        labels = {name: values for name, values in batch.items() if name not in RESERVED}
-        table = shard_table(dim, list(batch["image"]), batch["features"], labels)
-        out.update(write_shard(Path(directory) / f".shard-{uuid.uuid4().hex}.parquet", table),
-                   first=table["image"][0].as_py() if table.num_rows else "",
-                   columns=json.dumps({f.name: str(f.type) for f in table.schema if f.name not in RESERVED}))
-    except QdeepError as exc:
-        out["error"] = str(exc)
-    return {key: [value] for key, value in out.items()}
+    """Ray Data UDF: one batch becomes one shard, checksummed where it was written."""
+    missing = [c for c in RESERVED if c not in batch]
+    if missing:
+        raise QdeepError(f"the dataset needs 'image' and 'features' columns; it lacks {', '.join(missing)} "
+                         f"(has {', '.join(sorted(batch))})")
+    labels = {name: values for name, values in batch.items() if name not in RESERVED}
+    table = shard_table(dim, list(batch["image"]), batch["features"], labels)
+    listing = {**write_shard(Path(directory) / f".shard-{uuid.uuid4().hex}.parquet", table),
+               "first": table["image"][0].as_py() if table.num_rows else "",
+               "columns": json.dumps({f.name: str(f.type) for f in table.schema if f.name not in RESERVED})}
+    return {key: [value] for key, value in listing.items()}
 
 
 def write_store_from_dataset(ds, path: str | Path, dim: int, model: dict, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
@@ -129,7 +102,8 @@ def write_store_from_dataset(ds, path: str | Path, dim: int, model: dict, rows_p
 
     `path` must be on a filesystem every Ray node sees (the workers write into its temp sibling).
     Rows need `image` (str) and `features` (float32 array or list of dim); other columns are
-    stored as labels (strings or integers).
+    stored as labels (strings or integers). A QdeepError of any stage (a bad batch, images a node
+    cannot see) stops the run as itself.
     """
     check_store_args(dim, model, extra, rows_per_shard)
     with staging_dir(path) as tmp:
@@ -137,14 +111,13 @@ def write_store_from_dataset(ds, path: str | Path, dim: int, model: dict, rows_p
         # (even a fraction) waited for the whole pool to finish, and the rows piled up in the
         # object store instead of streaming to disk (measured: every shard written in the last
         # second of a 39 s run, against a pair every ~4 s without the reservation).
-        written = ds.map_batches(_write_batch_shard, fn_kwargs={"directory": str(tmp), "dim": dim},
-                                 batch_size=rows_per_shard, batch_format="numpy", num_cpus=0)
-        results = []
-        for row in written.iter_rows():  # streamed: the first bad batch stops the run
-            if row["error"]:
-                raise QdeepError(row["error"])
-            results.append(row)
-        results = sorted((r for r in results if r["rows"] > 0), key=lambda r: (r["first"], r["file"]))
+        written = raising_udf_errors(ds.map_batches(_write_batch_shard, fn_kwargs={"directory": str(tmp), "dim": dim},
+                                                    batch_size=rows_per_shard, batch_format="numpy", num_cpus=0))
+        try:
+            results = [row for row in written.iter_rows() if row["rows"] > 0]
+        except Exception as exc:  # a stage's QdeepError comes out as itself, in one line
+            raise_user_error(exc)
+        results.sort(key=lambda r: (r["first"], r["file"]))
         kinds = {r["columns"] for r in results}
         if len(kinds) > 1:
             raise QdeepError(f"label columns differ between batches: {' vs '.join(sorted(kinds))}")

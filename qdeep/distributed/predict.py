@@ -1,5 +1,5 @@
-"""Batch inference of an exported CNN with Ray Data: an actor pool (GPU actors when present)
-loads the model once per actor and decodes its own batches of images."""
+"""Batch inference of an exported CNN with Ray Data: an actor pool (`tasks.model_stage`: GPU actors
+when present) loads the model once per actor and decodes its own batches of images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.transforms import to_tensor
-from qdeep.distributed.tasks import check_visible_everywhere, node_name, not_visible, raise_user_error
+from qdeep.distributed.tasks import (check_visible_everywhere, model_stage, not_visible, raise_user_error,
+                                     raising_udf_errors)
 from qdeep.errors import QdeepError
 from qdeep.io import read_model_json
 from qdeep.parts.targets import load_targets
@@ -28,22 +29,25 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(config.get("arch"), str):
         raise QdeepError(f"model config {path} names no arch")
     labels = config.get("num_labels")
-    if not isinstance(labels, int) or isinstance(labels, bool) or labels < 1:
+    if not _positive_int(labels):
         raise QdeepError(f"model config {path}: num_labels must be a positive integer, not {labels!r}")
     size = config.get("image_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+    if size is not None and not _positive_int(size):
         raise QdeepError(f"model config {path}: image_size must be a positive integer or null, not {size!r}")
     return config
 
 
-def load_exported(model_dir: Path, device: str = "cpu", config: dict | None = None) -> torch.nn.Module:
-    """The exported model (OUT/model), rebuilt from its arch (``config``: its `read_config`, read
-    here when not given) and loaded with weights_only=True; a missing, corrupt, refused or
-    mismatched model.pt is one QdeepError line naming it."""
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """The exported model (OUT/model), rebuilt from its config.json's arch and loaded with
+    weights_only=True; a missing, corrupt, refused or mismatched model.pt is one QdeepError line naming it."""
     from qdeep.models import build_model
     from qdeep.models.weights import load_strict, read_state_dict
 
-    config = config or read_config(model_dir)
+    config = read_config(model_dir)
     path = model_dir / "model.pt"
     if not path.is_file():
         raise QdeepError(f"{model_dir}: no model.pt (not a complete `qdeep train` model directory)")
@@ -62,28 +66,27 @@ class CNNInference:
     def __init__(self, model_dir: str, tta: bool = False):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         config = read_config(Path(model_dir))
-        self.model = load_exported(Path(model_dir), self.device, config)
+        self.model = load_exported(Path(model_dir), self.device)
         spec = self.model.qdeep_arch
         self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
         self.tta, self.num_labels = tta, config["num_labels"]
         self.targets = load_targets(Path(model_dir) / "labels.json")
 
     def __call__(self, batch: dict) -> dict:
-        tensors, ok, errors = [], [], []
+        tensors, errors = [], []
         for path in batch["path"]:
             try:
                 tensors.append(to_tensor(load_rgb(path), self.size, self.mean, self.std))
-                ok.append(True)
                 errors.append("")
             except FileNotFoundError:  # listed by the driver, missing on this node
-                raise not_visible([path], len(batch["path"]), node_name()) from None
+                raise not_visible([path], len(batch["path"])) from None
             except ImageDecodeError as exc:
-                ok.append(False)
                 errors.append(exc.reason)
-        proba = np.full((len(ok), self.num_labels), np.nan, dtype=np.float32)
+        errors = np.array(errors)
+        proba = np.full((len(errors), self.num_labels), np.nan, dtype=np.float32)
         if tensors:
-            proba[np.array(ok)] = self._predict(torch.stack(tensors).to(self.device))
-        return {"index": batch["index"], "proba": proba, "error": np.array(errors)}
+            proba[errors == ""] = self._predict(torch.stack(tensors).to(self.device))
+        return {"index": batch["index"], "proba": proba, "error": errors}
 
     @torch.no_grad()
     def _predict(self, x: torch.Tensor) -> np.ndarray:
@@ -99,42 +102,28 @@ class CNNPredictor:
     """`qdeep predict` for models exported by `qdeep train`. The model is loaded once here, on the
     driver before Ray starts, so that a bad one is one line, not one per actor."""
 
-    def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64, concurrency: int | None = None):
-        self.model_dir, self.tta, self.batch_size, self.concurrency = model_dir, tta, batch_size, concurrency
-        config = read_config(Path(model_dir))
-        load_exported(Path(model_dir), config=config)
-        self.num_labels = config["num_labels"]
+    def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64):
+        self.model_dir, self.tta, self.batch_size = model_dir, tta, batch_size
+        load_exported(model_dir)
+        self.num_labels = read_config(model_dir)["num_labels"]
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         import ray
 
         check_visible_everywhere(images.paths)  # before the actors load the model
-        gpus = ray.cluster_resources().get("GPU", 0)
-        concurrency = self.concurrency or max(1, int(gpus) if gpus else min(2, int(ray.cluster_resources()["CPU"])))
         items = [{"index": i, "path": str(p)} for i, p in enumerate(images.paths)]
         ds = ray.data.from_items(items).map_batches(
-            CNNInference,
-            fn_constructor_kwargs={"model_dir": str(self.model_dir), "tta": self.tta},
-            batch_size=self.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
-            num_gpus=1 if gpus else 0,
-        )
-        proba = np.zeros((len(items), 0), dtype=np.float32)
+            CNNInference, fn_constructor_kwargs={"model_dir": str(self.model_dir), "tta": self.tta},
+            **model_stage(len(items), self.batch_size))
+        proba = np.zeros((len(items), self.num_labels), dtype=np.float32)
         keep = np.ones(len(items), dtype=bool)
-        for batch in _batches(ds):
-            if proba.shape[1] == 0:
-                proba = np.zeros((len(items), batch["proba"].shape[1]), dtype=np.float32)
-            proba[batch["index"]] = batch["proba"]
-            for i, error in zip(batch["index"], batch["error"]):
-                if error:
-                    policy.report(str(images.paths[i]), error)
-                    keep[i] = False
+        try:
+            for batch in raising_udf_errors(ds).iter_batches(batch_size=None, batch_format="numpy"):
+                proba[batch["index"]] = batch["proba"]
+                for i, error in zip(batch["index"], batch["error"]):
+                    if error:
+                        policy.report(str(images.paths[i]), error)
+                        keep[i] = False
+        except Exception as exc:  # a node's `ImagesNotVisible` comes out as itself, in one line
+            raise_user_error(exc)
         return proba[keep], images.subset(keep.tolist())
-
-
-def _batches(ds):
-    """The dataset's batches; a node's `ImagesNotVisible` comes out as itself, in one line."""
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    except Exception as exc:
-        raise_user_error(exc)

@@ -15,7 +15,7 @@ from qdeep.config import NAMED_WEIGHTS, TrainConfig
 from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
-from qdeep.models import build_model
+from qdeep.models import build_model, parse_freeze
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, infer_task
 from qdeep.parts.targets import Targets
 
@@ -44,9 +44,11 @@ class TrainingData:
 
 
 def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainConfig:
-    """The config as every worker must see it, checked on the driver: its task inferred from the data
-    when not given (`parts.infer_task`), its validation part the task's own when not given, its
-    weights path absolute (workers and trials run in other directories, maybe on other nodes)."""
+    """The config as every worker must see it, checked on the driver before Ray starts: its task
+    inferred from the data when not given (`parts.infer_task`), its validation part the task's own
+    when not given, its weights path absolute (workers and trials run in other directories, maybe on
+    other nodes), its parts and freeze depth known."""
+    parse_freeze(config.freeze)
     task = config.task or infer_task(data, labels, images)
     targets = TARGETS.get(task)
     validation = config.validation or targets.validation
@@ -77,15 +79,20 @@ def resolve_weight_path(weights: str) -> str:
 
 
 def check_model(config: TrainConfig, num_labels: int) -> None:
-    """Fail on the driver, in one line, on a bad arch, freeze depth, fit strategy or weights, not in every worker."""
+    """Fail on the driver, in one line, on a bad arch, freeze depth, fit strategy, weights or input
+    size, not in every worker."""
     model = build_model(config.arch, num_labels, config.weights, config.freeze).eval()
     FIT_STRATEGIES.get(config.fit_strategy)().stages(config.as_dict())
-    size = config.image_size or model.qdeep_arch.input_size
+    try_input_size(model, config.arch, config.image_size or model.qdeep_arch.input_size)
+
+
+def try_input_size(run, arch: str, size: int):
+    """`run` (a model, or a function of one) on one blank size x size image; one line if `arch` cannot take it."""
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            return run(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
-        raise QdeepError(f"{config.arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
+        raise QdeepError(f"{arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
                          "use a larger --image-size") from None
 
 

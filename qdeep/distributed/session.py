@@ -46,13 +46,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log: Pa
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    with ray_output_to(log) if log is not None and quiet() else nullcontext():
+    to_log = log is not None and quiet()
+    with ray_output_to(log) if to_log else nullcontext():
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             start_local_ray(num_cpus)
         try:
-            with _worker_output_to(log) if log is not None and quiet() else nullcontext():
+            with _worker_output_to(log) if to_log else nullcontext():
                 yield
         finally:
             ray.shutdown()
@@ -130,8 +131,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     # The dashboard serves Ray's state API, which Ray Train uses to clean up after finished runs.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             labels={LOCAL_LABEL: "1"}, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", labels={LOCAL_LABEL: "1"}, logging_level=logging.WARNING)
 
 
 def is_local_ray(nodes: list[dict]) -> bool:

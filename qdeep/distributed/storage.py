@@ -12,32 +12,26 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from qdeep.distributed.session import is_local_ray
 from qdeep.errors import QdeepError
 from qdeep.io import is_uri
 
 MARKER_PREFIX = ".qdeep-shared-check-"
-PROBE_TIMEOUT_S = 60.0
-
-
+PROBE_TIMEOUT_S = 60.0  # how long a task pinned to a node has to answer
 STORAGE_REMEDY = ("a multi-node run needs --storage-path on shared storage: an NFS directory mounted at the same "
                   "path on every node, or an s3:// URI")
 
 
-def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S, what: str = "storage path",
-                         remedy: str = STORAGE_REMEDY) -> None:
+def check_shared_storage(storage_path: str, what: str = "storage path", remedy: str = STORAGE_REMEDY) -> None:
     """Refuse to start a run on a Ray cluster whose storage path some node cannot see, or may not see.
 
-    Call it on the driver, inside a Ray session. Object-store URIs pass without probing. On more
-    than one alive node, a marker file with a unique name and content is written under the path
-    here, a task pinned to every alive node reads it back, and the marker is removed. On one alive
-    node, a local path passes only on a plain local Ray (`runtime.is_local_ray`): any other cluster
-    may gain nodes (an autoscaler's GPU nodes start once the run asks for them) that would write to
-    their own disks, and with no second node up nothing shows the path is shared. Nodes that join
-    after the probe must mount the same storage, as the nodes up at the start do. `what` and
-    `remedy` name the path and say what to do in the one-line refusal.
+    Call it on the driver, inside a Ray session. On more than one alive node, every node must read
+    back a marker file written here. On one alive node, a local path passes only on a plain local
+    Ray (`session.is_local_ray`): any other cluster may gain nodes (an autoscaler's GPU nodes start
+    once the run asks for them) that would write to their own disks, and with no second node up
+    nothing shows the path is shared. Nodes that join after the probe must mount the same storage,
+    as the nodes up at the start do. `what` and `remedy` name the path and the way out in the refusal.
     """
-    from qdeep.distributed.session import is_local_ray
-
     if is_uri(storage_path):
         return
     nodes = alive_nodes()
@@ -58,10 +52,10 @@ def check_shared_storage(storage_path: str, timeout: float = PROBE_TIMEOUT_S, wh
     except OSError as exc:
         raise QdeepError(f"cannot write to {what} {storage_path}: {exc.strerror or exc}") from None
     try:
-        seen = nodes_seeing(str(marker), token, [n["NodeID"] for n in nodes], timeout)
+        seen = nodes_seeing(str(marker), token, [n["NodeID"] for n in nodes])
     finally:
         marker.unlink(missing_ok=True)
-    refuse_unless_shared(storage_path, nodes, seen, timeout, what, remedy)
+    refuse_unless_shared(storage_path, nodes, seen, what, remedy)
 
 
 def alive_nodes() -> list[dict]:
@@ -70,41 +64,43 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def on_each_node(fn, node_ids: list[str], *args, timeout: float = PROBE_TIMEOUT_S) -> dict:
+def on_each_node(fn, node_ids: list[str], *args) -> dict:
     """`fn(*args)` as a task pinned to each node (no CPU reserved, no retry): {node id: the task's
-    ref once it has finished, None if it did not finish within `timeout` seconds (then cancelled)}."""
+    ref once it has finished, None if it did not finish within PROBE_TIMEOUT_S (then cancelled)}."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(fn)
     refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
             for node in node_ids}
-    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
     for ref in pending:
         ray.cancel(ref, force=True)
     ready = set(ready)
     return {node: ref if ref in ready else None for node, ref in refs.items()}
 
 
-def nodes_seeing(path: str, content: str, node_ids: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict:
+def nodes_seeing(path: str, content: str, node_ids: list[str]) -> dict:
     """{node id: True if a task on that node reads `content` from `path`, False if it reads
-    something else or nothing, None if it did not answer within `timeout` seconds}."""
+    something else or nothing, None if it did not answer in time}."""
     import ray
 
-    done = on_each_node(_read_text, node_ids, path, timeout=timeout)
+    done = on_each_node(_read_text, node_ids, path)
     return {node: None if ref is None else ray.get(ref) == content for node, ref in done.items()}
 
 
-def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, timeout: float = PROBE_TIMEOUT_S,
-                         what: str = "storage path", remedy: str = STORAGE_REMEDY) -> None:
+def refuse_unless_shared(storage_path: str, nodes: list[dict], seen: dict, what: str = "storage path",
+                         remedy: str = STORAGE_REMEDY) -> None:
     """Raise one line naming the path and every node that could not see the marker."""
     blind = [n for n in nodes if not seen.get(n["NodeID"])]
     if not blind:
         return
-    names = ", ".join(f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:8]}"
-                      f"{'' if seen.get(n['NodeID']) is False else f', no answer in {timeout:g} s'})" for n in blind)
+    names = []
+    for n in blind:
+        late = "" if seen.get(n["NodeID"]) is False else f", no answer in {PROBE_TIMEOUT_S:g} s"
+        names.append(f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:8]}{late})")
     raise QdeepError(f"{what} {storage_path} is not shared by all {len(nodes)} nodes of this Ray cluster: "
-                     f"a file written there on the driver's node is not visible on {names}; {remedy}")
+                     f"a file written there on the driver's node is not visible on {', '.join(names)}; {remedy}")
 
 
 def _read_text(path: str) -> str | None:
@@ -121,13 +117,9 @@ TRACKING_REMEDY = ("rank 0 of a run logs from whichever node it is on: set MLFLO
 def check_shared_tracking(uri: str | None = None) -> None:
     """Refuse at the start a file-based MLflow store (the default SQLite file in the working
     directory) that rank 0 on another node could not open, which would otherwise fail only at the
-    end of the training ("run not found").
-
-    Call it on the driver, inside a Ray session, next to `storage.check_shared_storage`. A store
-    reached over the network passes. A file-based store passes when its directory is shared as a
-    storage path must be (the same probe: every alive node sees it, or the Ray is a plain local
-    one), so a SQLite file on NFS, or any file on a laptop, still works.
-    """
+    end of the training ("run not found"). A store reached over the network passes; a store's
+    directory is probed as `check_shared_storage` probes a storage path, so a SQLite file on NFS,
+    or any file on a laptop, still works. Call it on the driver, inside a Ray session."""
     from qdeep.tracking import store_directory, tracking_uri
 
     uri = tracking_uri(uri)

@@ -1,4 +1,5 @@
-"""Per-image work fanned out over the Ray cluster in chunks, with a progress bar.
+"""Per-image work over the Ray cluster: Ray tasks in chunks with a progress bar (`map_images`), the
+actor pools of Ray Data's model stages (`model_stage`), and image visibility.
 
 Decode failures come back as data, not exceptions, so the caller's bad-input policy decides. A file
 the driver listed but a node cannot find is not bad input: the images are not on storage that node
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.distributed.storage import PROBE_TIMEOUT_S, alive_nodes, on_each_node
 from qdeep.errors import QdeepError
 
 VISIBILITY_SAMPLE = 64  # paths each node checks before a run reads images there
@@ -31,9 +33,10 @@ def node_name() -> str:
     return f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
 
 
-def not_visible(missing: Sequence[str], checked: int, node: str) -> ImagesNotVisible:
+def not_visible(missing: Sequence[str], checked: int) -> ImagesNotVisible:
+    """The error for `missing` paths (of `checked`) on this process's node."""
     return ImagesNotVisible(
-        f"images not visible from node {node}: {len(missing)} of {checked} checked paths do not exist there, "
+        f"images not visible from node {node_name()}: {len(missing)} of {checked} checked paths do not exist there, "
         f"e.g. {missing[0]} (the driver's node lists them); put the images on storage every node mounts at the "
         "same path (NFS), or run where every node sees them")
 
@@ -51,22 +54,19 @@ def require_visible(paths: Sequence[str]) -> None:
     sample = spread([str(p) for p in paths])
     missing = [p for p in sample if not Path(p).exists()]
     if missing:
-        raise not_visible(missing, len(sample), node_name())
+        raise not_visible(missing, len(sample))
 
 
-def check_visible_everywhere(paths: Sequence[str], timeout: float = 60.0) -> None:
+def check_visible_everywhere(paths: Sequence[str]) -> None:
     """On a cluster of more than one alive node, `require_visible` on each of them (a task pinned to
     every node), before any image is decoded. Nodes that join later check on their own: Ray Train
-    workers call `require_visible` as they start."""
+    workers call `require_visible` as they start, Ray Data stages as they read."""
     import ray
-
-    from qdeep.distributed.storage import alive_nodes, on_each_node
 
     nodes = alive_nodes()
     if len(nodes) < 2 or not paths:
         return
-    done = on_each_node(require_visible, [n["NodeID"] for n in nodes], spread([str(p) for p in paths]),
-                        timeout=timeout)
+    done = on_each_node(require_visible, [n["NodeID"] for n in nodes], spread([str(p) for p in paths]))
     for ref in filter(None, done.values()):
         try:
             ray.get(ref)
@@ -74,8 +74,8 @@ def check_visible_everywhere(paths: Sequence[str], timeout: float = 60.0) -> Non
             raise_user_error(exc)
     pending = [node for node, ref in done.items() if ref is None]
     if pending:
-        raise QdeepError(f"{len(pending)} of {len(nodes)} nodes did not answer within {timeout:g} s whether they "
-                         "see the images; is the cluster healthy?")
+        raise QdeepError(f"{len(pending)} of {len(nodes)} nodes did not answer within {PROBE_TIMEOUT_S:g} s whether "
+                         "they see the images; is the cluster healthy?")
 
 
 def user_error(exc: BaseException) -> QdeepError | None:
@@ -93,35 +93,70 @@ def user_error(exc: BaseException) -> QdeepError | None:
             continue
         if isinstance(e, QdeepError):
             return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
-                 *getattr(e, "worker_failures", {}).values()]
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
     return None
 
 
 def raise_user_error(exc: BaseException):
-    """Raise the `QdeepError` inside `exc` on its own (the CLI prints it as one line), else `exc`."""
+    """Raise the `QdeepError` inside `exc` on its own, in one line (the CLI prints it as is), else `exc`."""
     err = user_error(exc)
     if err is None:
         raise exc
+    err.args = (str(err).split("\n", 1)[0],)  # Ray Data appends its retry report to a UDF's error
     raise err from None
 
 
+def model_stage(n_images: int, batch_size: int, use_gpu: bool | None = None, max_gpu_actors: int = 1) -> dict:
+    """`map_batches` arguments for a Ray Data stage that holds a model in each of its actors.
+
+    GPU actors when the cluster has GPUs (use_gpu None), or when asked (an autoscaler adds them): as
+    many as the GPUs up now (at least one), growing as GPUs join to `max_gpu_actors`. Else one actor
+    per CPU, no more than there are batches: a CPU actor runs torch on one thread (Ray sets
+    OMP_NUM_THREADS to its 1 CPU), and one per CPU embeds at 0.71-0.86x a plain all-cores loop on
+    2 cores, against 0.54x for a single actor (scripts/bench_features.py).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    use_gpu = bool(gpus) if use_gpu is None else use_gpu
+    if use_gpu:
+        now = max(1, int(gpus))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(now, max_gpu_actors), initial_size=now)
+    else:
+        batches = -(-n_images // batch_size)
+        pool = ray.data.ActorPoolStrategy(size=max(1, min(int(resources.get("CPU", 1)), batches)))
+    return {"batch_size": batch_size, "compute": pool, "num_gpus": int(use_gpu)}  # not the deprecated concurrency=
+
+
+def raising_udf_errors(ds):
+    """`ds`, its UDFs' exceptions raised as themselves: by default Ray Data wraps them in a
+    UserCodeException that reaches the driver without its cause, so `raise_user_error` would not find
+    the `ImagesNotVisible` of a node that joined after `check_visible_everywhere`."""
+    ds.context.raise_original_map_exception = True
+    return ds
+
+
+def _filled(n: int, blocks: dict[int, np.ndarray]) -> np.ndarray:
+    """(n, dim) float32: each (rows, dim) block from its start row on, NaN rows elsewhere."""
+    dim = max((b.shape[1] for b in blocks.values()), default=0)
+    out = np.full((n, dim), np.nan, dtype=np.float32)
+    for start, block in blocks.items():
+        if block.shape[1]:  # a chunk of failures only has no columns
+            out[start : start + len(block)] = block
+    return out
+
+
 def _featurize_chunk(fn: Callable, paths: Sequence[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    feats, errors = [], []
+    feats, errors = {}, []
     for i, path in enumerate(paths):
         try:
-            feats.append(fn(load_rgb(path)))
+            feats[i] = np.asarray(fn(load_rgb(path)), dtype=np.float32)[None]
         except FileNotFoundError:
-            raise not_visible([path], 1, node_name()) from None
+            raise not_visible([path], 1) from None
         except ImageDecodeError as exc:
             errors.append((i, exc.reason))
-            feats.append(None)
-    dim = next((len(f) for f in feats if f is not None), 0)
-    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    for i, f in enumerate(feats):
-        if f is not None:
-            out[i] = f
-    return out, errors
+    return _filled(len(paths), feats), errors
 
 
 def map_images(
@@ -151,12 +186,7 @@ def map_images(
             chunks[start] = feats
             errors.extend((start + i, reason) for i, reason in errs)
             bar.update(len(feats))
-    dim = max(c.shape[1] for c in chunks.values())
-    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    for start, feats in chunks.items():
-        if feats.shape[1]:
-            out[start : start + len(feats)] = feats
-    return out, sorted(errors)
+    return _filled(len(paths), chunks), sorted(errors)
 
 
 def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:

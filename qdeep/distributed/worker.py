@@ -22,6 +22,7 @@ from qdeep.models import apply_freeze, build_model, set_train_mode
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
 from qdeep.parts.fit import param_groups, stage_of
+from qdeep.parts.validation import Score
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -58,7 +59,8 @@ def train_func(config: dict) -> None:
     batch = worker_batch(config["batch_size"], world)
     train_loader = make_loader(train_set, batch, shuffle=True, plan=plan, **loader_args)
     val_loader = make_loader(val_set, batch, shuffle=False, **loader_args)
-    schedule = lr_factor(config, config["epochs"] * len(train_loader))
+    steps = len(train_loader)
+    schedule = lr_factor(config, config["epochs"] * steps)
     weights = targets.loss_weights(y_train) if config.get("balance") == "weights" else None
     loss_fn = targets.loss(weights).to(device)
 
@@ -72,7 +74,7 @@ def train_func(config: dict) -> None:
         # Same launch: Ray restarted us after a failure. Another launch: the user reran the name.
         restarts = resumed["restarts"] + (1 if resumed["launch_id"] == config["launch_id"] else 0)
 
-    stage_index, model = None, None
+    stage_index = None
     for epoch in range(start_epoch, config["epochs"]):
         if stage_of(stages, epoch) != stage_index:  # a new stage: what trains, and at which rate
             stage_index = stage_of(stages, epoch)
@@ -87,16 +89,17 @@ def train_func(config: dict) -> None:
         started = time.time()
         train_loader.sampler.set_epoch(epoch)
         loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device,
-                                                  lambda i: schedule(epoch * len(train_loader) + i), stage.bn_stats)
+                                                  lambda i: schedule(epoch * steps + i), stage.bn_stats)
         loss_total, correct_total, seen_total, images_per_s = sum_across_workers(
             [loss_sum, correct, seen, seen / (time.time() - started)], device)
         val = validate(model, val_loader, loss_fn, device, y_val, targets, validation)
+        score = val["score"]
         metrics = {
             "epoch": epoch,
             "train_loss": loss_total / max(seen_total, 1),
             **({"train_acc": correct_total / max(seen_total, 1)} if targets.dtype == np.int64 else {}),
             "val_loss": val["loss"],
-            **{f"val_{k}": v for k, v in val["score"].metrics.items()},
+            **{f"val_{k}": v for k, v in score.metrics.items()},
             "lr": optimizer.param_groups[0]["lr"],
             "base_lr": stage.lr,
             "stage": stage_index,
@@ -107,30 +110,28 @@ def train_func(config: dict) -> None:
             "workers": world,
             "nodes": n_nodes,
             **{f"{validation.per_label_metric}_{label}": float(v)
-               for label, v in zip(targets.vocabulary, val["score"].per_label)},
+               for label, v in zip(targets.vocabulary, score.per_label)},
         }
         for callback in hooks:
             callback.on_epoch_end(rank, epoch, bare, metrics)
         history.append(metrics)
-        thresholds = val["score"].thresholds
-        state = {
-            "model": bare.state_dict(),
-            "optimizer": optimizer_state(optimizer, bare),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "stage": stage_index,
-            "history": history,
-            "restarts": restarts,
-            "launch_id": config["launch_id"],
-            "labels": list(targets.vocabulary),
-            "thresholds": None if thresholds is None else thresholds.tolist(),
-            "per_label": val["score"].per_label.tolist(),
-        }
         _log_mlflow(config, rank, metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                torch.save({
+                    "model": bare.state_dict(),
+                    "optimizer": optimizer_state(optimizer, bare),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "stage": stage_index,
+                    "history": history,
+                    "restarts": restarts,
+                    "launch_id": config["launch_id"],
+                    "labels": list(targets.vocabulary),
+                    "thresholds": None if score.thresholds is None else score.thresholds.tolist(),
+                    "per_label": score.per_label.tolist(),
+                }, Path(d) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -149,8 +150,6 @@ def _start_stage(bare, stage, config: dict, device):
     apply_freeze(bare, stage.freeze)
     model = ray.train.torch.prepare_model(bare)
     optimizer = make_optimizer(config, param_groups(bare, stage.lr, config.get("discriminative_lr", 1.0)))
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     return model, optimizer, scaler
 
@@ -158,9 +157,9 @@ def _start_stage(bare, stage, config: dict, device):
 def train_one_epoch(model, loader, optimizer, scaler, loss_fn, device, lr_at=None,
                     bn_stats: str | None = None) -> tuple[float, int, int]:
     """One pass over this worker's shard: (summed loss, correct class predictions, images). AMP on
-    CUDA. `lr_at(i)` is the learning-rate factor for the epoch's i-th step (of the whole run's schedule)."""
+    CUDA. `lr_at(i)` is the learning-rate factor for the epoch's i-th step (of the whole run's schedule),
+    applied to each group's `base_lr`."""
     set_train_mode(model, bn_stats)
-    use_amp = device.type == "cuda"
     loss_sum, correct, seen = 0.0, 0, 0
     for i, (_, x, y) in enumerate(loader):
         if lr_at is not None:
@@ -168,7 +167,7 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, device, lr_at=Non
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -208,9 +207,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model, by_name: dict[
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9); each group's `base_lr` is its starting lr, which `train_one_epoch`'s
+    schedule multiplies."""
     if config["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"])
-    return torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+        optimizer = torch.optim.SGD(params, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
 
 
 def lr_factor(config: dict, total_steps: int):
@@ -239,14 +244,11 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
     """Scores the whole validation set on rank 0 alone: every worker's shard is gathered there,
     into one float32 (n_val x k) array, and scored once; the other ranks receive only the loss and
     the score's metrics, per-label values and thresholds (a few numbers per label), never the rows."""
-    from qdeep.parts.validation import Score
-
     model.eval()
-    use_amp = device.type == "cuda"
     indices, probas, loss_sum = [], [], 0.0
     for idx, x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(x)
         loss_sum += loss_fn(logits.float(), y).item() * len(x)
         indices.append(idx.numpy())
@@ -260,16 +262,13 @@ def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validat
         proba = np.zeros((len(y_val), len(targets)), dtype=np.float32)
         for idx, p, _ in shards:  # the sampler pads with repeats; rows land on their own index
             proba[idx] = p
-        n_seen = sum(len(idx) for idx, _, _ in shards)
-        loss = sum(s[2] for s in shards) / max(n_seen, 1)
+        loss = sum(s[2] for s in shards) / max(sum(len(idx) for idx, _, _ in shards), 1)
         del shards
         score = validation.score(y_val, proba)
         del proba
         summary = (loss, score.metrics, score.per_label, score.thresholds)
-    loss, metrics, per_label, thresholds = broadcast_from_rank0(summary)
-    if summary is None:
-        score = Score(metrics, per_label, thresholds)
-    return {"score": score, "loss": loss}
+    loss, *score = broadcast_from_rank0(summary)
+    return {"score": Score(*score), "loss": loss}
 
 
 def _log_mlflow(config: dict, rank: int, metrics: dict) -> None:

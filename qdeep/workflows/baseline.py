@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from qdeep import io, tracking
-from qdeep.baseline import HistogramForest, color_histogram
+from qdeep.baseline import N_BINS, HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.tasks import image_features
@@ -47,9 +48,9 @@ def run_baseline(
 
     targets = MultiLabelTargets.from_tags(train.tags)
     y = targets.encode(train.tags)
-    make_forest = lambda: HistogramForest(n_estimators=trees, random_state=seed)  # noqa: E731
+    make_forest = partial(HistogramForest, n_estimators=trees, random_state=seed)
     params = {"model": "histogram_rf", "source": dataset.source, "folds": folds, "seed": seed, "trees": trees,
-              "n_bins": 26, "on_bad_image": on_bad_image}
+              "n_bins": N_BINS, "on_bad_image": on_bad_image}
     with tracking.mlflow_run("baseline", params, uri=tracking_uri) as run:
         with tqdm(total=folds + 1, desc="forests (folds + final)", unit="fit") as bar:
             result = KFoldValidation(folds, seed).run(make_forest, x, y, progress=bar)

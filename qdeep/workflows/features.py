@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS
 from qdeep.distributed.features import embed_images
@@ -13,8 +14,8 @@ from qdeep.errors import QdeepError
 
 
 def extract_features(images: str | Path, arch: str, weights: str, out: str | Path, batch_size: int = 64,
-                     image_size: int | None = None, rows_per_shard: int = 50_000, on_bad_image: str = "error",
-                     address: str | None = None):
+                     image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+                     on_bad_image: str = "error", address: str | None = None):
     """Build the store at `out` from every image under `images` (ids relative to `images`)."""
     root = Path(images).resolve()
     policy = BadInputPolicy(on_bad_image)

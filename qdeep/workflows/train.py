@@ -16,7 +16,6 @@ from qdeep.distributed.predict import CNN_KIND
 from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
-from qdeep.models import parse_freeze
 from qdeep.options import worker_range
 from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_bar_chart
@@ -44,7 +43,6 @@ def run_train(
     out = Path(out).resolve()
     load_plugins(plugins)
     config = settle(config, data, labels, images)
-    parse_freeze(config.freeze)
     name = name or "train"
     storage_path = storage_path or str(out / "ray_results")
     lo, hi = worker_range(workers)
@@ -62,11 +60,12 @@ def run_train(
                   "max_failures": driver.default_max_failures(workers, max_failures), **prepared.sizes}
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:
             lc = loop_config(config, prepared, tracking.tracking_uri(tracking_uri), run.info.run_id, plugins)
-            outcome = driver.fit(lc, workers, name, storage_path, max_failures=max_failures, use_gpu=use_gpu)
+            outcome = driver.fit(lc, workers, name, storage_path, max_failures, use_gpu)
             refit = None
-            if config.refit:
-                refit = refit_all_rows(config, prepared, outcome, workers, name, storage_path, max_failures,
-                                       use_gpu, plugins)
+            if config.refit:  # as Kaggle teams did: every row, for the epochs the validation split chose
+                refit_config = replace(config, epochs=int(outcome.best["epoch"]) + 1, refit=False)
+                lc = loop_config(refit_config, prepared, None, None, plugins, train_on_all=True)
+                refit = driver.fit(lc, workers, f"{name}-refit", storage_path, max_failures, use_gpu).latest
             metrics = export(out, outcome, prepared, config, started, run.info.run_id, refit)
             m = metrics["per_label_metric"]
             tracking.log_metrics({f"best_{prepared.score_metric}": metrics[prepared.score_metric],
@@ -76,25 +75,14 @@ def run_train(
     return metrics
 
 
-def refit_all_rows(config: TrainConfig, data: TrainingData, outcome: driver.TrainOutcome, workers, name: str,
-                   storage_path: str, max_failures: int | None, use_gpu: bool | None, plugins) -> dict:
-    """`--refit`, as Kaggle teams did: the same training on every row (validation rows included)
-    for the number of epochs the validation split chose; returns the last epoch's state."""
-    epochs = int(outcome.best["epoch"]) + 1
-    refit_config = replace(config, epochs=epochs, refit=False)
-    lc = loop_config(refit_config, data, None, None, plugins, train_on_all=True)
-    return driver.fit(lc, workers, f"{name}-refit", storage_path, max_failures=max_failures, use_gpu=use_gpu).latest
-
-
 def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: TrainConfig, started: float,
            run_id: str, refit: dict | None = None) -> dict:
     """OUT/model/ (the best epoch, for `qdeep predict`; with a refit, the refit network and the
     validation run's thresholds) and OUT/metrics.json (scores always from the validation run)."""
     best, latest = outcome.best, outcome.latest
     vocab = data.targets.vocabulary
-    validation = VALIDATIONS.get(data.validation)
-    best_epoch = best["history"][-1]
-    scores = {k: round(float(v), 6) for k, v in best_epoch.items() if k.startswith("val_") and k != "val_loss"}
+    m = VALIDATIONS.get(data.validation).per_label_metric  # what each label's score is: f2, f1
+    scores = {k: round(float(v), 6) for k, v in best["history"][-1].items() if k.startswith("val_") and k != "val_loss"}
     per_label = dict(zip(vocab, np.round(best["per_label"], 6).tolist()))
     thresholds = None if best["thresholds"] is None else dict(zip(vocab, np.round(best["thresholds"], 4).tolist()))
     with io.outputs(out):  # metrics.json last: until then the outputs are marked unfinished
@@ -113,8 +101,8 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
             "score_metric": data.score_metric,
             "best_epoch": int(best["epoch"]),
             "task": data.targets.kind,
-            "per_label_metric": validation.per_label_metric,
-            f"per_label_{validation.per_label_metric}": per_label,
+            "per_label_metric": m,
+            f"per_label_{m}": per_label,
             **({"thresholds": thresholds} if thresholds is not None else {}),
             "history": history,
             "epochs_completed": len(history),
@@ -127,8 +115,7 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
             "mlflow_run_id": run_id,
             "seconds": round(time.time() - started, 2),
         }
-        score = metrics[data.score_metric]
-        per_label_bar_chart(per_label, out / f"per_label_{validation.per_label_metric}.png",
-                            f"{config.arch}, {data.score_metric} = {score:.3f}", xlabel=validation.per_label_metric.upper())
+        per_label_bar_chart(per_label, out / f"per_label_{m}.png",
+                            f"{config.arch}, {data.score_metric} = {metrics[data.score_metric]:.3f}", xlabel=m.upper())
         io.write_json(out / "metrics.json", metrics)
     return metrics
