@@ -96,7 +96,7 @@ def training_data(data=None, labels=None, images=None) -> None:
 
 def weights_file(weights: str | None, option: str = "--weights") -> None:
     """A weights PATH must be a non-empty file; the named weights (none, imagenet, bundled) pass."""
-    if weights and weights not in NAMED_WEIGHTS:
+    if weights and weights.strip().lower() not in NAMED_WEIGHTS:  # as models.build_model reads them
         input_file(weights, option)
 
 

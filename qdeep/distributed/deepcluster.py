@@ -215,8 +215,6 @@ def deepcluster_func(config: dict) -> None:
         optimizer = make_optimizer(config, [p for p in bare.parameters() if p.requires_grad])
         if body_state is not None:
             load_optimizer_state(optimizer, bare, body_state, skip=spec.head_path)
-        for group in optimizer.param_groups:
-            group["base_lr"] = group["lr"]
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
         weights = targets.loss_weights(labels[train_rows]) if config["balance"] == "weights" else None
         loss_fn = targets.loss(weights).to(device)

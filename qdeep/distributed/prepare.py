@@ -75,7 +75,7 @@ def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error
 
 def resolve_weight_path(weights: str) -> str:
     """A weights PATH made absolute here, on the driver; the named weights as they are."""
-    return weights if weights in NAMED_WEIGHTS else str(Path(weights).resolve())
+    return weights if weights.strip().lower() in NAMED_WEIGHTS else str(Path(weights).resolve())
 
 
 def check_model(config: TrainConfig, num_labels: int) -> None:
