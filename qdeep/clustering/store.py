@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qdeep.config import FeaturesConfig
 from qdeep.errors import QdeepError
 from qdeep.io import atomic_dir, write_json
 
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPE = "float32"
 MODEL_KEYS = ("arch", "weights", "weights_sha256")
-DEFAULT_ROWS_PER_SHARD = 50_000
+DEFAULT_ROWS_PER_SHARD = FeaturesConfig.rows_per_shard  # 50,000 descriptors
 RESERVED = ("image", "features")  # every shard's first columns; the rest are labels
 
 

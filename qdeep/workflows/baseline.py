@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qdeep import io, tracking
+from qdeep.config import BaselineConfig
 from qdeep.baseline import N_BINS, HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.distributed.session import LOG_FILE, ray_session
@@ -26,9 +27,9 @@ def run_baseline(
     data: str | Path | None = None,
     labels: str | Path | None = None,
     images: str | Path | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    trees: int = 200,
+    folds: int = BaselineConfig.folds,
+    seed: int = BaselineConfig.seed,
+    trees: int = BaselineConfig.trees,
     on_bad_image: str = "error",
     tracking_uri: str | None = None,
     address: str | None = None,

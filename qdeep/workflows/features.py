@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD
+from qdeep.config import FeaturesConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS
 from qdeep.distributed.features import embed_images
@@ -13,8 +13,9 @@ from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
 
 
-def extract_features(images: str | Path, arch: str, weights: str, out: str | Path, batch_size: int = 64,
-                     image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+def extract_features(images: str | Path, arch: str, weights: str, out: str | Path,
+                     batch_size: int = FeaturesConfig.batch_size, image_size: int | None = None,
+                     rows_per_shard: int = FeaturesConfig.rows_per_shard,
                      on_bad_image: str = "error", address: str | None = None):
     """Build the store at `out` from every image under `images` (ids relative to `images`)."""
     root = Path(images).resolve()

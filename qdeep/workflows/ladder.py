@@ -18,7 +18,7 @@ import numpy as np
 
 from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, color_histogram
-from qdeep.config import TrainConfig
+from qdeep.config import LadderConfig, TrainConfig
 from qdeep.data import ImageSet
 from qdeep.distributed.prepare import TrainingData, prepare_data, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
@@ -46,8 +46,9 @@ def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
 
 
 def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, images=None,
-               arch: str = "efficientnet_lite0", scratch_arch: str = "alexnet", weights: str | None = None,
-               workers: int = 2, trees: int = 200, on_bad_image: str = "error", tracking_uri: str | None = None,
+               arch: str = LadderConfig.arch, scratch_arch: str = LadderConfig.scratch_arch, weights: str | None = None,
+               workers: int = LadderConfig.workers, trees: int = LadderConfig.trees, on_bad_image: str = "error",
+               tracking_uri: str | None = None,
                address: str | None = None, plugins: list[str] | None = None) -> dict[str, dict]:
     """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png."""
     load_plugins(plugins)
