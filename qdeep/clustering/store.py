@@ -1,18 +1,11 @@
-"""The feature store: one descriptor per image, kept on disk between DeepCluster's stages.
-
-A store is a directory of Parquet shards and a manifest written last:
-
-    part-00000.parquet ...  image (string, relative to the image root),
-                            features (fixed_size_list<float32>[dim]), optional label columns
-    manifest.json           format_version, model {arch, weights, weights_sha256}, dim, dtype,
-                            columns, shards [{file, rows, bytes, sha256}], total_rows, created, extra
-
-Writers fill a hidden sibling directory renamed to the store's path once the manifest is in it,
-so a crash never leaves a half store that looks complete. Readers check each shard's row count
-and sha256 as they read it, so a truncated or rewritten shard is reported by name, not read.
-
-Parquet options (scripts/bench_store.py): features uncompressed (descriptors compress by ~2 %),
-image and labels zstd; one row group per shard. Ray Data's side is in qdeep.distributed.features.
+"""The feature store: one descriptor per image, kept on disk between DeepCluster's stages. A store
+is a directory of Parquet shards (`part-00000.parquet` ...: image, a path relative to the image
+root; features, fixed_size_list<float32>[dim], uncompressed; optional label columns, zstd) and
+`manifest.json` (format_version, model {arch, weights, weights_sha256}, dim, dtype, columns,
+shards [{file, rows, bytes, sha256}], total_rows, created, extra), written last: writers fill a
+hidden sibling renamed into place once the manifest is in it, so a crash never leaves a half store
+that looks complete, and readers check each shard's rows and sha256 as they read it, so a truncated
+or rewritten shard is named, never read. Ray Data's side is in qdeep.distributed.features.
 """
 
 from __future__ import annotations
@@ -22,10 +15,9 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -175,8 +167,7 @@ def finish_store(directory: str | os.PathLike, shards: list[dict], model: dict, 
 
 def write_rank_shards(directory: str | os.PathLike, images: Sequence[str], features: np.ndarray, rank: int,
                       rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> list[dict]:
-    """One writer's rows (e.g. a Ray Train worker's share) as shard files in `directory`, for
-    `finish_store`; returns their listing, in row order."""
+    """One writer's rows (a Ray Train worker's share) as shard files for `finish_store`: their listing."""
     _check_count("rows_per_shard", rows_per_shard)
     dim, step = np.shape(features)[1], rows_per_shard
     return [write_shard(Path(directory) / f".rank-{rank:05d}-{j:05d}.parquet",
@@ -247,8 +238,7 @@ class StoreWriter:
         return self._staging.__exit__(exc_type, exc, tb)  # renames the store into place, or removes tmp
 
 
-@dataclass(frozen=True)
-class Shard:
+class Shard(NamedTuple):
     file: str
     rows: int
     sha256: str
@@ -365,12 +355,9 @@ class FeatureStore:
         return images, feats, values
 
     def iter_shards(self, columns: Sequence[str] | None = None) -> Iterator[tuple]:
-        """(images, features) per shard, features a fresh (rows, dim) float32 array.
-
-        With `columns` (label names), yields (images, features, {name: values}) instead. Memory is
-        one shard plus ~1 MB while decoding, plus whatever the caller still holds of the previous
-        shard (a `for` loop's variables hold it until the next shard is ready).
-        """
+        """(images, features) per shard, features a fresh (rows, dim) float32 array; with `columns`
+        (label names), (images, features, {name: values}). Memory: one shard plus ~1 MB while
+        decoding, plus what the caller still holds of the previous shard (a `for` loop's variables)."""
         unknown = [c for c in columns or [] if c not in self.columns]
         if unknown:
             raise QdeepError(f"feature store {self.path} has no column {', '.join(map(repr, unknown))} "
