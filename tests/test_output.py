@@ -35,7 +35,8 @@ def test_train_prints_its_own_lines_and_logs_rays_output(tmp_path):
     for noise in ("qdeep-test: a line from rank", "RayTrainWorker", "TrainController", "Token authentication",
                   "MLflow database"):
         assert noise not in terminal
-    assert "checking images" in r.stderr  # qdeep's own progress bar stays
+    bars = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert bars and all(line.startswith("checking images") for line in bars), r.stderr[-3000:]  # qdeep's own
     log = (tmp_path / "out" / "ray.log").read_text()
     assert "qdeep-test: a line from rank 0, epoch 0" in log and "qdeep-test: a line from rank 1, epoch 0" in log
     assert "TrainController" in log and "autoscaler" not in log
@@ -49,12 +50,13 @@ def test_verbose_leaves_rays_output_on_the_terminal(tmp_path):
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert quiet.stdout.splitlines() == ["wrote 12 descriptors of dim 512 in 1 shard(s) to store",
                                          "Ray's output: store.ray.log"]
-    log = (tmp_path / "store.ray.log").read_text()
-    for line in ("Token authentication", "Starting execution of Dataset", "core_worker"):  # Python, Ray Data, C++
-        assert line not in quiet.stderr and line in log
-    assert "checking images" in quiet.stderr  # qdeep's own progress bar stays
+    # On the terminal only qdeep's own progress bar (tqdm redraws its line with \r): Ray's loggers (Ray Data
+    # logs every execution), its C++ core worker and its services write to the log whatever they say.
+    bars = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert bars and all(line.startswith("checking images") for line in bars), quiet.stderr[-3000:]
+    assert "Starting execution of Dataset" in (tmp_path / "store.ray.log").read_text()
     loud = _run("--verbose", "features", "--images", images, "--arch", "resnet18", "--weights", "none",
                 "--image-size", "32", "--out", "store2", cwd=tmp_path)
     assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "Token authentication" in loud.stderr and not (tmp_path / "store2.ray.log").exists()
+    assert "Starting execution of Dataset" in loud.stderr and not (tmp_path / "store2.ray.log").exists()
     assert "Ray's output" not in loud.stdout
