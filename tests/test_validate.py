@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_validation_gather import Rows  # ImageDataset's item contract on fixed tensors
 
 from qdeep.data.loader import ShardSampler, make_loader
 from qdeep.distributed.worker import validate
@@ -22,18 +23,6 @@ N, D = 23, 6
 LABELS, CLASSES = ["a", "b", "c", "d"], ["x", "y", "z"]
 
 
-class Rows(torch.utils.data.Dataset):
-    """ImageDataset's item contract, (index, x, y) by (epoch, index) key, on fixed tensors."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, key):
-        _, i = key
-        return i, self.x[i], torch.as_tensor(self.y[i])
 
 
 class Recording:
