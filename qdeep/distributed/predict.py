@@ -41,13 +41,14 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def load_exported(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
-    """The exported model (OUT/model), rebuilt from its config.json's arch and loaded with
-    weights_only=True; a missing, corrupt, refused or mismatched model.pt is one QdeepError line naming it."""
+def load_exported(model_dir: Path, device: str = "cpu", config: dict | None = None) -> torch.nn.Module:
+    """The exported model (OUT/model), rebuilt from its config.json's arch (`config`, when the caller
+    has read it already) and loaded with weights_only=True; a missing, corrupt, refused or
+    mismatched model.pt is one QdeepError line naming it."""
     from qdeep.models import build_model
     from qdeep.models.weights import load_strict, read_state_dict
 
-    config = read_config(model_dir)
+    config = config or read_config(model_dir)
     path = model_dir / "model.pt"
     if not path.is_file():
         raise QdeepError(f"{model_dir}: no model.pt (not a complete `qdeep train` model directory)")
@@ -66,7 +67,7 @@ class CNNInference:
     def __init__(self, model_dir: str, tta: bool = False):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         config = read_config(Path(model_dir))
-        self.model = load_exported(Path(model_dir), self.device)
+        self.model = load_exported(Path(model_dir), self.device, config)
         spec = self.model.qdeep_arch
         self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
         self.tta, self.num_labels = tta, config["num_labels"]
@@ -104,8 +105,9 @@ class CNNPredictor:
 
     def __init__(self, model_dir: Path, tta: bool = False, batch_size: int = 64):
         self.model_dir, self.tta, self.batch_size = model_dir, tta, batch_size
-        load_exported(model_dir)
-        self.num_labels = read_config(model_dir)["num_labels"]
+        config = read_config(model_dir)
+        load_exported(model_dir, config=config)
+        self.num_labels = config["num_labels"]
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
         import ray
