@@ -30,9 +30,9 @@ from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
 from qdeep.distributed.comm import barrier, broadcast_from_rank0, gather_to_rank0, sum_across_workers
 from qdeep.distributed.tasks import require_visible
-from qdeep.distributed.worker import (load_optimizer_state, lr_factor, make_optimizer, optimizer_state, train_one_epoch,
+from qdeep.distributed.worker import (load_optimizer_state, lr_factor, optimizer_state, start_stage, train_one_epoch,
                                       validate, worker_batch)
-from qdeep.models import apply_freeze, build_model, embed, reset_head, weights_sha256
+from qdeep.models import build_model, embed, reset_head, weights_sha256
 from qdeep.parts import TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
 from qdeep.parts.fit import kept_bn_stats
@@ -210,12 +210,9 @@ def deepcluster_func(config: dict) -> None:
 
         # a fresh head with fresh optimizer state; the body keeps its own
         reset_head(bare)
-        apply_freeze(bare, config["freeze"])
-        model = ray.train.torch.prepare_model(bare)
-        optimizer = make_optimizer(config, [p for p in bare.parameters() if p.requires_grad])
+        model, optimizer, scaler = start_stage(bare, config["freeze"], config["lr"], config, device)
         if body_state is not None:
             load_optimizer_state(optimizer, bare, body_state, skip=spec.head_path)
-        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
         weights = targets.loss_weights(labels[train_rows]) if config["balance"] == "weights" else None
         loss_fn = targets.loss(weights).to(device)
         warmup = FIRST_WARMUP_STEPS if t == 1 else 0

@@ -79,7 +79,7 @@ def train_func(config: dict) -> None:
         if stage_of(stages, epoch) != stage_index:  # a new stage: what trains, and at which rate
             stage_index = stage_of(stages, epoch)
             stage = stages[stage_index]
-            model, optimizer, scaler = _start_stage(bare, stage, config, device)
+            model, optimizer, scaler = start_stage(bare, stage.freeze, stage.lr, config, device)
             if resumed and resumed.get("stage") == stage_index and epoch == start_epoch:
                 load_optimizer_state(optimizer, bare, resumed["optimizer"])
                 if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
@@ -142,14 +142,15 @@ def worker_batch(global_batch: int, world: int) -> int:
     return max(1, global_batch // world)
 
 
-def _start_stage(bare, stage, config: dict, device):
-    """Freeze to the stage's depth, (re)wrap for DDP (which only syncs what trains when it is
-    built), and a fresh optimizer over what trains, at the stage's rates."""
+def start_stage(bare, freeze: str, lr: float, config: dict, device):
+    """Freeze to `freeze`, (re)wrap for DDP (which only syncs what trains when it is built), and a
+    fresh optimizer over what trains, at `lr` (less down the blocks with `discriminative_lr`), with
+    its AMP scaler: a fit strategy's stage, or a DeepCluster iteration's new head."""
     import ray.train.torch
 
-    apply_freeze(bare, stage.freeze)
+    apply_freeze(bare, freeze)
     model = ray.train.torch.prepare_model(bare)
-    optimizer = make_optimizer(config, param_groups(bare, stage.lr, config.get("discriminative_lr", 1.0)))
+    optimizer = make_optimizer(config, param_groups(bare, lr, config.get("discriminative_lr", 1.0)))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     return model, optimizer, scaler
 
