@@ -129,8 +129,13 @@ def mlflow_run(run_name: str, params: dict | None = None, uri: str | None = None
 
 
 @contextmanager
-def resume_run(run_id: str, uri: str | None = None) -> Iterator[object]:
-    """Reopen a run (a sweep's parent, on resume) so its children stay under it."""
+def parent_run(run_id: str | None, run_name: str, params: dict, uri: str | None = None) -> Iterator[object]:
+    """A run whose children (a sweep's trials, DeepCluster's iterations) stay under it across
+    reruns: `run_id`, which the first launch recorded, reopened; without one, a new run."""
+    if run_id is None:
+        with mlflow_run(run_name, params, uri=uri) as run:
+            yield run
+        return
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))

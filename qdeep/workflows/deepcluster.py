@@ -78,12 +78,10 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                                  "--out").get("mlflow_run_id")
         history = finished_iterations(out)
         uri = tracking.tracking_uri(tracking_uri)
-        runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
-            "deepcluster", {**config.as_dict(), "nb_clusters": config.k, "images": str(coll.root),
-                            "data_dir": str(coll.root), "out": str(out), "models_dir": str(out / "iterations"),
-                            "workers": workers, "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()),
-                            "labels": str(labels or data or "")}, uri=tracking_uri)
-        with runner as run:
+        params = {**config.as_dict(), "nb_clusters": config.k, "images": str(coll.root), "data_dir": str(coll.root),
+                  "out": str(out), "models_dir": str(out / "iterations"), "workers": workers,
+                  "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()), "labels": str(labels or data or "")}
+        with tracking.parent_run(parent_id, "deepcluster", params, uri) as run:
             io.record_run(out / STATE_FILE, settings, mlflow_run_id=run.info.run_id)
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")

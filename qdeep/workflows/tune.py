@@ -52,11 +52,10 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
         record = f"{experiment}/{SWEEP_FILE}"  # local, NFS or s3://, like the trials
         refusal = f"sweep {name!r} in {storage_path} was started with different settings"
         parent_id = io.claim_run(record, settings, refusal, "--name").get("mlflow_run_id")
-        runner = tracking.resume_run(parent_id, uri) if parent_id else tracking.mlflow_run(
-            f"tune-{name}", {"space": json.dumps(sweep.space), **sweep.base.as_dict(), "name": name,
-                             "num_samples": sweep.num_samples, "scheduler": sweep.scheduler,
-                             "workers_per_trial": sweep.workers_per_trial, **prepared.sizes}, uri=tracking_uri)
-        with runner as parent:
+        params = {"space": json.dumps(sweep.space), **sweep.base.as_dict(), "name": name,
+                  "num_samples": sweep.num_samples, "scheduler": sweep.scheduler,
+                  "workers_per_trial": sweep.workers_per_trial, **prepared.sizes}
+        with tracking.parent_run(parent_id, f"tune-{name}", params, uri) as parent:
             io.record_run(record, settings, mlflow_run_id=parent.info.run_id)
             trial_settings = {"base": sweep.base.as_dict(), "name": name, "storage_path": storage_path,
                               "mlflow_uri": uri, "parent_run_id": parent.info.run_id, "plugins": list(plugins or []),
