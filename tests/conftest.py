@@ -27,23 +27,27 @@ import pytest
 
 from qdeep.data.synth import write_synthetic_planet
 from qdeep.distributed.session import start_local_ray
+from s3server import S3Server
 
 TIERS = ("unit", "ray", "multinode", "gpu")
 UNIT_TIER_SITE = Path(__file__).with_name("unit_tier")  # its sitecustomize.py guards a unit test's subprocesses
 PLUGINS = Path(__file__).with_name("plugins")  # plugin modules only the tests load (`qdeep --plugin qdeep_test_hooks`)
 FAULTS = Path(tempfile.mkdtemp(prefix="qdeep-test-faults-")) / "faults.json"  # what `crash_once` arms
+S3 = S3Server()  # moto's S3 server on 127.0.0.1, started by the first test that asks for a bucket
 
 
 def pytest_configure(config):
     """Before any Ray starts, so that every Ray worker inherits both: the tests' plugin modules
     importable (here and in the workers), and where tests/plugins/qdeep_test_hooks.py reads the
-    fault to inject (QDEEP_TEST_FAULTS)."""
+    fault to inject (QDEEP_TEST_FAULTS), and the AWS variables that point at the tests' S3 server."""
     sys.path.insert(0, str(PLUGINS))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
     os.environ["QDEEP_TEST_FAULTS"] = str(FAULTS)
+    S3.configure()
 
 
 def pytest_unconfigure(config):
+    S3.stop()
     shutil.rmtree(FAULTS.parent, ignore_errors=True)
 
 
@@ -218,6 +222,12 @@ def crash_once():
 
     yield arm
     FAULTS.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def s3_bucket():
+    """`s3://BUCKET`: a fresh bucket on the tests' real S3-protocol server (tests/s3server.py)."""
+    return S3.new_bucket()
 
 
 @pytest.fixture

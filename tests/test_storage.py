@@ -102,10 +102,11 @@ def test_the_refusal_names_the_path_and_the_blind_nodes(ray_cluster):
         storage.refuse_unless_shared("/data/runs", nodes, {node: None})
 
 
-def test_run_records_go_through_pyarrow_for_uris(tmp_path):
-    from qdeep.io import claim_run, record_run
+def test_run_records_go_through_pyarrow_for_uris(tmp_path, s3_bucket):
+    from qdeep.io import claim_run, read_json, record_run
 
-    for record in (str(tmp_path / "a" / "sweep.json"), f"file://{tmp_path / 'b' / 'sweep.json'}"):
+    for record in (str(tmp_path / "a" / "sweep.json"), f"file://{tmp_path / 'b' / 'sweep.json'}",
+                   f"{s3_bucket}/runs/sweep.json"):
         assert claim_run(record, {"lr": 0.1}, "sweep 's'", "--name") == {}
         record_run(record, {"lr": 0.1}, mlflow_run_id="run-1")
         assert claim_run(record, {"lr": 0.1}, "sweep 's'", "--name")["mlflow_run_id"] == "run-1"
@@ -114,6 +115,7 @@ def test_run_records_go_through_pyarrow_for_uris(tmp_path):
             claim_run(record, {"lr": 0.2}, "sweep 's'", "--name")
     assert json.loads((tmp_path / "b" / "sweep.json").read_text()) == {"settings": {"lr": 0.1},
                                                                        "mlflow_run_id": "run-1"}
+    assert read_json(f"{s3_bucket}/runs/sweep.json") == {"settings": {"lr": 0.1}, "mlflow_run_id": "run-1"}
 
 
 @pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),
