@@ -50,6 +50,19 @@ def cmd_synth(args) -> None:
     print(f"wrote {summary['n_train']} training and {summary['n_test']} test images to {args.out}")
 
 
+def cmd_pack(args) -> None:
+    from qdeep.data.pack import describe
+    from qdeep.workflows.pack import run_pack
+
+    paths.training_data(args.data, args.labels, args.images)
+    _check_outputs(args)
+    manifest = run_pack(args.out, data=args.data, labels=args.labels, images=args.images, shard_mb=args.shard_mb,
+                        on_bad_image=args.on_bad_image, address=args.address)
+    print(f"packed {describe(manifest)} into {args.out}")
+    if manifest["skipped"]:
+        print(f"skipped inputs are listed in {args.out.rstrip('/')}/pack.json")
+
+
 def cmd_baseline(args) -> None:
     from qdeep.report import summary_table
     from qdeep.tracking import tracking_uri
@@ -191,6 +204,6 @@ def ray_log(args) -> Path | None:
     """Where the command put Ray's output (`distributed.session`): in OUT, or beside a file or store."""
     from qdeep.distributed.session import LOG_FILE, log_beside
 
-    if args.command in ("features", "predict"):
+    if args.command in ("features", "predict", "pack"):
         return log_beside(args.out)
     return None if args.command in ("synth", "compare") else Path(args.out) / LOG_FILE

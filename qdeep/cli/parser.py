@@ -9,8 +9,9 @@ from qdeep.cli import commands
 from qdeep.config import (DEEPCLUSTER_HELP, DEEPCLUSTER_TRAIN_OPTIONS, FEATURES_OPTIONS, LADDER_OPTIONS, SWEEP_OPTIONS,
                           TRAIN_OPTIONS, BaselineConfig, DeepClusterConfig, FeaturesConfig, LadderConfig, Sweep,
                           TrainConfig)
+from qdeep.data.pack import DEFAULT_SHARD_MB
 from qdeep.options import (Parser, add_fields, csv_list, encoding_name, freeze_spec, int_range,
-                           learning_rate, non_negative_int, positive_int, run_name, seed_int, workers_spec)
+                           learning_rate, non_negative_int, positive_float, positive_int, run_name, seed_int, workers_spec)
 
 # ---- options shared by several commands --------------------------------------------------------
 
@@ -74,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiclass", action="store_true",
                    help="instead: one scene class per image, a folder per class (--n images per class)")
     p.set_defaults(func=commands.cmd_synth)
+
+    p = sub.add_parser("pack", help="pack a data set into Parquet shards of image bytes, locally or in a bucket",
+                       description="Every image of --data (Planet layout), --labels with --images, or --images (a "
+                                   "folder per class), its bytes unchanged, with its name, labels and split, into "
+                                   "Parquet shards of about --shard-mb and a manifest written last, at a local path "
+                                   "or a URI (s3://bucket/prefix: credentials and endpoint from the standard AWS "
+                                   "variables). Every command's --data then takes the pack.")
+    _data_args(p)
+    p.add_argument("--out", required=True, metavar="URI", help="a folder or a bucket prefix (s3://, gs://, ...)")
+    p.add_argument("--shard-mb", type=positive_float, default=DEFAULT_SHARD_MB,
+                   help=f"about how many MB of images each shard holds (default {DEFAULT_SHARD_MB})")
+    _run_args(p, tracking=False)
+    p.set_defaults(func=commands.cmd_pack)
 
     p = sub.add_parser("baseline", help="colour-histogram Random Forest with K-fold F2 and thresholds",
                        description="26-bin RGB histograms on Ray, one Random Forest per label, "

@@ -10,6 +10,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
+from qdeep.io import is_uri
+
 LOG_FILE = "ray.log"  # in OUT: Ray's driver, controller and worker output, unless --verbose
 _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("qdeep_verbose", default=False)
 
@@ -25,8 +27,11 @@ def verbose(on: bool) -> Iterator[None]:
 
 
 def log_beside(path) -> Path:
-    """Where Ray's output goes for a command whose output is a file or a store, not a folder."""
-    return Path(f"{path}.{LOG_FILE}")
+    """Where Ray's output goes for a command whose output is a file or a store, not a folder: beside
+    it, or for a URI (s3://bucket/store) in the working directory (store.ray.log)."""
+    if is_uri(path):
+        return Path(f"{str(path).rstrip('/').rsplit('/', 1)[-1]}.{LOG_FILE}")
+    return Path(f"{str(path).removeprefix('file://')}.{LOG_FILE}")
 
 
 def quiet() -> bool:
@@ -49,7 +54,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log: Pa
     to_log = log is not None and quiet()
     with ray_output_to(log) if to_log else nullcontext():
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, runtime_env=storage_env(), logging_level=logging.WARNING)
         else:
             start_local_ray(num_cpus)
         try:
@@ -57,6 +62,22 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log: Pa
                 yield
         finally:
             ray.shutdown()
+
+
+# What pyarrow and boto3 read to reach a bucket (AWS, MinIO, any S3-compatible server).
+STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CA_BUNDLE")
+
+
+def storage_env() -> dict | None:
+    """This shell's object-store settings, as the runtime environment of a cluster joined by address,
+    whose workers (on other machines) do not inherit this process's environment. None inside a Ray
+    job: the job's own runtime environment carries them (`scripts/submit.sh --env KEY=VALUE`), and
+    Ray refuses a driver that sets a variable the job sets too."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return None
+    env = {k: os.environ[k] for k in STORAGE_VARIABLES if k in os.environ}
+    return {"env_vars": env} if env else None
 
 
 @contextmanager

@@ -1,0 +1,222 @@
+"""A pack: a data set as Parquet shards of encoded image bytes, on a local path or any URI pyarrow
+opens (s3://, gs://, ...), so that a cluster reads a few large objects instead of listing and
+opening every small image (ray-project/ray#37499, #40686), and any node reads them from the bucket.
+
+A pack is a folder (or prefix) of `part-00000.parquet` ... and `pack.json`, written last. Each row
+is one image: `image` (its name: the CSV's image_name, or its path below a class folder), `split`
+(train or test), `tags` (its labels; null for test images), `origin` (where its labels came from:
+"file.csv:12", or its path) and `data`, the file's bytes as they were (never re-encoded). The
+manifest holds the format, the source and its layout, counts, the label vocabulary, each shard's
+file, rows, bytes and sha256, and the inputs skipped under `--on-bad-image skip`.
+
+The manifest is written last and removed first when a pack is replaced, so an interrupted `qdeep
+pack` never leaves a pack that passes `Pack`'s check; `Pack` checks every shard's size against the
+manifest when it opens one, so a missing or truncated shard is named before anything is read.
+Building a pack over a cluster is `qdeep.distributed.pack`; this module has no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
+from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.errors import QdeepError
+from qdeep.io import filesystem, read_json, write_json
+
+FORMAT, FORMAT_VERSION = "qdeep-pack", 1
+MANIFEST = "pack.json"
+DEFAULT_SHARD_MB = 256
+SCHEMA = pa.schema([pa.field("image", pa.string(), nullable=False), pa.field("split", pa.string(), nullable=False),
+                    pa.field("tags", pa.list_(pa.string())), pa.field("origin", pa.string()),
+                    pa.field("data", pa.binary(), nullable=False)])
+META = ("image", "split", "tags", "origin")  # every column but the bytes
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image to pack: where its file is now, and what goes beside its bytes."""
+
+    image: str
+    path: str
+    split: str
+    tags: list[str] | None
+    origin: str | None
+
+
+def join(root: str, name: str) -> str:
+    return f"{str(root).rstrip('/')}/{name}"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def plan_shards(sizes: Sequence[int], shard_bytes: int) -> list[range]:
+    """Consecutive rows in groups of about `shard_bytes` (at least one row each)."""
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > shard_bytes:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        groups.append(range(start, len(sizes)))
+    return groups
+
+
+def write_shard(out: str, index: int, rows: Sequence[Row]) -> tuple[dict | None, list[tuple[int, str]]]:
+    """The rows whose files decode as shard `index` of the pack at `out`: (its listing {file, rows,
+    bytes, sha256, splits: {train: n, test: n}}, or None if no row decoded; [(position in `rows`, reason)] of those that did not).
+    A file that does not exist raises FileNotFoundError: the caller listed it, so it is not bad input."""
+    kept, failures = [], []
+    for i, row in enumerate(rows):
+        data = Path(row.path).read_bytes()
+        try:
+            load_rgb(io.BytesIO(data))
+        except ImageDecodeError as exc:
+            failures.append((i, exc.reason))
+            continue
+        kept.append((row, data))
+    if not kept:
+        return None, failures
+    table = pa.Table.from_pydict({"image": [r.image for r, _ in kept], "split": [r.split for r, _ in kept],
+                                  "tags": [r.tags for r, _ in kept], "origin": [r.origin for r, _ in kept],
+                                  "data": [d for _, d in kept]}, schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="none", use_dictionary=["split"], row_group_size=max(1, len(kept)))
+    buf = sink.getvalue()  # whole, to hash the very bytes written
+    fs, inner = filesystem(join(out, shard_name(index)))
+    with fs.open_output_stream(inner) as f:
+        f.write(buf)
+    splits = {split: sum(r.split == split for r, _ in kept) for split in ("train", "test")}
+    return {"file": shard_name(index), "rows": len(kept), "bytes": buf.size,
+            "sha256": hashlib.sha256(buf).hexdigest(), "splits": splits}, failures
+
+
+def make_room(out: str) -> None:
+    """An empty folder at `out` for a pack: made, or emptied of a pack (complete or interrupted),
+    whose manifest goes first. Anything else there is refused: it may be someone's data."""
+    fs, inner = filesystem(out)
+    info = fs.get_file_info(inner)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        fs.create_dir(inner, recursive=True)
+        return
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise QdeepError(f"--out {out}: exists and is not a folder")
+    files = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+    names = {f.path[len(inner.rstrip('/')) + 1:] for f in files if f.type == pyarrow.fs.FileType.File}
+    strangers = sorted(n for n in names if n != MANIFEST and not (n.startswith("part-") and n.endswith(".parquet")))
+    if strangers:
+        raise QdeepError(f"--out {out}: holds {strangers[0]}, which is not part of a pack; refusing to replace it")
+    if MANIFEST in names:
+        fs.delete_file(join(inner, MANIFEST))
+    for name in sorted(names - {MANIFEST}):
+        fs.delete_file(join(inner, name))
+
+
+def remove_shards(out: str, shards: Sequence[dict]) -> None:
+    """Best effort: the shards of a pack that will not be finished."""
+    fs, inner = filesystem(out)
+    for shard in shards:
+        try:
+            fs.delete_file(join(inner, shard["file"]))
+        except OSError:
+            pass
+
+
+def write_manifest(out: str, shards: Sequence[dict], source: str, layout: str, labels: Sequence[str],
+                   skipped: Sequence[dict]) -> dict:
+    """The manifest, last: the pack at `out` is complete from here on."""
+    counts = {"train": 0, "test": 0}
+    for shard in shards:
+        for split, n in shard["splits"].items():
+            counts[split] += n
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": source, "layout": layout,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "counts": {**counts, "skipped": len(skipped)}, "labels": sorted(labels),
+                "shards": [{k: s[k] for k in ("file", "rows", "bytes", "sha256")} for s in shards],
+                "skipped": list(skipped)}
+    write_json(join(out, MANIFEST), manifest)
+    return manifest
+
+
+class Pack:
+    """A complete pack, checked as it opens: its manifest, and every shard there with its size."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        try:
+            manifest = read_json(join(self.uri, MANIFEST))
+        except (OSError, ValueError) as exc:
+            raise QdeepError(f"pack {self.uri}: {MANIFEST} is unreadable: {exc}") from None
+        if manifest is None:
+            raise QdeepError(f"{self.uri} is not a complete pack (no {MANIFEST}; `qdeep pack` writes it last)")
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise QdeepError(f"{join(self.uri, MANIFEST)} is not a {FORMAT} version {FORMAT_VERSION} manifest")
+        self.manifest = manifest
+        self.fs, inner = filesystem(self.uri)
+        self.paths = [join(inner, s["file"]) for s in manifest["shards"]]
+        for shard, info in zip(manifest["shards"], self.fs.get_file_info(self.paths)):
+            where = f"pack {self.uri}: shard {shard['file']}"
+            if info.type != pyarrow.fs.FileType.File:
+                raise QdeepError(f"{where} is missing")
+            if info.size != shard["bytes"]:
+                raise QdeepError(f"{where} has {info.size} bytes, the manifest says {shard['bytes']}: "
+                                 "truncated or rewritten")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def layout(self) -> str:
+        return self.manifest["layout"]
+
+    def files(self) -> list[str]:
+        """Each shard as its filesystem names it (for `ray.data.read_parquet(files, filesystem=pack.fs)`)."""
+        return list(self.paths)
+
+    def read(self, columns: Sequence[str] = META) -> pa.Table:
+        """`columns` of every row, shard by shard (only those columns are fetched), each shard's row
+        count checked against the manifest."""
+        tables = []
+        for shard, path in zip(self.manifest["shards"], self.paths):
+            try:
+                table = pq.read_table(path, filesystem=self.fs, columns=list(columns))
+            except (pa.ArrowException, OSError) as exc:
+                raise QdeepError(f"pack {self.uri}: shard {shard['file']} cannot be read: {exc}") from None
+            if table.num_rows != shard["rows"]:
+                raise QdeepError(f"pack {self.uri}: shard {shard['file']} has {table.num_rows} rows, "
+                                 f"the manifest says {shard['rows']}")
+            tables.append(table)
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(list(columns))
+
+    def verify(self) -> None:
+        """Every shard's bytes against its sha256 in the manifest (one read of the pack)."""
+        for shard, path in zip(self.manifest["shards"], self.paths):
+            with self.fs.open_input_file(path) as f:
+                if hashlib.sha256(f.read()).hexdigest() != shard["sha256"]:
+                    raise QdeepError(f"pack {self.uri}: shard {shard['file']} does not match its sha256 "
+                                     "in the manifest: corrupted or rewritten")
+
+
+def is_pack(path) -> bool:
+    """Whether `path` holds a pack's manifest (complete or not, it is a pack, not a folder of images)."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(join(inner, MANIFEST)).type == pyarrow.fs.FileType.File
+
+
+def describe(manifest: dict) -> str:
+    c = manifest["counts"]
+    return (f"{c['train']} training and {c['test']} test images, {len(manifest['labels'])} labels, "
+            f"{len(manifest['shards'])} shard(s), {c['skipped']} skipped")
+
