@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +89,9 @@ class LoopbackCluster:
         self.local = base / "local"  # node-local: a tmpfs on the second node, this disk on the head
         self.shared.mkdir()
         self.local.mkdir()
-        ports = _free_ports(17)
+        ports = _free_ports(11)
         self.port, self.dashboard_port = ports[:2]
-        self._head_ports, self._node_ports = ports[2:11], ports[11:]
+        self._head_ports = ports[2:11]
         self.gcs = f"{HEAD_IP}:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         # Nothing of the pytest session's Ray (RAY_ADDRESS, loopback-only mode) leaks into the nodes.
@@ -113,12 +114,9 @@ class LoopbackCluster:
 
     def start(self, nodes: int = 2) -> None:
         """The head, then (nodes=2) the second node."""
-        temp = self.base / "ray"  # one temp dir for both nodes, apart from the session's /tmp/ray
-        common = ["--num-cpus", "1", "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", str(temp),
-                  "--disable-usage-stats"]
         # Processes on the nodes (Ray Train's helpers query the state API) find this cluster, not another
         # Ray on the machine; SIGTERM tears a node down at once instead of draining it for 30 s.
-        env = {**self.env, "RAY_ADDRESS": self.gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        self.node_env = {**self.env, "RAY_ADDRESS": self.gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         client, node_manager, object_manager, agent, agent_grpc, runtime_env, metrics, dash_metrics, \
             autoscaler_metrics = self._head_ports
         self._ray_start(
@@ -126,25 +124,42 @@ class LoopbackCluster:
              "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(client),
              "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
              "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics), *common],
-            self.base / "head.log",
-            {**env, "DASHBOARD_METRIC_PORT": str(dash_metrics), "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
+             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics), *self._common],
+            self.base / "head.log", {**self.node_env, "DASHBOARD_METRIC_PORT": str(dash_metrics),
+                                     "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
         if nodes == 1:
             self._wait_for_nodes(1)
             return
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = self._node_ports
+        self.start_node()
+
+    @property
+    def _common(self) -> list[str]:
+        temp = self.base / "ray"  # one temp dir for both nodes, apart from the session's /tmp/ray
+        return ["--num-cpus", "1", "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", str(temp),
+                "--disable-usage-stats"]
+
+    def start_node(self) -> None:
+        """The second node (again, after `kill_node`: as an autoscaler replaces a lost machine)."""
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
         # Its own mount namespace (private propagation): the tmpfs over local/ exists for this node only.
         unshare = ["unshare", "--mount", "--propagation", "private"]
         if os.geteuid() != 0:
             unshare[1:1] = ["--user", "--map-root-user"]
-        self._ray_start(
+        self.node = self._ray_start(
             ["--address", self.gcs, "--node-ip-address", NODE_IP, "--node-manager-port", str(node_manager),
              "--object-manager-port", str(object_manager), "--dashboard-agent-listen-port", str(agent),
              "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
-             "--metrics-export-port", str(metrics), *common],
-            self.base / "node.log", env,
+             "--metrics-export-port", str(metrics), *self._common],
+            self.base / f"node-{len(self.procs)}.log", self.node_env,
             prefix=[*unshare, "sh", "-c", 'mount -t tmpfs qdeep-node-local "$0" && exec "$@"', str(self.local)])
         self._wait_for_nodes(2)
+
+    def kill_node(self) -> None:
+        """The second machine dies: SIGKILL to its raylet, its workers, everything of its `ray start`."""
+        for pid in _session_processes(self.node.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.node.wait(timeout=30)
 
     def _wait_for_nodes(self, n: int) -> None:
         deadline, out = time.time() + START_TIMEOUT_S, ""
@@ -334,6 +349,35 @@ def test_deepcluster_job(cluster):
     assert m["iterations"][0]["phases"]["kmeans_on"] in (f"rank 0 on {HEAD_IP}", f"rank 0 on {NODE_IP}"), m
     assert m["final"]["kmeans_on"] in (f"task on {HEAD_IP}", f"task on {NODE_IP}"), m
     assert len(list((out / "grids").glob("cluster_*.png"))) >= 1
+
+
+def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket):
+    """The second node dies (SIGKILL of its raylet and workers) while a 2-worker run trains, and a new
+    one joins, as an autoscaler replaces a lost machine: the run resumes from its last checkpoint in the
+    bucket, once, and every epoch appears once in its history."""
+    import pyarrow.fs
+
+    from qdeep.io import filesystem
+
+    runs = f"{s3_bucket}/runs"
+    fs, inner = filesystem(runs)
+    args = _train_args(cluster, "out-lost", "--workers", "2", "--name", "lost", "--epochs", "3",
+                       "--max-failures", "1", "--storage-path", runs)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cluster.qdeep, *args)
+        deadline = time.time() + JOB_TIMEOUT_S
+        while not any(f.path.endswith(CHECKPOINT_FILE) for f in
+                      fs.get_file_info(pyarrow.fs.FileSelector(f"{inner}/lost", recursive=True, allow_not_found=True))):
+            assert not running.done() and time.time() < deadline, running.result() if running.done() else "no checkpoint"
+            time.sleep(0.5)
+        cluster.kill_node()
+        cluster.start_node()
+        job = running.result()
+    assert job.status == "SUCCEEDED", job
+    m = json.loads((cluster.shared / "out-lost" / "metrics.json").read_text())
+    assert m["restarts"] == 1 and [h["epoch"] for h in m["history"]] == [0, 1, 2], job
+    assert m["history"][-1]["restarts"] == 1 and m["history"][0]["restarts"] == 0, job
+    assert m["ray_run_path"] == f"{runs}/lost"
 
 
 def test_node_local_mlflow_store_is_refused(cluster):

@@ -20,7 +20,7 @@ from qdeep.options import worker_range
 class TrainOutcome:
     best: dict  # the best checkpoint's state (by the task's score, e.g. val_f2)
     latest: dict  # the last checkpoint's state (full history, restarts)
-    path: str  # where Ray Train keeps the run
+    path: str  # where Ray Train keeps the run: a local path or a URI
 
 
 def cluster_has_gpus() -> bool:
@@ -99,7 +99,9 @@ def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, stor
     metric = loop_config["score_metric"]
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get(metric, -1))[0] if result.best_checkpoints \
         else result.checkpoint
-    return TrainOutcome(best=_load(best), latest=latest, path=result.path)
+    # Ray's result.path is inside its filesystem: a bucket's run without its s3:// scheme.
+    path = f"{storage_path.rstrip('/')}/{name}" if io.is_uri(storage_path) else result.path
+    return TrainOutcome(best=_load(best), latest=latest, path=path)
 
 
 def _trainer_class():
