@@ -17,7 +17,18 @@ from qdeep.errors import QdeepError
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds. For a URI
+    (s3://...), a local temporary file, uploaded whole when the block succeeds (an object store
+    writes whole objects: readers see the old object or the new one)."""
+    if "://" in str(path):
+        with tempfile.TemporaryDirectory(prefix="qdeep-upload-") as d:
+            tmp = Path(d) / str(path).rsplit("/", 1)[-1]
+            yield tmp
+            fs, inner = filesystem(path)
+            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(inner) as out:
+                out.write(tmp.read_bytes())
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,16 +71,8 @@ def filesystem(path: str | os.PathLike):
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """`obj` as JSON at `path`, its directory created: atomically on a local (or NFS) path, through
-    pyarrow for a URI (object stores write whole objects)."""
-    text = json.dumps(obj, indent=2) + "\n"
-    if "://" not in str(path):
-        write_text(path, text)
-        return
-    fs, inner = filesystem(path)
-    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(text.encode())
+    """`obj` as JSON at `path` (local or a URI), written atomically (`atomic_path`)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -136,7 +136,10 @@ def output_dir(path, option: str | None = "--out", inputs: Iterable[tuple[str, o
 
 
 def output_file(path, option: str | None = "--out", inputs: Iterable[tuple[str, object]] = ()) -> None:
-    """A file that can be written (replaced if it exists), and is not inside one of `inputs`."""
+    """A file that can be written (replaced if it exists), and is not inside one of `inputs`; a URI
+    (s3://...) is for its store to refuse."""
+    if is_uri(path):
+        return
     p = _local(path).absolute()
     if p.is_dir():
         raise QdeepError(f"{_name(path, option)}: is a directory (expected a file name)")

@@ -10,6 +10,7 @@ import pytest
 
 from qdeep.cli import main
 from qdeep.data.synth import SCENE_CLASSES, write_synthetic_classes
+from qdeep.io import filesystem
 from qdeep.models import apply_freeze, build_model
 
 pytestmark = pytest.mark.ray  # Ray Train runs: `make test-fast` (the unit tier) leaves this module out
@@ -50,7 +51,7 @@ def test_multiclass_training_learns_the_classes(multiclass_model):
     assert not (multiclass_model / "model" / "thresholds.json").exists()
 
 
-def test_predict_writes_each_format(multiclass_model, scenes, tmp_path):
+def test_predict_writes_each_format(multiclass_model, scenes, tmp_path, s3_bucket):
     outputs = {}
     for fmt in ("csv", "jsonl", "kaggle-planet"):
         outputs[fmt] = tmp_path / f"pred.{fmt}"
@@ -67,6 +68,11 @@ def test_predict_writes_each_format(multiclass_model, scenes, tmp_path):
     assert [x["label"] for x in lines] == [r["label"] for r in rows]
     kaggle = list(csv.reader(open(outputs["kaggle-planet"])))
     assert kaggle[0] == ["image_name", "tags"] and [k[1] for k in kaggle[1:]] == [r["label"] for r in rows]
+    uri = f"{s3_bucket}/predictions/pred.csv"  # --out in a bucket: the same bytes
+    assert main(["predict", "--model", str(multiclass_model / "model"), "--images", str(scenes), "--out", uri]) == 0
+    fs, inner = filesystem(uri)
+    with fs.open_input_file(inner) as f:
+        assert f.read() == outputs["csv"].read_bytes()
 
 
 def test_a_plugin_module_registers_a_format_used_by_name(multiclass_model, scenes, tmp_path, monkeypatch):
