@@ -179,7 +179,7 @@ class FeaturesConfig:
     weights: str = option("bundled", "none | imagenet | bundled | PATH")
     batch_size: int = option(64, "images per batch", positive_int)
     image_size: int | None = option(None, "input side in pixels (default: the architecture's own)", image_size)
-    rows_per_shard: int = option(50_000, "descriptors per Parquet shard", positive_int)
+    rows_per_shard: int = option(50_000, "descriptors per feature-store shard", positive_int)
 
 
 LADDER_OPTIONS = list(LadderConfig.__dataclass_fields__)

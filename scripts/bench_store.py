@@ -1,82 +1,88 @@
 """Benchmark of the feature store against np.save/np.load of the same float32 array, in one run.
 
-1. Write: StoreWriter (Parquet shards + sha256 + manifest) vs np.save        (goal >= 0.8x)
-2. Read:  FeatureStore.to_numpy / iter_shards (checked) vs np.load          (goal >= 0.8x)
+1. Write: StoreWriter (Arrow IPC shards + xxh3_64 + manifest), 8,192-row writes, vs np.save
+   (goal >= 0.8x); both write new files.
+2. Read:  FeatureStore.iter_shards / to_numpy (checked) vs np.load                (goal >= 0.8x)
    hot = files in the page cache; cold = evicted with posix_fadvise first (our files only).
+   Checksums: sha256, zlib.crc32 and xxh3_64 over the same bytes.
 3. Memory of streaming a store of many shards (iter_shards, sample, and the whole k-means stage
    `cluster_store` trained on a sample ten times smaller than the store), in a fresh subprocess:
    peak RSS above the baseline, peak of pyarrow's memory pool, vs one shard (+ the sample).
 
+Every ratio is of medians, the two sides taking turns (A B A B ..., --repeats 9).
+
 Usage: python scripts/bench_store.py [--rows 200000] [--dim 256] [--rows-per-shard 50000]
 
-Measured 2026-12 on the 2-core shared dev VM (AMD EPYC, sha_ni; other sessions' tests running,
-load 2-6, so wall times are very noisy: best of 3, the two sides of each ratio taking turns),
-200,000 x 256 float32 = 205 MB, 4 shards of 50,000 rows:
+Measured 2026-12 on the 2-core shared dev VM (AMD EPYC, AVX-512, sha_ni), 200,000 x 256 float32 =
+205 MB, 4 shards of 50,000 rows, load ~1 (another session's Ray tests starting and stopping):
 
                   baseline    MB/s              store    MB/s   ratio
-    write          np.save    5022        StoreWriter     417    0.08x
-    read hot       np.load    6888           to_numpy    1210    0.18x
-    read hot       np.load    6888        iter_shards    1221    0.18x
-    verify hot     np.load    6888    verify (sha256)    1671    0.24x
-    read cold      np.load    2802           to_numpy     905    0.32x
+    write          np.save    6737        StoreWriter    3109    0.46x
+    read hot       np.load    5991        iter_shards   10276    1.72x
+    read hot       np.load    5991           to_numpy    3146    0.53x
+    verify hot     np.load    5991      verify (xxh3)   17595    2.94x
+    read cold      np.load    2389        iter_shards    1010    0.42x
+    checksums, MB/s: sha256 1399, zlib.crc32 2193, xxh3_64 25571
 
-    (over four runs: StoreWriter 279-417 MB/s, to_numpy 349-1210 MB/s; np.save/np.load 3-7 GB/s)
+    (a second run at load 7-11: write 0.57x, iter_shards 1.48x, to_numpy 0.49x, cold 0.29x)
 
     memory, 8 shards of 26 MB of features (205 MB in all), fresh process per row:
                       peak RSS +  anon RSS +  arrow peak  caller holds
-    iter_shards            80 MB       55 MB        6 MB         26 MB
-    sample(20,000)         46 MB       21 MB        6 MB         20 MB
-    cluster_store          74 MB       73 MB        6 MB         46 MB
+    iter_shards            53 MB        0 MB        0 MB         26 MB
+    sample(20,000)         71 MB       21 MB        0 MB         20 MB
+    cluster_store          71 MB       61 MB        0 MB         46 MB
 
-So streaming costs about one shard plus what the caller holds (the `for` loop's variables keep
-the previous shard until the next one is ready): anonymous memory grows by 2 x 26 MB, Arrow's own
-pool peaks at ~6 MB (shards are decoded in ~1 MB batches straight into the caller's array), and
-the other ~26 MB of RSS are the page-cache pages of the shard file being read (memory-mapped;
-reclaimable). sample() holds the sample plus the mapped shard. Reading a whole 50,000-row shard
-in one pq.read_table call instead peaked at ~5x the shard in Arrow's pool (list levels and
-builder growth), which is why reads go batch by batch.
+The store was Parquet (format 1) until it moved to Arrow IPC: Parquet keeps the
+fixed_size_list<float32> features column as a LIST, with a repetition and a definition level per
+float, which no writer measured here encodes or decodes near memcpy speed (pyarrow 0.1x np.save,
+0.2x np.load, whatever the options; polars 0.33x write; a hand-written encoder 0.44x). An
+uncompressed Arrow IPC file holds the same column (pandas and Ray Data still see floats) as the raw
+float32 buffer, aligned, so a shard is read by mapping it and written by one large write per
+record batch. What the 0.8x goal costs, part by part (205 MB, one process, measured separately):
 
+  - the checksum: sha256 alone is 113 ms, about 4x np.save's whole 30 ms; zlib.crc32 49 ms; crc32c
+    (package crc32c) 13 ms; xxh3_64 (package xxhash) 6-7 ms, hence xxh3_64. It is computed as the
+    bytes go to the file (local or an object-store upload), and over the mapped shard on reads;
+  - the write itself: Arrow's IPC writer into a new file took 43 ms against np.save's 30, and a
+    plain os.write() of the same bytes 40 ms: np.save reserves the file's blocks first (fallocate,
+    keeping the size), and ext4 then takes the bytes at ~1.4x. Shards do the same (_ShardFile):
+    the IPC write then runs at np.save's speed (29 against 29 ms);
+  - the finite check (a NaN descriptor poisons k-means): np.isfinite(x).all(axis=1) 21 ms, now one
+    x.sum() pass (8.5 ms) with the exact check only when that sum is not finite;
+  - the image ids: pa.array of 200,000 strings 6 ms on writes, to_pylist 7-13 ms on reads;
+  - StoreWriter no longer copies the caller's rows until a shard is full (18 ms): each write() is
+    one record batch, written at once.
+So the write costs np.save's bytes plus ~25 ms of checksum, check and ids: 0.46-0.57x, short of
+0.8x. Overlapping the checksum and the check with the file write in a second thread did not pay
+here (0.53x against 0.52x): every step is bound by memory bandwidth, which the two cores share,
+and another session's tests held the second core.
+
+Reads hand out views: iter_shards maps the shard (reads a whole object from a bucket), checks its
+rows, schema and checksum (the one pass over the bytes), then yields each record batch's features
+as a read-only (rows, dim) view, no copy; hence 1.5-1.7x np.load, which copies every byte into a
+fresh array. to_numpy makes that same copy into one array, plus the checksum and the ids: ~0.5x.
+A cold read through the mapping (page faults, less readahead than read()) is 0.3-0.4x of np.load.
+Fused copy+checksum loops in 256 KB-8 MB pieces, or the checksum or the copy in a second thread,
+measured 0.43-0.66x against 0.55-0.57x for the plain sequence in the same runs: no reliable gain on
+this shared VM, so the code stays plain.
+
+Memory: iter_shards holds the mapped shard (page cache, reclaimable: the 26 MB of RSS, with no
+anonymous memory and nothing in Arrow's pool); sample() the sample plus the mapped shard.
 cluster_store (k = 100) peaks at one shard plus the sample, plus what it returns and the
-whitening's copies: ~61 MB while PCA trains and whitens the sample (the sample, faiss' centred
-copy, the whitened sample), ~71 MB while it assigns (the shard being read, two whitened 8,192-row
-blocks, and its outputs: 200,000 image ids as Python strings, ~16 MB, labels and distances).
-Before this bench measured it, it held the previous shard, a whitened copy of the whole shard and
-three shard-sized temporaries for the distances: ~150 MB.
+whitening's copies: the sample, faiss' centred copy and the whitened sample while PCA trains, then
+the shard being read, two whitened 8,192-row blocks and its outputs (200,000 image ids as Python
+strings, ~16 MB, labels and distances). On an object store a shard is downloaded whole (anonymous
+memory, one shard at a time).
 
-StoreWriter writes each shard in the caller's thread. It used to encode two shards at a time in
-background threads; run in turns with the present writer on the same loaded VM, that was no
-faster: 220-389 against 279-417 MB/s over four runs of this script, and in three write-only
-comparisons of 11-15 turns each the medians were 1.04-1.12x in favour of one thread, though one
-comparison's best threaded turn (656 MB/s, both cores free for a moment) beat the best single-
-threaded one by 1.5x. No qdeep command writes through StoreWriter: `qdeep features` writes its
-shards from Ray Data tasks, DeepCluster from each Ray Train worker (write_rank_shards).
-
-Why the store does not reach 0.8x against np.save/np.load, and why it stays so: the issue's format
-contract stores features as Arrow fixed_size_list<float32>[dim] (or Arrow's tensor extension type,
-whose storage is the same list), which Parquet keeps as a LIST: a repetition and a definition
-level per float. Measured while deciding (features column alone, one shard, no checksum):
-  - pyarrow 25 encodes it at 0.54-0.61 GB/s (0.10-0.11x np.save) whatever the options:
-    compression none/lz4/snappy/zstd, page size 1 MB-1 GB, data page v1/v2, write_batch_size
-    1 K-1 M, row-group size, store_schema; it decodes at ~1.4 GB/s (0.2x np.load);
-  - polars 2.1 (Rust writer) encodes the same column at 1.7 GB/s (0.33x) but reads it at 0.5 GB/s,
-    and pyarrow reads its files at 1.15 GB/s;
-  - a hand-written page encoder (a helper's, ~1,000 lines, rejected) reached 0.35-0.44x write;
-  - even opaque fixed_size_binary(dim*4) columns, which break the contract (pandas, DuckDB and
-    Ray Data would see bytes), only reached 0.43x single-threaded without a checksum, and 0.25x
-    write / 0.44x read once the image ids and a checksum are in (a quick prototype).
-np.save/np.load are a memcpy into/out of the page cache (5-7 GB/s); a Parquet store that also
-keeps image ids and checks a checksum does not get there here. The store is not DeepCluster's
-bottleneck either: embedding 100,000 images takes a minute or more even on a GPU node (JPEG
-decoding, inference), writing their 2048-dim descriptors (0.8 GB) about a second. So the
-interoperable column was kept and the 0.8x goal is not met. sha256 (1.8 GB/s with sha_ni) is
-overlapped with decoding in a second thread on reads. On slow storage both are I/O bound on about
-the same number of bytes (uncompressed): the cold read is only 0.1-0.3x here because the VM's
-disk is fast next to the decoder.
+No qdeep command writes through StoreWriter: `qdeep features` writes a shard per batch from Ray
+Data tasks, DeepCluster one per Ray Train worker (write_rank_shards); both write whole shards, one
+record batch each, so iter_shards yields one chunk per shard of theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -84,9 +90,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from qdeep.clustering.store import FeatureStore, StoreWriter
 
@@ -94,18 +102,18 @@ MODEL = {"arch": "bench", "weights": "random", "weights_sha256": "0" * 64}
 KMEANS_K = 100
 
 
-def _best(*runs, repeats: int) -> list[float]:
-    """Best-of-N seconds of each (fn, before) run (the least disturbed on a noisy machine), the
-    runs taking turns, so that a burst of other load falls on both sides of a ratio."""
-    best = [float("inf")] * len(runs)
+def _medians(*runs, repeats: int) -> list[float]:
+    """Median seconds of each (fn, before) run, the runs taking turns (A B A B ...), so that a burst
+    of other load on this shared machine falls on both sides of a ratio; `before` is not timed."""
+    times = [[] for _ in runs]
     for _ in range(repeats):
         for i, (fn, before) in enumerate(runs):
             if before is not None:
                 before()
             start = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def _evict(paths) -> None:
@@ -193,7 +201,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -210,27 +218,36 @@ def main() -> None:
         tmp = Path(tmp)
         npy, store_dir = tmp / "x.npy", tmp / "store"
 
-        def fresh_store():
+        def fresh():  # both sides write new files (overwriting one waits for its old pages' writeback)
+            npy.unlink(missing_ok=True)
             shutil.rmtree(store_dir, ignore_errors=True)
 
-        t_save, t_write = _best((lambda: np.save(npy, x), None),
-                                (lambda: _write_store(store_dir, images, x, args.rows_per_shard), fresh_store),
-                                repeats=args.repeats)
+        t_save, t_write = _medians((lambda: np.save(npy, x), fresh),
+                                   (lambda: _write_store(store_dir, images, x, args.rows_per_shard), fresh),
+                                   repeats=args.repeats)
         rows.append(("write", "np.save", t_save, "StoreWriter", t_write))
+        np.save(npy, x)
 
         store = FeatureStore(store_dir)
         shard_files = [store_dir / s.file for s in store.shards]
         assert np.array_equal(store.to_numpy()[1], x)
-        t_load, t_numpy, t_iter, t_verify = _best((lambda: np.load(npy), None), (store.to_numpy, None),
-                                                  (lambda: _iterate(store), None), (store.verify, None),
-                                                  repeats=args.repeats)
-        rows.append(("read hot", "np.load", t_load, "to_numpy", t_numpy))
+        t_load, t_iter, t_numpy, t_verify = _medians((lambda: np.load(npy), None), (lambda: _iterate(store), None),
+                                                     (store.to_numpy, None), (store.verify, None),
+                                                     repeats=args.repeats)
         rows.append(("read hot", "np.load", t_load, "iter_shards", t_iter))
-        rows.append(("verify hot", "np.load", t_load, "verify (sha256)", t_verify))
+        rows.append(("read hot", "np.load", t_load, "to_numpy", t_numpy))
+        rows.append(("verify hot", "np.load", t_load, "verify (xxh3)", t_verify))
 
-        t_load_cold, t_numpy_cold = _best((lambda: np.load(npy), lambda: _evict([npy])),
-                                          (store.to_numpy, lambda: _evict(shard_files)), repeats=args.repeats)
-        rows.append(("read cold", "np.load", t_load_cold, "to_numpy", t_numpy_cold))
+        t_load_cold, t_iter_cold = _medians((lambda: np.load(npy), lambda: _evict([npy])),
+                                            (lambda: _iterate(store), lambda: _evict(shard_files)),
+                                            repeats=args.repeats)
+        rows.append(("read cold", "np.load", t_load_cold, "iter_shards", t_iter_cold))
+
+        data = memoryview(x).cast("B")
+        sums = {"sha256": lambda: hashlib.sha256(data).digest(), "zlib.crc32": lambda: zlib.crc32(data),
+                "xxh3_64": lambda: xxhash.xxh3_64(data).digest()}
+        checksum_mb_s = dict(zip(sums, (mb / t for t in _medians(*((f, None) for f in sums.values()),
+                                                                  repeats=args.repeats))))
 
         on_disk = sum(p.stat().st_size for p in shard_files) / 1e6
         print(f"{args.rows:,} x {args.dim} float32 = {mb:.0f} MB; {len(store.shards)} shards of "
@@ -238,6 +255,7 @@ def main() -> None:
         print(f"{'':11} {'baseline':>10} {'MB/s':>7}   {'store':>16} {'MB/s':>7}   ratio")
         for what, base, tb, name, ts in rows:
             print(f"{what:11} {base:>10} {mb / tb:7.0f}   {name:>16} {mb / ts:7.0f}   {tb / ts:5.2f}x")
+        print("checksums, MB/s: " + ", ".join(f"{k} {v:.0f}" for k, v in checksum_mb_s.items()))
 
         # Memory: a store several times larger than one shard.
         mem_dir = tmp / "mem"

@@ -58,6 +58,19 @@ def test_features_store_holds_every_image_with_the_backbones_descriptor(planet_d
         np.testing.assert_allclose(feats[list(ids).index(name)], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_features_store_in_a_bucket(planet_dir, ray_cluster, s3_bucket):
+    """`--out s3://...`: the Ray Data tasks write the shards into the bucket, the manifest goes last."""
+    out = f"{s3_bucket}/features"
+    assert main(["features", "--images", str(planet_dir / "test-jpg"), "--arch", "efficientnet_lite0",
+                 "--weights", "bundled", "--image-size", "32", "--batch-size", "16", "--rows-per-shard", "16",
+                 "--out", out]) == 0
+    store = FeatureStore(out)
+    store.verify()
+    ids, feats = store.to_numpy()
+    assert store.total_rows == 40 and len(store.shards) >= 3 and sorted(ids) == sorted(set(ids))
+    assert feats.shape == (40, 1280) and np.isfinite(feats).all()
+
+
 def test_predict_runs_its_actor_pool_without_deprecated_arguments(planet_dir, ray_cluster, tmp_path,
                                                                   ray_data_warnings):
     """`qdeep predict` on an exported model (an untrained resnet18, exported as `qdeep train` does)."""

@@ -241,10 +241,11 @@ def deepcluster_func(config: dict) -> None:
         del model
 
 
-def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device,
+def embed_into_store(bare, loader, ids: list[str], path: str | Path, rank: int, device,
                      identity: dict) -> FeatureStore | None:
-    """Every worker writes the descriptors of its share of the images as shard files; rank 0 lists
-    them in the store's manifest and returns the store (None on the other ranks)."""
+    """Every worker writes the descriptors of its share of the images as shard files into `path`
+    (a local path every node sees, or a URI; emptied beforehand), and rank 0 writes the manifest
+    last, which makes it a store: it returns the store (None on the other ranks)."""
     bare.eval()
     seen: dict[int, np.ndarray] = {}  # the sampler pads with repeats: each row once
     use_amp = device.type == "cuda"
@@ -254,15 +255,12 @@ def embed_into_store(bare, loader, ids: list[str], path: Path, rank: int, device
                 features = embed(bare, x.to(device, non_blocking=True)).float().cpu().numpy()
             seen.update(zip(i.tolist(), features))
     rows = sorted(seen)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
     dim = len(next(iter(seen.values())))
-    shards = write_rank_shards(partial, [ids[r] for r in rows], np.stack([seen[r] for r in rows]), rank)
+    shards = write_rank_shards(path, [ids[r] for r in rows], np.stack([seen[r] for r in rows]), rank)
     listed = gather_to_rank0(shards)
     if rank != 0:
         return None
-    finish_store(partial, [s for part in listed for s in part], identity, dim)
-    partial.rename(path)
+    finish_store(path, [s for part in listed for s in part], identity, dim)
     return FeatureStore(path)
 
 

@@ -2,8 +2,8 @@
 
 A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (`tasks.model_stage`:
 GPU actors when the cluster has GPUs, else one actor per CPU, into which Ray Data fuses the
-decoding), then Parquet shards written as the rows arrive (`write_store_from_dataset`, one shard per
-batch). `store_dataset` reads a store back as a Ray Data dataset.
+decoding), then Arrow shards written as the rows arrive (`write_store_from_dataset`, one shard per
+batch), at a local path or a URI. `store_dataset` reads a store back as a Ray Data dataset.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, FeatureStore, check_store_args,
+from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
                                     features_to_numpy, finish_store, shard_table, staging_dir, write_shard)
 from qdeep.data.images import load_rgb
 from qdeep.data.transforms import to_uint8
@@ -90,7 +90,7 @@ def _write_batch_shard(batch: dict, directory: str, dim: int) -> dict:
                          f"(has {', '.join(sorted(batch))})")
     labels = {name: values for name, values in batch.items() if name not in RESERVED}
     table = shard_table(dim, list(batch["image"]), batch["features"], labels)
-    listing = {**write_shard(Path(directory) / f".shard-{uuid.uuid4().hex}.parquet", table),
+    listing = {**write_shard(f"{directory}/part-{uuid.uuid4().hex}{SUFFIX}", table),
                "first": table["image"][0].as_py() if table.num_rows else "",
                "columns": json.dumps({f.name: str(f.type) for f in table.schema if f.name not in RESERVED})}
     return {key: [value] for key, value in listing.items()}
@@ -98,9 +98,10 @@ def _write_batch_shard(batch: dict, directory: str, dim: int) -> dict:
 
 def write_store_from_dataset(ds, path: str | Path, dim: int, model: dict, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
                              extra: dict | None = None) -> FeatureStore:
-    """Shards written in parallel by Ray Data workers, then named, listed and swapped in at once.
+    """Shards written in parallel by Ray Data workers, then listed in the manifest (`staging_dir`).
 
-    `path` must be on a filesystem every Ray node sees (the workers write into its temp sibling).
+    `path` is a URI (s3://...) or a path on a filesystem every Ray node sees (locally the workers
+    write into its temp sibling).
     Rows need `image` (str) and `features` (float32 array or list of dim); other columns are
     stored as labels (strings or integers). A QdeepError of any stage (a bad batch, images a node
     cannot see) stops the run as itself.
@@ -126,20 +127,24 @@ def write_store_from_dataset(ds, path: str | Path, dim: int, model: dict, rows_p
 
 
 def store_dataset(store: FeatureStore):
-    """The verified shards of `store` as a Ray Data dataset (row order not guaranteed), features
-    as a tensor column: numpy batches carry them as one (n, dim) float32 array instead of an
-    object array of rows. The store must be on a filesystem every Ray node sees."""
+    """The store as a Ray Data dataset (row order not guaranteed), each shard read and checked in a
+    task, features as a tensor column: numpy batches carry them as one (n, dim) float32 array."""
     import ray
 
-    store.verify()
     if not store.shards:
         raise QdeepError(f"feature store {store.path} is empty")
-    ds = ray.data.read_parquet([str(store.path / s.file) for s in store.shards])
-    return ds.map_batches(_features_as_tensor, fn_kwargs={"dim": store.dim}, batch_format="pyarrow")
+    ds = ray.data.from_items([{"shard": i} for i in range(len(store.shards))], override_num_blocks=len(store.shards))
+    return ds.map_batches(_read_shards, fn_kwargs={"path": store.path}, batch_size=1, batch_format="numpy")
 
 
-def _features_as_tensor(table, dim: int):
+def _read_shards(batch: dict, path: str):
+    """Ray Data UDF: the shards numbered in `batch`, read and checked, features as a tensor column."""
+    import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    tensor = ArrowTensorArray.from_numpy(features_to_numpy(table.column("features").combine_chunks(), dim))
-    return table.set_column(table.schema.get_field_index("features"), "features", tensor)
+    store, tables = FeatureStore(path), []
+    for i in batch["shard"]:
+        table = store.read_shard(int(i))
+        tensor = ArrowTensorArray.from_numpy(features_to_numpy(table.column("features").combine_chunks(), store.dim))
+        tables.append(table.set_column(table.schema.get_field_index("features"), "features", tensor))
+    return pa.concat_tables(tables)
