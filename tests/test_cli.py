@@ -17,7 +17,7 @@ def _run(*args, cwd=None):
     return subprocess.run([QDEEP, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-COMMANDS = ["synth", "baseline", "train", "tune", "ladder", "features", "deepcluster", "predict", "compare"]
+COMMANDS = ["synth", "pack", "baseline", "train", "tune", "ladder", "features", "deepcluster", "predict", "compare"]
 
 
 def test_the_help_tests_cover_every_command():

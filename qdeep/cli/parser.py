@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.set_defaults(func=commands.cmd_ladder)
 
-    p = sub.add_parser("features", help="descriptors of every image into a sharded Parquet feature store",
+    p = sub.add_parser("features", help="descriptors of every image into a sharded Arrow feature store",
                        description="Penultimate-layer, globally pooled CNN features of every image under --images, "
-                                   "computed with Ray Data (GPU actors when present) into Parquet shards + manifest.")
+                                   "computed with Ray Data (GPU actors when present) into Arrow shards + manifest, "
+                                   "at a path or a URI (s3://...).")
     p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
     add_fields(p, FeaturesConfig(), FEATURES_OPTIONS)
     p.add_argument("--out", required=True, metavar="STORE")
