@@ -71,6 +71,22 @@ def test_features_store_in_a_bucket(planet_dir, ray_cluster, s3_bucket):
     assert feats.shape == (40, 1280) and np.isfinite(feats).all()
 
 
+def test_features_of_a_pack_in_a_bucket_equal_those_of_its_folder(planet_dir, ray_cluster, tmp_path, s3_bucket):
+    """`--images s3://.../pack`: Ray Data reads the pack's shards from the bucket; every image gets the
+    descriptor it gets from its own file, under its name in the pack."""
+    pack, common = f"{s3_bucket}/pack", ["--arch", "efficientnet_lite0", "--weights", "bundled", "--image-size", "32",
+                                         "--batch-size", "16"]
+    assert main(["pack", "--data", str(planet_dir), "--out", pack]) == 0
+    assert main(["features", "--images", pack, *common, "--out", f"{s3_bucket}/store"]) == 0
+    assert main(["features", "--images", str(planet_dir / "test-jpg"), *common, "--out", str(tmp_path / "s")]) == 0
+    ids, feats = FeatureStore(f"{s3_bucket}/store").to_numpy()
+    assert len(ids) == 240 + 40 and {f"test_{i}" for i in range(40)} <= set(ids)
+    folder_ids, folder_feats = FeatureStore(tmp_path / "s").to_numpy()
+    by_name = dict(zip(ids, feats))
+    for name, expected in zip(folder_ids, folder_feats):  # test-jpg/test_7.jpg is test_7 in the pack
+        np.testing.assert_allclose(by_name[name.removesuffix(".jpg")], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_predict_runs_its_actor_pool_without_deprecated_arguments(planet_dir, ray_cluster, tmp_path,
                                                                   ray_data_warnings):
     """`qdeep predict` on an exported model (an untrained resnet18, exported as `qdeep train` does)."""

@@ -135,9 +135,11 @@ def cmd_ladder(args) -> None:
 
 
 def cmd_features(args) -> None:
+    from qdeep.data.pack import is_pack
     from qdeep.workflows.features import extract_features
 
-    paths.image_dir(args.images, "--images")
+    if not is_pack(args.images):
+        paths.image_dir(args.images, "--images")
     paths.weights_file(args.weights)
     _check_outputs(args)
     store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,

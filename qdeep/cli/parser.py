@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Penultimate-layer, globally pooled CNN features of every image under --images, "
                                    "computed with Ray Data (GPU actors when present) into Arrow shards + manifest, "
                                    "at a path or a URI (s3://...).")
-    p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
+    p.add_argument("--images", required=True, metavar="DIR|PACK",
+                   help="a folder of images (recursive), or a pack (`qdeep pack`: a folder or an s3:// URI)")
     add_fields(p, FeaturesConfig(), FEATURES_OPTIONS)
     p.add_argument("--out", required=True, metavar="STORE")
     _run_args(p, tracking=False)

@@ -174,6 +174,11 @@ class Pack:
                                  "truncated or rewritten")
 
     @property
+    def total(self) -> int:
+        """Images in the pack, training and test."""
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    @property
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
 

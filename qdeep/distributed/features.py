@@ -8,16 +8,19 @@ batch), at a local path or a URI. `store_dataset` reads a store back as a Ray Da
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
                                     features_to_numpy, finish_store, shard_table, staging_dir, write_shard)
 from qdeep.data.images import load_rgb
+from qdeep.data.pack import Pack
 from qdeep.data.transforms import to_uint8
 from qdeep.distributed.prepare import try_input_size
 from qdeep.distributed.tasks import (check_visible_everywhere, model_stage, not_visible, raise_user_error,
@@ -32,14 +35,42 @@ def load_backbone(arch: str, weights: str) -> torch.nn.Module:
 
 
 def decode(batch: dict, size: int) -> dict:
-    """CPU stage: paths -> resized uint8 pixels (N, 3, size, size), a quarter of float32's bytes
-    through the object store. A function, so that Ray Data runs it in tasks on the free CPUs beside
-    GPU actors, or fuses it into each CPU actor. The actor normalises on its device."""
+    """CPU stage: paths, or a pack's image bytes (`data`), -> resized uint8 pixels (N, 3, size, size),
+    a quarter of float32's bytes through the object store. A function, so that Ray Data runs it in
+    tasks on the free CPUs beside GPU actors, or fuses it into each CPU actor. The actor normalises
+    on its device."""
+    sources = batch["path"] if "path" in batch else [io.BytesIO(data) for data in batch["data"]]
     try:
-        pixels = np.stack([to_uint8(load_rgb(p), size) for p in batch["path"]])
+        pixels = np.stack([to_uint8(load_rgb(source), size) for source in sources])
     except FileNotFoundError as exc:
-        raise not_visible([exc.filename], len(batch["path"])) from None
+        raise not_visible([exc.filename], len(sources)) from None
     return {"image": batch["image"], "pixels": pixels}
+
+
+def folder_rows(root: Path, paths):
+    """The images under `root` as a Ray Data dataset of (image: its path below root, path)."""
+    import ray
+
+    check_visible_everywhere(paths)
+    return ray.data.from_items([{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths])
+
+
+def pack_rows(pack: Pack):
+    """A pack's images as a Ray Data dataset of (image: its name, data: its bytes), each shard read in
+    the stage that decodes it, from wherever the pack is (a bucket: any node). Not read_parquet: its
+    read tasks ask for a CPU of their own, which the model stage's actors may all hold (a hang)."""
+    import ray
+
+    shards = [{"shard": path} for path in pack.files()]
+    return ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+        _read_pack_shards, fn_kwargs={"pack": pack}, batch_size=1)
+
+
+def _read_pack_shards(batch: dict, pack: Pack):
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path, filesystem=pack.fs, columns=["image", "data"])
+                             for path in batch["shard"]])
 
 
 class Embedder:
@@ -61,23 +92,20 @@ class Embedder:
         return {"image": batch["image"], "features": features}
 
 
-def embed_images(root: Path, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
+def embed_images(root: Path | str, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1):
     """Descriptors of already-checked images into the store at `out` (call inside a Ray session), on
-    `tasks.model_stage`'s actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked."""
-    import ray
-
+    `tasks.model_stage`'s actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked.
+    The images: `paths` under the folder `root`, or (`paths` a Pack) a pack's, named as in the pack."""
     model = load_backbone(arch, weights)
     size = image_size or model.qdeep_arch.input_size
     dim = try_input_size(lambda x: embed(model, x), arch, size).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    check_visible_everywhere(paths)
-    rows = [{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths]
-    ds = (ray.data.from_items(rows)
-          .map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
+    rows, n = (pack_rows(paths), paths.total) if isinstance(paths, Pack) else (folder_rows(root, paths), len(paths))
+    ds = (rows.map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       **model_stage(len(paths), batch_size, use_gpu, max_gpu_actors)))
+                       **model_stage(n, batch_size, use_gpu, max_gpu_actors)))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
                                     extra={"image_root": str(root), **(extra or {})})
 
@@ -139,7 +167,6 @@ def store_dataset(store: FeatureStore):
 
 def _read_shards(batch: dict, path: str):
     """Ray Data UDF: the shards numbered in `batch`, read and checked, features as a tensor column."""
-    import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     store, tables = FeatureStore(path), []

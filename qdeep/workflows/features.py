@@ -7,6 +7,7 @@ from pathlib import Path
 from qdeep.config import FeaturesConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS
+from qdeep.data.pack import Pack, is_pack
 from qdeep.distributed.features import embed_images
 from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import check_images
@@ -17,7 +18,13 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
                      batch_size: int = FeaturesConfig.batch_size, image_size: int | None = None,
                      rows_per_shard: int = FeaturesConfig.rows_per_shard,
                      on_bad_image: str = "error", address: str | None = None):
-    """Build the store at `out` from every image under `images` (ids relative to `images`)."""
+    """Build the store at `out` from every image under `images` (ids relative to `images`), or of the
+    pack `images` (a folder or URI holding pack.json; ids its image names, decoding checked when packed)."""
+    if is_pack(images):
+        pack = Pack(str(images))
+        with ray_session(address, log=log_beside(out)):
+            return embed_images(pack.uri, pack, arch, weights, out, batch_size, image_size, rows_per_shard,
+                                extra={"n_skipped": 0, "skipped": [], "pack": pack.uri})
     root = Path(images).resolve()
     policy = BadInputPolicy(on_bad_image)
     found = scan_images(root, policy)
