@@ -87,6 +87,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_features.py
 	$(BIN)/python scripts/bench_kmeans.py
 	$(BIN)/python scripts/bench_store.py
+	$(BIN)/python scripts/bench_ingest.py
 
 clean:
 	rm -rf $(DEMO) mlruns mlartifacts mlflow.db
