@@ -126,3 +126,31 @@ def test_len_is_the_keys_each_rank_yields(n, world):
     for rank, part in enumerate(shards(n, world)):
         sampler = ShardSampler(n, world, rank, True, 0)
         assert len(sampler) == len(part) == -(-n // world)
+
+
+@pytest.mark.parametrize("kind", ["d4", "flip", "none", "strong"])
+@pytest.mark.parametrize("crop", [0.0, 0.2])
+def test_the_training_transform_is_augment_then_normalize(kind, crop):
+    """train_input moves uint8 pixels for flips and rotations, then converts once: the same tensor as
+    the float path (augment, then normalize), draw for draw, for every seed."""
+    import random
+
+    import torch
+    from PIL import Image
+
+    from qdeep.data.transforms import augment, normalize, to_tensor, to_unit, train_input
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    seen = set()
+    for seed in range(16):
+        got = train_input(image, 16, mean, std, random.Random(seed), crop, kind)
+        want = normalize(augment(to_unit(image, 16), random.Random(seed), crop, kind), mean, std)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        seen.add(got.numpy().tobytes())
+    assert len(seen) >= {"d4": 5, "flip": 2, "none": 1, "strong": 5}[kind]  # the seeds do change the image
+    torch.testing.assert_close(train_input(image, 16, mean, std), normalize(to_unit(image, 16), mean, std),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(to_tensor(image, 16, mean, std), normalize(to_unit(image, 16), mean, std),
+                               rtol=0, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qdeep.data.images import load_rgb
-from qdeep.data.transforms import augment, normalize, to_unit
+from qdeep.data.transforms import train_input
 
 
 class ImageDataset(Dataset):
@@ -30,10 +30,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        x = to_unit(load_rgb(self.paths[i]), self.size)
-        if self.train:
-            x = augment(x, random.Random(hash((self.seed, epoch, i))), self.crop, self.augment)
-        x = normalize(x, self.mean, self.std)
+        rng = random.Random(hash((self.seed, epoch, i))) if self.train else None
+        x = train_input(load_rgb(self.paths[i]), self.size, self.mean, self.std, rng, self.crop, self.augment)
         y = torch.as_tensor(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return i, x, y
 

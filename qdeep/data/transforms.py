@@ -3,6 +3,7 @@ rotations are label-preserving, which makes them the augmentation of choice here
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -32,9 +33,47 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    std_ = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return 1 / (255 * std_), torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_
+
+
+def pixels_to_input(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, H, W) uint8 pixels (any strides) -> the normalised float tensor, in one conversion and two
+    in-place steps: what `normalize(to_unit(...))` computes, to float32 rounding."""
+    scale, shift = _affine(tuple(mean), tuple(std))
+    return torch.from_numpy(np.ascontiguousarray(pixels)).float().mul_(scale).sub_(shift)
+
+
 def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize (any input size) and normalise with the architecture's own statistics."""
-    return normalize(to_unit(image, size), mean, std)
+    return pixels_to_input(to_uint8(image, size), mean, std)
+
+
+def train_input(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+                rng: random.Random | None = None, crop: float = 0.0, kind: str = "d4") -> torch.Tensor:
+    """An image as a training worker feeds it to the network: resized, augmented with `rng` (none
+    without one) and normalised. Flips and rotations (d4, flip) move uint8 pixels before the one
+    float conversion, drawing from `rng` as `augment` does, so the result is `augment`'s; `strong`
+    and crops work on floats. The float steps cost as much as the decode (scripts/bench_ingest.py)."""
+    pixels = to_uint8(image, size)
+    if rng is None or kind == "none" and not crop:
+        return pixels_to_input(pixels, mean, std)
+    if kind in ("d4", "flip") and not crop:
+        return pixels_to_input(augment_pixels(pixels, rng, kind), mean, std)
+    return normalize(augment(torch.from_numpy(pixels).float() / 255.0, rng, crop, kind), mean, std)
+
+
+def augment_pixels(pixels: np.ndarray, rng: random.Random, kind: str = "d4") -> np.ndarray:
+    """`augment`'s flips and rotations (`d4`, `flip`) on (3, H, W) pixels of any dtype, as views."""
+    if rng.random() < 0.5:
+        pixels = pixels[:, :, ::-1]
+    if kind == "d4":
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1, :]
+        pixels = np.rot90(pixels, rng.randrange(4), axes=(1, 2))
+    return pixels
 
 
 def augment(x: torch.Tensor, rng: random.Random, crop: float = 0.0, kind: str = "d4") -> torch.Tensor:
