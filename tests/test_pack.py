@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from qdeep.cli import main
-from qdeep.data.pack import MANIFEST, Pack, make_room, plan_shards
+from qdeep.data.pack import MANIFEST, Pack, make_room, plan_shards, shard_bytes_for
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 from qdeep.errors import QdeepError
 from qdeep.io import filesystem
@@ -51,6 +51,14 @@ def test_a_planet_layout_packs_into_shards_of_unchanged_bytes(ray_cluster, plane
     assert all(r["tags"] is None for r in rows if r["split"] == "test")
     assert manifest["labels"] == sorted({t for tags in csv.values() for t in tags})
     pack.verify()
+
+
+def test_shards_are_small_enough_for_every_cpu_but_not_tiny():
+    mb = 1 << 20
+    assert shard_bytes_for(1000 * mb, 16, 256 * mb) == 1000 * mb // 16  # 16 shards, not 4
+    assert shard_bytes_for(100 * mb, 16, 256 * mb) == 16 * mb  # the floor
+    assert shard_bytes_for(10_000 * mb, 16, 256 * mb) == 256 * mb  # --shard-mb is the most
+    assert shard_bytes_for(100 * mb, 16, 1 * mb) == 1 * mb  # a --shard-mb below the floor stays
 
 
 def test_shards_take_consecutive_images_up_to_their_size():

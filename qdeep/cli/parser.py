@@ -79,13 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack a data set into Parquet shards of image bytes, locally or in a bucket",
                        description="Every image of --data (Planet layout), --labels with --images, or --images (a "
                                    "folder per class), its bytes unchanged, with its name, labels and split, into "
-                                   "Parquet shards of about --shard-mb and a manifest written last, at a local path "
-                                   "or a URI (s3://bucket/prefix: credentials and endpoint from the standard AWS "
-                                   "variables). Every command's --data then takes the pack.")
+                                   "Parquet shards of at most about --shard-mb and a manifest written last, at a local "
+                                   "path or a URI (s3://bucket/prefix: credentials and endpoint from the standard AWS "
+                                   "variables). `qdeep features --images` takes the pack.")
     _data_args(p)
     p.add_argument("--out", required=True, metavar="URI", help="a folder or a bucket prefix (s3://, gs://, ...)")
     p.add_argument("--shard-mb", type=positive_float, default=DEFAULT_SHARD_MB,
-                   help=f"about how many MB of images each shard holds (default {DEFAULT_SHARD_MB})")
+                   help=f"at most about how many MB of images a shard holds (default {DEFAULT_SHARD_MB}); smaller, "
+                        "down to 16, when that gives every CPU of the cluster a shard to pack and later to read")
     _run_args(p, tracking=False)
     p.set_defaults(func=commands.cmd_pack)
 

@@ -60,6 +60,15 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+MIN_SHARD_BYTES = 16 << 20  # below this, shards are not split further to keep every CPU busy
+
+
+def shard_bytes_for(total: int, cpus: int, most: int) -> int:
+    """Shard size: at most `most`, and small enough that `cpus` tasks share the `total` bytes (packing
+    and every later read go a shard a task), but no smaller than MIN_SHARD_BYTES (or `most`)."""
+    return min(most, max(MIN_SHARD_BYTES, -(-total // max(cpus, 1))))
+
+
 def plan_shards(sizes: Sequence[int], shard_bytes: int) -> list[range]:
     """Consecutive rows in groups of about `shard_bytes` (at least one row each)."""
     groups, start, total = [], 0, 0
