@@ -181,12 +181,14 @@ class LoopbackCluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
-    def submit(self, *entrypoint: str, timeout: float = JOB_TIMEOUT_S) -> Job:
-        """Run `entrypoint` as a Ray job (its driver on the head, no CPU of its own) and wait for it."""
+    def submit(self, *entrypoint: str, timeout: float = JOB_TIMEOUT_S, env: dict | None = None) -> Job:
+        """Run `entrypoint` as a Ray job (its driver on the head, no CPU of its own; `env` in its runtime
+        environment) and wait for it."""
         job_id = f"qdeep-test-{uuid.uuid4().hex[:8]}"
+        runtime = ["--runtime-env-json", json.dumps({"env_vars": env})] if env else []
         try:
             self.ray("job", "submit", "--address", self.dashboard, "--submission-id", job_id,
-                     "--entrypoint-num-cpus", "0", "--", *entrypoint, timeout=timeout)
+                     "--entrypoint-num-cpus", "0", *runtime, "--", *entrypoint, timeout=timeout)
         except subprocess.TimeoutExpired:
             self.ray("job", "stop", "--address", self.dashboard, job_id)
         status = self.ray("job", "status", "--address", self.dashboard, job_id)
@@ -195,8 +197,8 @@ class LoopbackCluster:
         logs = self.ray("job", "logs", "--address", self.dashboard, job_id).stdout
         return Job(job_id, (found.group(1) or found.group(2)).upper() if found else f"unknown: {text}", logs)
 
-    def qdeep(self, *args: str, timeout: float = JOB_TIMEOUT_S) -> Job:
-        return self.submit(str(BIN / "qdeep"), *args, timeout=timeout)
+    def qdeep(self, *args: str, timeout: float = JOB_TIMEOUT_S, env: dict | None = None) -> Job:
+        return self.submit(str(BIN / "qdeep"), *args, timeout=timeout, env=env)
 
     def stop(self) -> None:
         """SIGTERM each `ray start --block` (it stops its node's processes), then SIGKILL whatever is
@@ -354,23 +356,20 @@ def test_deepcluster_job(cluster):
 def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket):
     """The second node dies (SIGKILL of its raylet and workers) while a 2-worker run trains, and a new
     one joins, as an autoscaler replaces a lost machine: the run resumes from its last checkpoint in the
-    bucket, once, and every epoch appears once in its history."""
-    import pyarrow.fs
-
-    from qdeep.io import filesystem
-
+    bucket, once, and every epoch appears once in its history. The test plugin's gate holds the run at
+    the start of epoch 1 (its epoch-0 checkpoint registered) while the node is killed."""
     runs = f"{s3_bucket}/runs"
-    fs, inner = filesystem(runs)
-    args = _train_args(cluster, "out-lost", "--workers", "2", "--name", "lost", "--epochs", "3",
-                       "--max-failures", "1", "--storage-path", runs)
+    held, opened = cluster.shared / "lost-held", cluster.shared / "lost-open"
+    args = ["--plugin", "qdeep_test_hooks", *_train_args(cluster, "out-lost", "--workers", "2", "--name", "lost",
+                                                          "--epochs", "3", "--max-failures", "1", "--storage-path", runs)]
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(cluster.qdeep, *args)
+        running = pool.submit(cluster.qdeep, *args, env={"QDEEP_TEST_GATE": f"{held}:{opened}:1"})
         deadline = time.time() + JOB_TIMEOUT_S
-        while not any(f.path.endswith(CHECKPOINT_FILE) for f in
-                      fs.get_file_info(pyarrow.fs.FileSelector(f"{inner}/lost", recursive=True, allow_not_found=True))):
-            assert not running.done() and time.time() < deadline, running.result() if running.done() else "no checkpoint"
-            time.sleep(0.5)
+        while not held.exists():
+            assert not running.done() and time.time() < deadline, running.result() if running.done() else "not held"
+            time.sleep(0.2)
         cluster.kill_node()
+        opened.write_text("go\n")
         cluster.start_node()
         job = running.result()
     assert job.status == "SUCCEEDED", job
