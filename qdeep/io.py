@@ -61,6 +61,11 @@ def is_uri(path) -> bool:
     return bool(sep) and scheme.lower() != "file"
 
 
+def child(directory: str | os.PathLike, name: str) -> str:
+    """`name` inside `directory`, a local path or a URI (Path would turn s3://b into s3:/b)."""
+    return f"{str(directory).rstrip('/')}/{name}"
+
+
 def filesystem(path: str | os.PathLike):
     """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
     import pyarrow.fs

@@ -51,7 +51,8 @@ def cmd_synth(args) -> None:
 
 
 def cmd_pack(args) -> None:
-    from qdeep.data.pack import describe
+    from qdeep.data.pack import MANIFEST, describe
+    from qdeep.io import child
     from qdeep.workflows.pack import run_pack
 
     paths.training_data(args.data, args.labels, args.images)
@@ -60,7 +61,7 @@ def cmd_pack(args) -> None:
                         on_bad_image=args.on_bad_image, address=args.address)
     print(f"packed {describe(manifest)} into {args.out}")
     if manifest["skipped"]:
-        print(f"skipped inputs are listed in {args.out.rstrip('/')}/pack.json")
+        print(f"skipped inputs are listed in {child(args.out, MANIFEST)}")
 
 
 def cmd_baseline(args) -> None:

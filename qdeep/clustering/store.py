@@ -28,7 +28,7 @@ from pyarrow.fs import FileSelector, FileType, LocalFileSystem
 
 from qdeep.config import FeaturesConfig
 from qdeep.errors import QdeepError
-from qdeep.io import atomic_dir, filesystem, is_uri, read_json, write_json
+from qdeep.io import atomic_dir, child, filesystem, is_uri, read_json, write_json
 
 FORMAT_VERSION = 2  # 1: Parquet shards with sha256
 MANIFEST = "manifest.json"
@@ -70,10 +70,6 @@ def check_store_args(dim: Any, model: Any, extra: Any = None, rows_per_shard: An
             raise QdeepError(f"feature store {what} must be JSON-serializable: {exc}") from exc
 
 
-def _join(directory: str | os.PathLike, name: str) -> str:
-    return f"{str(directory).rstrip('/')}/{name}"
-
-
 @contextmanager
 def staging_dir(path: str | os.PathLike) -> Iterator[str]:
     """Where a store's files go to appear at `path` only when complete. Locally, a temporary
@@ -91,7 +87,7 @@ def staging_dir(path: str | os.PathLike) -> Iterator[str]:
             yield str(tmp)
         return
     if MANIFEST in names:
-        fs.delete_file(_join(inner, MANIFEST))
+        fs.delete_file(child(inner, MANIFEST))
     fs.delete_dir_contents(inner, missing_dir_ok=True)
     try:
         yield str(path)
@@ -223,7 +219,7 @@ def finish_store(directory: str | os.PathLike, shards: list[dict], model: dict, 
                              "must be on a filesystem shared by all Ray nodes, or in a bucket (s3://...)")
     final = [{"file": r["file"], "rows": int(r["rows"]), "bytes": int(r["bytes"]), "xxh3_64": r["xxh3_64"]}
              for r in shards]
-    write_json(_join(directory, MANIFEST), {
+    write_json(child(directory, MANIFEST), {
         "format_version": FORMAT_VERSION, "model": model, "dim": int(dim), "dtype": DTYPE,
         "columns": {name: str(type_) for name, type_ in (columns or {}).items()},
         "shards": final, "total_rows": sum(s["rows"] for s in final),
@@ -239,7 +235,7 @@ def write_rank_shards(directory: str | os.PathLike, images: Sequence[str], featu
     fs, inner = filesystem(directory)
     fs.create_dir(inner, recursive=True)
     dim, step = np.shape(features)[1], rows_per_shard
-    return [write_shard(_join(directory, f"part-r{rank:05d}-{j:05d}{SUFFIX}"),
+    return [write_shard(child(directory, f"part-r{rank:05d}-{j:05d}{SUFFIX}"),
                         shard_table(dim, images[start : start + step], features[start : start + step]))
             for j, start in enumerate(range(0, len(images), step))]
 
@@ -284,7 +280,7 @@ class StoreWriter:
             end = min(len(img), start + self.rows_per_shard - self._rows)
             table = _table(self.dim, img[start:end], feats[start:end], {c: a[start:end] for c, a in labels.items()})
             if self._open is None:
-                sink = _ShardFile(_join(self._tmp, f"part-{len(self._shards):05d}{SUFFIX}"))
+                sink = _ShardFile(child(self._tmp, f"part-{len(self._shards):05d}{SUFFIX}"))
                 self._open = sink, pa.ipc.new_file(sink, table.schema)
             self._open[1].write_table(table)
             self._rows += end - start
@@ -357,7 +353,7 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        where = _join(path, MANIFEST)
+        where = child(path, MANIFEST)
         try:
             self.manifest = read_json(where)
         except (OSError, ValueError) as exc:
@@ -382,7 +378,7 @@ class FeatureStore:
         (memory-mapped locally, one read of the object from an object store), once its rows, schema
         and checksum match the manifest. Nothing of a shard is decoded before its checksum passes."""
         where = f"feature store {self.path}: shard {shard.file}"
-        fs, inner = filesystem(_join(self.path, shard.file))
+        fs, inner = filesystem(child(self.path, shard.file))
         try:
             with (LocalFileSystem(use_mmap=True) if isinstance(fs, LocalFileSystem) else fs).open_input_file(inner) as f:
                 buf = f.read_buffer()

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.errors import QdeepError
-from qdeep.io import filesystem, read_json, write_json
+from qdeep.io import child, filesystem, read_json, write_json
 
 FORMAT, FORMAT_VERSION = "qdeep-pack", 1
 MANIFEST = "pack.json"
@@ -50,10 +50,6 @@ class Row:
     split: str
     tags: list[str] | None
     origin: str | None
-
-
-def join(root: str, name: str) -> str:
-    return f"{str(root).rstrip('/')}/{name}"
 
 
 def shard_name(index: int) -> str:
@@ -103,7 +99,7 @@ def write_shard(out: str, index: int, rows: Sequence[Row]) -> tuple[dict | None,
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="none", use_dictionary=["split"], row_group_size=max(1, len(kept)))
     buf = sink.getvalue()  # whole, to hash the very bytes written
-    fs, inner = filesystem(join(out, shard_name(index)))
+    fs, inner = filesystem(child(out, shard_name(index)))
     with fs.open_output_stream(inner) as f:
         f.write(buf)
     splits = {split: sum(r.split == split for r, _ in kept) for split in ("train", "test")}
@@ -127,9 +123,9 @@ def make_room(out: str) -> None:
     if strangers:
         raise QdeepError(f"--out {out}: holds {strangers[0]}, which is not part of a pack; refusing to replace it")
     if MANIFEST in names:
-        fs.delete_file(join(inner, MANIFEST))
+        fs.delete_file(child(inner, MANIFEST))
     for name in sorted(names - {MANIFEST}):
-        fs.delete_file(join(inner, name))
+        fs.delete_file(child(inner, name))
 
 
 def remove_shards(out: str, shards: Sequence[dict]) -> None:
@@ -137,7 +133,7 @@ def remove_shards(out: str, shards: Sequence[dict]) -> None:
     fs, inner = filesystem(out)
     for shard in shards:
         try:
-            fs.delete_file(join(inner, shard["file"]))
+            fs.delete_file(child(inner, shard["file"]))
         except OSError:
             pass
 
@@ -154,7 +150,7 @@ def write_manifest(out: str, shards: Sequence[dict], source: str, layout: str, l
                 "counts": {**counts, "skipped": len(skipped)}, "labels": sorted(labels),
                 "shards": [{k: s[k] for k in ("file", "rows", "bytes", "sha256")} for s in shards],
                 "skipped": list(skipped)}
-    write_json(join(out, MANIFEST), manifest)
+    write_json(child(out, MANIFEST), manifest)
     return manifest
 
 
@@ -164,16 +160,16 @@ class Pack:
     def __init__(self, uri: str):
         self.uri = str(uri).rstrip("/")
         try:
-            manifest = read_json(join(self.uri, MANIFEST))
+            manifest = read_json(child(self.uri, MANIFEST))
         except (OSError, ValueError) as exc:
             raise QdeepError(f"pack {self.uri}: {MANIFEST} is unreadable: {exc}") from None
         if manifest is None:
             raise QdeepError(f"{self.uri} is not a complete pack (no {MANIFEST}; `qdeep pack` writes it last)")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise QdeepError(f"{join(self.uri, MANIFEST)} is not a {FORMAT} version {FORMAT_VERSION} manifest")
+            raise QdeepError(f"{child(self.uri, MANIFEST)} is not a {FORMAT} version {FORMAT_VERSION} manifest")
         self.manifest = manifest
         self.fs, inner = filesystem(self.uri)
-        self.paths = [join(inner, s["file"]) for s in manifest["shards"]]
+        self.paths = [child(inner, s["file"]) for s in manifest["shards"]]
         for shard, info in zip(manifest["shards"], self.fs.get_file_info(self.paths)):
             where = f"pack {self.uri}: shard {shard['file']}"
             if info.type != pyarrow.fs.FileType.File:
@@ -226,7 +222,7 @@ class Pack:
 def is_pack(path) -> bool:
     """Whether `path` holds a pack's manifest (complete or not, it is a pack, not a folder of images)."""
     fs, inner = filesystem(path)
-    return fs.get_file_info(join(inner, MANIFEST)).type == pyarrow.fs.FileType.File
+    return fs.get_file_info(child(inner, MANIFEST)).type == pyarrow.fs.FileType.File
 
 
 def describe(manifest: dict) -> str:

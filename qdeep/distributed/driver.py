@@ -100,7 +100,7 @@ def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, stor
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get(metric, -1))[0] if result.best_checkpoints \
         else result.checkpoint
     # Ray's result.path is inside its filesystem: a bucket's run without its s3:// scheme.
-    path = f"{storage_path.rstrip('/')}/{name}" if io.is_uri(storage_path) else result.path
+    path = io.child(storage_path, name) if io.is_uri(storage_path) else result.path
     return TrainOutcome(best=_load(best), latest=latest, path=path)
 
 
@@ -162,7 +162,7 @@ RUN_FILE = "qdeep_run.json"  # beside Ray Train's files: the settings of a named
 
 def claim_run(storage_path: str, name: str, settings: dict) -> None:
     """Rerunning a name resumes it, so the same name must mean the same training (`io.claim_run`)."""
-    path = f"{storage_path.rstrip('/')}/{name}/{RUN_FILE}"
+    path = io.child(io.child(storage_path, name), RUN_FILE)
     io.claim_run(path, settings, f"run {name!r} in {storage_path} was started with different settings", "--name")
     io.record_run(path, settings)
 
