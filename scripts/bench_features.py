@@ -36,7 +36,7 @@ import torch
 
 from qdeep.data.synth import write_synthetic_classes
 from qdeep.data.transforms import normalize
-from qdeep.distributed.features import decode, embed_images, load_backbone
+from qdeep.distributed.features import decode, embed_images, folder_rows, load_backbone
 from qdeep.distributed.session import ray_session
 from qdeep.models import embed
 
@@ -76,8 +76,8 @@ def main() -> None:
         paths = sorted(root.rglob("*.jpg"))
         t_plain = timed(lambda: plain_loop(paths, args.arch, args.weights, args.batch_size, tmp / "x.npy"))
         with ray_session(num_cpus=os.cpu_count()):
-            t_ray = timed(lambda: embed_images(root, paths, args.arch, args.weights, tmp / "store",
-                                               batch_size=args.batch_size, use_gpu=False))
+            t_ray = timed(lambda: embed_images(folder_rows(root, paths), len(paths), root, args.arch, args.weights,
+                                               tmp / "store", batch_size=args.batch_size, use_gpu=False))
     n = len(paths)
     print(f"{n} images, {args.arch}, batch {args.batch_size}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}")

@@ -92,20 +92,19 @@ class Embedder:
         return {"image": batch["image"], "features": features}
 
 
-def embed_images(root: Path | str, paths, arch: str, weights: str, out: str | Path, batch_size: int = 64,
+def embed_images(rows, n_images: int, root: Path | str, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1):
-    """Descriptors of already-checked images into the store at `out` (call inside a Ray session), on
-    `tasks.model_stage`'s actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked.
-    The images: `paths` under the folder `root`, or (`paths` a Pack) a pack's, named as in the pack."""
+    """Descriptors of `n_images` already-checked images under `root` (`rows`: `folder_rows` or
+    `pack_rows`) into the store at `out` (call inside a Ray session), on `tasks.model_stage`'s
+    actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked."""
     model = load_backbone(arch, weights)
     size = image_size or model.qdeep_arch.input_size
     dim = try_input_size(lambda x: embed(model, x), arch, size).shape[1]
     identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    rows, n = (pack_rows(paths), paths.total) if isinstance(paths, Pack) else (folder_rows(root, paths), len(paths))
     ds = (rows.map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
           .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
-                       **model_stage(n, batch_size, use_gpu, max_gpu_actors)))
+                       **model_stage(n_images, batch_size, use_gpu, max_gpu_actors)))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
                                     extra={"image_root": str(root), **(extra or {})})
 

@@ -29,7 +29,7 @@ from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.distributed import driver
 from qdeep.distributed.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
                                            n_finished, network, truth_scores)
-from qdeep.distributed.features import embed_images
+from qdeep.distributed.features import embed_images, folder_rows
 from qdeep.distributed.prepare import check_model, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
@@ -165,8 +165,9 @@ def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, stor
     """Descriptors of every image with `weights` into a feature store (Ray Data; on up to `max_gpus`
     GPU actors when GPUs are used), clustered shard by shard into k groups, in the collection's order;
     and where k-means ran (`cluster_placed`)."""
-    store = embed_images(coll.root, coll.paths, config.train.arch, weights, store_dir, batch_size=64,
-                         image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
+    store = embed_images(folder_rows(coll.root, coll.paths), len(coll.paths), coll.root, config.train.arch, weights,
+                         store_dir, batch_size=64, image_size=config.train.image_size, use_gpu=use_gpu,
+                         max_gpu_actors=max_gpus)
     ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
     return in_order(ids, clustering, coll.ids), where
 
