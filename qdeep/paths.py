@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qdeep.config import NAMED_WEIGHTS
 from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
+from qdeep.data.pack import is_pack
 from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS, TRAIN_DIR, train_csv
 from qdeep.errors import QdeepError
 from qdeep.io import is_uri
@@ -84,8 +85,17 @@ def planet_dir(path, option: str | None = "--data", split: str = "train") -> Pat
     return root
 
 
-def training_data(data=None, labels=None, images=None) -> None:
-    """`--data` a Planet layout, `--labels` a CSV, `--images` a folder of images, where given."""
+PACK_READERS = "train, tune"  # the commands whose --data may be a pack (`qdeep pack`)
+
+
+def training_data(data=None, labels=None, images=None, packs: bool = False) -> None:
+    """`--data` a Planet layout (or, where the command reads `packs`, a pack: a folder or URI),
+    `--labels` a CSV, `--images` a folder of images, where given."""
+    if data and (is_uri(data) or is_pack(data)):
+        if not packs:
+            raise QdeepError(f"--data {data}: a pack (or a URI); this command reads folders only "
+                             f"(packs: {PACK_READERS})")
+        return  # a pack is checked as it opens (its manifest, every shard's size)
     if data:
         planet_dir(data, "--data")
     if labels:

@@ -379,6 +379,24 @@ def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket)
     assert m["ray_run_path"] == f"{runs}/lost"
 
 
+def test_training_reads_a_pack_in_the_bucket_on_a_node_without_the_data(cluster, s3_bucket):
+    """The images exist on the head's disk alone (`local/`, which the second node cannot see): packed
+    into the bucket, they train a 2-worker run over both nodes, checkpoints in the bucket too."""
+    from qdeep.cli import main
+
+    data = cluster.local / "pack-source"
+    write_synthetic_planet(data, n=64, size=32, seed=4, n_test=4)
+    pack, runs = f"{s3_bucket}/pack", f"{s3_bucket}/runs"
+    assert main(["pack", "--data", str(data), "--out", pack, "--shard-mb", "1"]) == 0  # this session's own Ray
+    args = _train_args(cluster, "out-pack", "--workers", "2", "--name", "from-pack", "--storage-path", runs)
+    args[args.index("--data") + 1] = pack
+    job = cluster.qdeep(*args)
+    assert job.status == "SUCCEEDED", job
+    m = json.loads((cluster.shared / "out-pack" / "metrics.json").read_text())
+    assert [(h["workers"], h["nodes"]) for h in m["history"]] == [(2, 2)], job
+    assert m["n_train"] + m["n_val"] == 64 and m["ray_run_path"] == f"{runs}/from-pack"
+
+
 def test_node_local_mlflow_store_is_refused(cluster):
     db = cluster.local / "mlflow.db"
     args = _train_args(cluster, "out-mlflow", "--workers", "2", "--storage-path", str(cluster.shared / "runs"),

@@ -134,8 +134,10 @@ def test_bad_worker_counts_are_one_line_errors(spec, tmp_path, capsys):
 def test_min_max_workers_make_an_elastic_trainer(ray_cluster, tmp_path):
     elastic = driver.make_trainer({"score_metric": "val_f2"}, "1-2", "e", str(tmp_path))
     assert elastic.scaling_config.num_workers == (1, 2) and elastic.scaling_config.elasticity_enabled
-    # CPUs are shared out for the largest group: 2 CPUs over 2 workers.
-    assert elastic.scaling_config.resources_per_worker == {"CPU": 1}
+    # CPUs are shared out for the largest group: 2 CPUs, less the half CPU Ray Data's input tasks need,
+    # over 2 workers; each worker's torch takes a thread.
+    assert elastic.scaling_config.resources_per_worker == {"CPU": 0.75}
+    assert elastic.train_loop_config["torch_threads"] == 1
     fixed = driver.make_trainer({"score_metric": "val_f2"}, "2-2", "f", str(tmp_path))
     assert fixed.scaling_config.num_workers == 2 and not fixed.scaling_config.elasticity_enabled
 
@@ -149,4 +151,6 @@ def test_gpu_workers_reserve_a_cpu_per_decoding_process(ray_cluster, tmp_path):
                                      use_gpu=True)
     assert no_loaders.scaling_config.resources_per_worker == {"CPU": 1, "GPU": 1}
     cpu = driver.make_trainer({"score_metric": "val_f2", "loader_workers": 3}, 2, "c", str(tmp_path), use_gpu=False)
-    assert cpu.scaling_config.resources_per_worker == {"CPU": 1}
+    assert cpu.scaling_config.resources_per_worker == {"CPU": 0.75}
+    one = driver.make_trainer({"score_metric": "val_f2"}, 1, "c1", str(tmp_path), use_gpu=False)
+    assert one.scaling_config.resources_per_worker == {"CPU": 1.5} and one.train_loop_config["torch_threads"] == 2

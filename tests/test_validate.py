@@ -75,7 +75,7 @@ def loader_of(x, y, shuffle, world=1, rank=0, plan=None, batch=4):
 def test_scores_the_whole_set_with_each_row_on_its_own_index(task, shuffle):
     x, y, model, targets, part = task()
     recording = Recording(part)
-    val = validate(model, loader_of(x, y, shuffle), targets.loss(), torch.device("cpu"), y, targets, recording)
+    val = validate(model, loader_of(x, y, shuffle), targets.loss(), torch.device("cpu"), len(y), targets, recording)
 
     with torch.no_grad():
         expected = targets.activation(model(x)).numpy()
@@ -95,11 +95,11 @@ def test_scores_the_whole_set_with_each_row_on_its_own_index(task, shuffle):
 
 def test_f2_and_accuracy_report_their_own_metrics():
     x, y, model, targets, part = multilabel()
-    f2 = validate(model, loader_of(x, y, True), targets.loss(), torch.device("cpu"), y, targets, part)["score"]
+    f2 = validate(model, loader_of(x, y, True), targets.loss(), torch.device("cpu"), len(y), targets, part)["score"]
     assert set(f2.metrics) == {"f2"} and 0 < f2.metrics["f2"] <= 1
     assert len(f2.per_label) == len(LABELS) and len(f2.thresholds) == len(LABELS)
     x, y, model, targets, part = multiclass()
-    acc = validate(model, loader_of(x, y, True), targets.loss(), torch.device("cpu"), y, targets, part)["score"]
+    acc = validate(model, loader_of(x, y, True), targets.loss(), torch.device("cpu"), len(y), targets, part)["score"]
     assert set(acc.metrics) == {"accuracy", "macro_f1"} and acc.thresholds is None
     with torch.no_grad():
         assert acc.metrics["accuracy"] == pytest.approx(float((model(x).argmax(1).numpy() == y).mean()))
@@ -115,7 +115,7 @@ def test_the_samplers_padding_repeats_rows_without_moving_them(task):
     world = 4
     loader = itertools.chain(*(loader_of(x, y, True, world, rank) for rank in range(world)))
     recording = Recording(part)
-    val = validate(model, loader, targets.loss(), torch.device("cpu"), y, targets, recording)
+    val = validate(model, loader, targets.loss(), torch.device("cpu"), len(y), targets, recording)
 
     with torch.no_grad():
         expected = targets.activation(model(x)).numpy()

@@ -62,7 +62,7 @@ def _run(rank: int, world: int, store: str, out: str) -> None:
         x, y, model = _data()
         targets, validation = MultiLabelTargets(LABELS), CountingF2()
         loader = make_loader(Rows(x, y), 4, shuffle=False, workers=0, world_size=world, rank=rank, seed=0)
-        val = validate(model, loader, targets.loss(), torch.device("cpu"), y, targets, validation)
+        val = validate(model, loader, targets.loss(), torch.device("cpu"), len(y), targets, validation)
         score = val["score"]
         result = {"calls": validation.calls, "loss": val["loss"], "metrics": score.metrics,
                   "per_label": np.asarray(score.per_label).tolist(),

@@ -84,7 +84,7 @@ def cmd_baseline(args) -> None:
 def cmd_train(args) -> None:
     from qdeep.workflows.train import run_train
 
-    paths.training_data(args.data, args.labels, args.images)
+    paths.training_data(args.data, args.labels, args.images, packs=True)
     paths.weights_file(args.weights)
     _check_outputs(args)
     config = _training(args, **pick(args, ["arch", "weights", "freeze", "lr", "refit"]))
@@ -103,7 +103,7 @@ def cmd_train(args) -> None:
 def cmd_tune(args) -> None:
     from qdeep.workflows.tune import run_tune
 
-    paths.training_data(args.data, args.labels, args.images)
+    paths.training_data(args.data, args.labels, args.images, packs=True)
     for weights in args.weights:
         paths.weights_file(weights)
     if args.space:

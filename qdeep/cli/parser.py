@@ -18,7 +18,8 @@ from qdeep.options import (Parser, add_fields, csv_list, encoding_name, freeze_s
 
 def _data_args(p) -> None:
     g = p.add_argument_group("data (--data, or --labels with --images, or --images alone: a folder per class)")
-    g.add_argument("--data", metavar="DIR", help="Kaggle Planet layout: train_v2.csv, train-jpg/, test-jpg/")
+    g.add_argument("--data", metavar="DIR", help="Kaggle Planet layout: train_v2.csv, train-jpg/, test-jpg/; "
+                                                 "train and tune also take a pack (`qdeep pack`: a folder or s3://)")
     g.add_argument("--labels", metavar="CSV", help="any CSV with columns image_name,tags")
     g.add_argument("--images", metavar="DIR", help="the folder the labels CSV names images in; alone, one "
                                                    "sub-folder per class")

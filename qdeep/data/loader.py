@@ -1,10 +1,14 @@
-"""Per-worker data: a map-style dataset over JPEG paths, decoded in DataLoader processes, and the
-sampler that gives each rank its share of an epoch."""
+"""Per-worker data: what a training worker makes of the rows Ray Data streams it (`Decoder`: image
+bytes or paths -> input tensors, in threads), and DeepCluster's map-style dataset over JPEG paths,
+decoded in DataLoader processes, with the sampler that gives each rank its share of an epoch."""
 
 from __future__ import annotations
 
+import io
 import random
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -86,3 +90,42 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: 
         persistent_workers=workers > 0,
         multiprocessing_context="forkserver" if workers > 0 else None,
     )
+
+
+class Decoder:
+    """Batches of rows, {"row": ids, "ref": image bytes or paths, "y": targets} as Ray Data's
+    `iter_batches` yields them, -> (row, input, target) tensors, decoded and augmented in `threads`
+    threads of this process (PIL and torch let go of the GIL; 0: inline), one batch ahead of the
+    one being trained on. A row's augmentation is drawn from (seed, epoch, row): every epoch sees
+    other flips and crops, the same on a rerun."""
+
+    def __init__(self, size: int, mean, std, train: bool = False, crop: float = 0.0, seed: int = 0,
+                 augment: str = "d4", threads: int = 0, y_dtype=np.float32):
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.train, self.crop, self.seed, self.augment, self.y_dtype = train, crop, seed, augment, y_dtype
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 0 else None
+
+    def one(self, ref, row: int, epoch: int) -> torch.Tensor:
+        rng = random.Random(hash((self.seed, epoch, row))) if self.train else None
+        source = ref if isinstance(ref, str) else io.BytesIO(ref)
+        return train_input(load_rgb(source), self.size, self.mean, self.std, rng, self.crop, self.augment)
+
+    def __call__(self, batches: Iterable[dict], epoch: int = 0) -> Iterator[tuple]:
+        def start(batch):
+            rows = np.array(batch["row"], dtype=np.int64)
+            jobs = [(ref, int(r), epoch) for ref, r in zip(batch["ref"], rows)]
+            xs = [self.pool.submit(self.one, *job) for job in jobs] if self.pool else [self.one(*job) for job in jobs]
+            return rows, xs, batch["y"]
+
+        def finish(started):
+            rows, xs, y = started
+            x = torch.stack([f.result() for f in xs] if self.pool else xs)
+            return torch.from_numpy(rows), x, torch.from_numpy(np.array(y, dtype=self.y_dtype))  # a copy: Ray's is read-only
+
+        ahead: deque = deque()
+        for batch in batches:
+            ahead.append(start(batch))
+            if len(ahead) > 1:
+                yield finish(ahead.popleft())
+        while ahead:
+            yield finish(ahead.popleft())

@@ -191,6 +191,11 @@ class Pack:
     def layout(self) -> str:
         return self.manifest["layout"]
 
+    @property
+    def task(self) -> str:
+        """What its labels mean, as `parts.infer_task` reads the source it was packed from."""
+        return "multiclass" if self.layout == "class-folders" else "multilabel"
+
     def files(self) -> list[str]:
         """Each shard as its filesystem names it (for `ray.data.read_parquet(files, filesystem=pack.fs)`)."""
         return list(self.paths)

@@ -49,3 +49,11 @@ def sum_across_workers(values: list[float], device) -> list[float]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) into every rank's `module`, as DDP does at
+    each of its forwards: each rank's last training step updated its own."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)

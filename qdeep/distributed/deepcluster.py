@@ -29,9 +29,10 @@ from qdeep.clustering.kmeans import choose_pca_dim, ground_truth_scores, nmi
 from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_store, write_rank_shards
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
 from qdeep.distributed.comm import barrier, broadcast_from_rank0, gather_to_rank0, sum_across_workers
+from qdeep.distributed.ingest import collection_from
 from qdeep.distributed.tasks import require_visible
 from qdeep.distributed.worker import (load_optimizer_state, lr_factor, optimizer_state, start_stage, train_one_epoch,
-                                      validate, worker_batch)
+                                      use_threads, validate, worker_batch)
 from qdeep.models import build_model, embed, reset_head, weights_sha256
 from qdeep.parts import TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
@@ -145,9 +146,10 @@ def deepcluster_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    use_threads(config)
     out, k = Path(config["out"]), config["k"]
-    paths, ids = config["paths"], config["ids"]
-    is_ctrl = np.asarray(config["is_ctrl"], dtype=bool)
+    collection = collection_from("images")  # the index, through Ray Data; never in the config
+    paths, ids, is_ctrl, truth = collection["path"], collection["image"], collection["ctrl"], collection["truth"]
     train_rows, ctrl_rows = np.flatnonzero(~is_ctrl), np.flatnonzero(is_ctrl)
     require_visible(paths)  # a node that joined after the driver's check
     load_plugins(config.get("plugins"))
@@ -226,7 +228,7 @@ def deepcluster_func(config: dict) -> None:
                 model, with_labels(train_loader), optimizer, scaler, loss_fn, device,
                 lambda i: schedule(e * len(train_loader) + i), kept_bn_stats(config))
             loss_sum, correct, seen = sum_across_workers([loss_sum, correct, seen], device)
-            val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, labels[ctrl_rows], targets,
+            val = validate(model, with_labels(ctrl_loader, ctrl_rows), loss_fn, device, len(ctrl_rows), targets,
                            validation)
             epochs.append({"epoch": global_epoch, "train_loss": loss_sum / max(seen, 1),
                            "train_acc": correct / max(seen, 1), "val_loss": val["loss"],
@@ -236,7 +238,7 @@ def deepcluster_func(config: dict) -> None:
         body_state = optimizer_state(optimizer, bare)
         if rank == 0:
             at = {"started": started, "embedded": embedded, "clustered": clustered, "trained": trained}
-            record_iteration(out, t, bare, body_state, clustering, is_ctrl, config, epochs, where, at)
+            record_iteration(out, t, bare, body_state, clustering, is_ctrl, truth, config, epochs, where, at)
         ray.train.report({"iteration": t, "ctrl_acc": epochs[-1]["val_accuracy"]})
         del model
 
@@ -265,7 +267,7 @@ def embed_into_store(bare, loader, ids: list[str], path: str | Path, rank: int, 
 
 
 def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clustering, is_ctrl: np.ndarray,
-                     config: dict, epochs: list[dict], where: str, at: dict) -> dict:
+                     truth: list[str] | None, config: dict, epochs: list[dict], where: str, at: dict) -> dict:
     """OUT/iterations/iter_XX/: the network (head included), the body's optimizer state, the
     pseudo-labels, and metrics.json last (it marks the iteration finished)."""
     folder = iteration_dir(out, t)
@@ -294,7 +296,7 @@ def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clus
         "train_acc": last["train_acc"],
         "ctrl_loss": last["val_loss"],
         "ctrl_acc": last["val_accuracy"],
-        **truth_scores(clustering.labels, config["truth"]),
+        **truth_scores(clustering.labels, truth),
         "epochs": [{k: e[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_accuracy")} for e in epochs],
         "seconds": round(seconds, 2),
         "phases": phases,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qdeep import io
+from qdeep.distributed.ingest import DATA_CPUS, DATA_RESERVE, data_config
 from qdeep.distributed.tasks import raise_user_error
 from qdeep.distributed.worker import CHECKPOINT_FILE, train_func
 from qdeep.options import worker_range
@@ -29,24 +30,30 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def cpus_per_worker(workers: int, use_gpu: bool, loader_workers: int = 0) -> int:
-    """CPU-only clusters: share the CPUs out, so each worker's torch gets as many threads as it has
-    cores (Ray sets OMP_NUM_THREADS from this). GPU workers compute on the GPU and decode JPEGs in
-    their `loader_workers` processes: they reserve a CPU for each of those (at least one), so Ray does
-    not put more workers on a node than its CPUs can feed (gpu.4x: 4 workers x 2 of its 48 vCPUs)."""
+def cpus_per_worker(workers: int, use_gpu: bool, loader_workers: int = 0) -> float:
+    """CPU-only clusters: share the CPUs out, less the few that Ray Data's input tasks need
+    (`ingest.DATA_RESERVE`); each worker's torch gets as many threads as its share rounds to
+    (`torch_threads`). GPU workers compute on the GPU and decode JPEGs in their `loader_workers`
+    threads: they reserve a CPU for each of those (at least one), so Ray does not put more workers on
+    a node than its CPUs can feed (gpu.4x: 4 workers x 2 of its 48 vCPUs)."""
     import ray
 
     if use_gpu:
         return max(1, loader_workers)
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(workers, 1))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(DATA_CPUS, round((cpus - DATA_RESERVE) / max(workers, 1), 2))
+
+
+def torch_threads(cpus: float) -> int:
+    return max(1, round(cpus))
 
 
 def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
-                 max_failures: int = 0, use_gpu: bool | None = None, cpus: int | None = None, gpus: float = 1,
-                 callbacks: list | None = None, train_loop=None):
-    """A TorchTrainer for `train_func` (or `train_loop`): `workers` data-parallel workers, checkpoints
-    kept by the task's score (`loop_config["score_metric"]`), restarts after worker failures. Same
-    (storage_path, name) -> resume."""
+                 max_failures: int = 0, use_gpu: bool | None = None, cpus: float | None = None, gpus: float = 1,
+                 callbacks: list | None = None, train_loop=None, datasets: dict | None = None):
+    """A TorchTrainer for `train_func` (or `train_loop`): `workers` data-parallel workers fed by
+    `datasets` (`ingest.training_datasets`), checkpoints kept by the task's score
+    (`loop_config["score_metric"]`), restarts after worker failures. Same (storage_path, name) -> resume."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
@@ -54,9 +61,13 @@ def make_trainer(loop_config: dict, workers: int | str | tuple[int, int], name: 
     resources = {"CPU": cpus or cpus_per_worker(hi, use_gpu, loop_config.get("loader_workers", 0))}
     if use_gpu:
         resources["GPU"] = gpus
+    else:
+        loop_config = {**loop_config, "torch_threads": torch_threads(resources["CPU"])}
     return _trainer_class()(
         train_loop or train_func,
         train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=data_config() if datasets else None,
         scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else hi, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -85,11 +96,11 @@ def default_max_failures(workers: int | str | tuple[int, int], max_failures: int
     return ELASTIC_MAX_FAILURES if lo < hi else 0
 
 
-def fit(loop_config: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
+def fit(loop_config: dict, datasets: dict, workers: int | str | tuple[int, int], name: str, storage_path: str,
         max_failures: int | None = None, use_gpu: bool | None = None) -> TrainOutcome:
     """Run training to the end (or resume it) and load its best and latest checkpoints."""
     trainer = make_trainer(loop_config, workers, name, storage_path, default_max_failures(workers, max_failures),
-                           use_gpu)
+                           use_gpu, datasets=datasets)
     result = fit_keeping_ctrl_c(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint ({result.error})")

@@ -9,10 +9,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from qdeep.config import NAMED_WEIGHTS, TrainConfig
 from qdeep.data import BadInputPolicy, load_dataset
+from qdeep.data.pack import Pack, is_pack
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
 from qdeep.models import build_model, parse_freeze
@@ -32,6 +34,7 @@ class TrainingData:
     policy: BadInputPolicy
     source: str
     validation: str  # the validation part that scores this data
+    pack: str | None = None  # the pack the images are in (`paths` are then their names in it)
 
     @property
     def sizes(self) -> dict:
@@ -49,7 +52,7 @@ def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainCon
     when not given, its weights path absolute (workers and trials run in other directories, maybe on
     other nodes), its parts and freeze depth known."""
     parse_freeze(config.freeze)
-    task = config.task or infer_task(data, labels, images)
+    task = config.task or (Pack(str(data)).task if data and is_pack(data) else infer_task(data, labels, images))
     targets = TARGETS.get(task)
     validation = config.validation or targets.validation
     VALIDATIONS.get(validation)
@@ -62,15 +65,25 @@ def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainCon
 
 def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error", val_fraction: float = 0.2,
                  seed: int = 0, task: str = "multilabel", validation: str | None = None) -> TrainingData:
-    """Load, decode-check (on Ray: call inside a Ray session), encode and split the training images."""
+    """Load, decode-check (on Ray: call inside a Ray session), encode and split the training images:
+    a folder's, or a pack's (`--data PACK`: its training rows, decoding checked when it was packed)."""
     policy = BadInputPolicy(on_bad_image)
-    dataset = load_dataset(policy, data=data, labels=labels, images=images)
-    train = check_images(dataset.train, policy)
-    targets = TARGETS.get(task).from_labels(train.tags)
-    y = targets.encode(train.tags, train.origins)
+    if data and is_pack(data):
+        pack = Pack(str(data))
+        meta = pack.read(("image", "split", "tags", "origin"))
+        meta = meta.filter(pc.equal(meta["split"], "train"))
+        names, tags, origins = (meta[c].to_pylist() for c in ("image", "tags", "origin"))
+        source, where = pack.uri, pack.uri
+    else:
+        dataset = load_dataset(policy, data=data, labels=labels, images=images)
+        train = check_images(dataset.train, policy)
+        names, tags, origins = [str(p) for p in train.paths], train.tags, train.origins
+        source, where = dataset.source, None
+    targets = TARGETS.get(task).from_labels(tags)
+    y = targets.encode(tags, origins)
     validation = validation or targets.validation
     is_val = VALIDATIONS.get(validation)().holdout(y, val_fraction, seed)
-    return TrainingData(targets, [str(p) for p in train.paths], y, is_val, policy, dataset.source, validation)
+    return TrainingData(targets, names, y, is_val, policy, source, validation, pack=where)
 
 
 def resolve_weight_path(weights: str) -> str:
@@ -98,21 +111,22 @@ def try_input_size(run, arch: str, size: int):
 
 def loop_config(config: TrainConfig, data: TrainingData, mlflow_uri: str | None, mlflow_run_id: str | None,
                 plugins: list[str] | None = None, train_on_all: bool = False) -> dict:
-    """Everything `worker.train_func` needs, as plain values. `train_on_all`: the validation rows
-    are trained on too (a refit; its validation scores are then no longer held out)."""
-    paths = np.asarray(data.paths)
-    val = data.is_val
-    train = np.ones_like(val) if train_on_all else ~val
+    """Everything `worker.train_func` needs, as plain values: a few numbers per label at most,
+    whatever the number of images (they reach the workers as Ray Data datasets: `ingest`).
+    `train_on_all`: the validation rows are trained on too (a refit; its validation scores are then
+    no longer held out)."""
+    train = np.ones_like(data.is_val) if train_on_all else ~data.is_val
+    weights = data.targets.loss_weights(data.y[train]) if config.balance == "weights" else None
     return {
         **config.as_dict(),
         "task": data.targets.kind,
         "validation": data.validation,
         "score_metric": data.score_metric,
         "labels": data.targets.vocabulary,
-        "train_paths": paths[train].tolist(),
-        "y_train": data.y[train].tolist(),
-        "val_paths": paths[val].tolist(),
-        "y_val": data.y[val].tolist(),
+        "n_train": int(train.sum()),
+        "n_val": int(data.is_val.sum()),
+        "train_on_all": train_on_all,
+        "loss_weights": weights,
         "plugins": list(plugins or []),
         "launch_id": uuid.uuid4().hex,
         "mlflow_uri": mlflow_uri,

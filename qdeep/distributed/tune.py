@@ -9,6 +9,7 @@ from dataclasses import replace
 from qdeep import tracking
 from qdeep.config import SWEPT, Sweep, TrainConfig
 from qdeep.distributed.driver import make_trainer
+from qdeep.distributed.ingest import DATA_CPUS, DATA_RESERVE, training_datasets
 from qdeep.distributed.prepare import TrainingData, loop_config
 from qdeep.errors import QdeepError
 from qdeep.parts import load_plugins
@@ -56,15 +57,17 @@ def tune_trial(config: dict, data: TrainingData, settings: dict) -> None:
     if finished:  # resumed after its last epoch: nothing to train, but Tune needs the result
         ray.tune.report(finished)
         return
+    config = loop_config(train_config, data, settings["mlflow_uri"], run_id, settings["plugins"])
     trainer = make_trainer(
-        loop_config(train_config, data, settings["mlflow_uri"], run_id, settings["plugins"]),
+        config,
         workers=settings["workers_per_trial"],
         name=name,
         storage_path=settings["storage_path"],
         use_gpu=settings["gpus_per_trial"] > 0,
-        cpus=1,
+        cpus=worker_cpus(settings["gpus_per_trial"]),
         gpus=settings["gpus_per_trial"] // settings["workers_per_trial"],  # whole GPUs: see _check_gpus
         callbacks=[TuneReportCallback()],
+        datasets=training_datasets(data, config),
     )
     trainer.fit()
 
@@ -80,13 +83,20 @@ def _finished_run_metrics(run_path: str, epochs: int) -> dict | None:
     return metrics if int(metrics.get("epoch", -1)) + 1 >= epochs else None
 
 
+def worker_cpus(gpus_per_trial: float) -> float:
+    """A trial's worker asks for a CPU; on a CPU-only cluster a little less, so that the trials'
+    Ray Data input tasks (`ingest.DATA_CPUS` each) find CPUs beside them."""
+    return 1 if gpus_per_trial else 1 - DATA_CPUS
+
+
 def concurrency(sweep: Sweep) -> int:
     """Trials that fit at once: each needs all its workers placed, or trials would hold their
-    Tune slots while their workers wait for each other."""
+    Tune slots while their workers wait for each other (CPU-only: `ingest.DATA_RESERVE` left free)."""
     import ray
 
     resources = ray.cluster_resources()
-    fits = int(resources.get("CPU", 1) // sweep.workers_per_trial)
+    free = resources.get("CPU", 1) - (0 if sweep.gpus_per_trial else DATA_RESERVE)
+    fits = int(free // (sweep.workers_per_trial * worker_cpus(sweep.gpus_per_trial)))
     if sweep.gpus_per_trial:
         if not resources.get("GPU"):  # an autoscaling cluster starts GPU nodes once trials ask for them
             return sweep.max_concurrent or 1

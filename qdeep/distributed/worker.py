@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
-from qdeep.distributed.comm import broadcast_from_rank0, gather, gather_to_rank0, sum_across_workers
-from qdeep.distributed.tasks import require_visible
+from qdeep.data.loader import Decoder
+from qdeep.distributed.comm import broadcast_buffers, broadcast_from_rank0, gather, gather_to_rank0, sum_across_workers
+from qdeep.distributed.ingest import shard_batches
+from qdeep.distributed.tasks import not_visible
 from qdeep.models import apply_freeze, build_model, set_train_mode
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
@@ -37,11 +38,11 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
+    use_threads(config)
     torch.manual_seed(config["seed"])
     n_nodes = len(set(gather(ray.get_runtime_context().get_node_id())))
     load_plugins(config.get("plugins"))
     hooks = callbacks()
-    require_visible([*config["train_paths"], *config["val_paths"]])  # a node that joined after the driver's check
     targets = TARGETS.get(config["task"])(config["labels"])
     validation = VALIDATIONS.get(config["validation"])()
     stages = FIT_STRATEGIES.get(config["fit_strategy"])().stages(config)
@@ -49,20 +50,14 @@ def train_func(config: dict) -> None:
     bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze)
     spec = bare.qdeep_arch
     size = config["image_size"] or spec.input_size
-    y_train, y_val = np.asarray(config["y_train"], targets.dtype), np.asarray(config["y_val"], targets.dtype)
-    train_set = ImageDataset(config["train_paths"], y_train, size, spec.mean, spec.std, train=True,
-                             crop=config["crop"], seed=config["seed"], augment=config.get("augment", "d4"))
-    val_set = ImageDataset(config["val_paths"], y_val, size, spec.mean, spec.std)
-    loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
-    plan = (lambda epoch: uniform_class_sample(y_train, seed=config["seed"] + epoch)) \
-        if config.get("balance") == "uniform" else None
+    threads = config["loader_workers"]
+    augmented = Decoder(size, spec.mean, spec.std, train=True, crop=config["crop"], seed=config["seed"],
+                        augment=config.get("augment", "d4"), threads=threads, y_dtype=targets.dtype)
+    plain = Decoder(size, spec.mean, spec.std, threads=threads, y_dtype=targets.dtype)
     batch = worker_batch(config["batch_size"], world)
-    train_loader = make_loader(train_set, batch, shuffle=True, plan=plan, **loader_args)
-    val_loader = make_loader(val_set, batch, shuffle=False, **loader_args)
-    steps = len(train_loader)
+    steps = -(-(config["n_train"] // world) // batch)  # equal shares; about that with --balance uniform
     schedule = lr_factor(config, config["epochs"] * steps)
-    weights = targets.loss_weights(y_train) if config.get("balance") == "weights" else None
-    loss_fn = targets.loss(weights).to(device)
+    loss_fn = targets.loss(config.get("loss_weights")).to(device)  # --balance weights: the driver's, from all rows
 
     start_epoch, history, restarts, resumed = 0, [], 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -87,12 +82,13 @@ def train_func(config: dict) -> None:
         for callback in hooks:
             callback.on_epoch_start(rank, epoch)
         started = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device,
+        loss_sum, correct, seen = train_one_epoch(model, visible(augmented(shard_batches("train", batch, True), epoch)),
+                                                  optimizer, scaler, loss_fn, device,
                                                   lambda i: schedule(epoch * steps + i), stage.bn_stats)
         loss_total, correct_total, seen_total, images_per_s = sum_across_workers(
             [loss_sum, correct, seen, seen / (time.time() - started)], device)
-        val = validate(model, val_loader, loss_fn, device, y_val, targets, validation)
+        val = validate(model, visible(plain(shard_batches("val", batch, False))), loss_fn, device, config["n_val"],
+                       targets, validation)
         score = val["score"]
         metrics = {
             "epoch": epoch,
@@ -134,6 +130,13 @@ def train_func(config: dict) -> None:
                 }, Path(d) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def use_threads(config: dict) -> None:
+    """A CPU worker's torch threads: its share of the CPUs (`driver.torch_threads`), which Ray's
+    OMP_NUM_THREADS (1 for a fractional share) would not give it."""
+    if config.get("torch_threads"):
+        torch.set_num_threads(config["torch_threads"])
 
 
 def worker_batch(global_batch: int, world: int) -> int:
@@ -241,35 +244,54 @@ def lr_factor(config: dict, total_steps: int):
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, y_val: np.ndarray, targets, validation) -> dict:
-    """Scores the whole validation set on rank 0 alone: every worker's shard is gathered there,
-    into one float32 (n_val x k) array, and scored once; the other ranks receive only the loss and
-    the score's metrics, per-label values and thresholds (a few numbers per label), never the rows."""
-    model.eval()
-    indices, probas, loss_sum = [], [], 0.0
-    for idx, x, y in loader:
+def validate(model, batches, loss_fn, device, n_rows: int, targets, validation) -> dict:
+    """Scores the whole validation set on rank 0 alone: every worker's (row, x, y) batches of its
+    share are scored, the rows' probabilities and targets gathered there, into one float32
+    (n_rows x k) array, and scored once; the other ranks receive only the loss and the score's
+    metrics, per-label values and thresholds (a few numbers per label), never the rows. Shares may
+    differ in size (each row is scored once), so the network runs unwrapped, with no DDP collective
+    per batch, after it takes rank 0's BatchNorm statistics as DDP's forward would have given it."""
+    net = getattr(model, "module", model)
+    broadcast_buffers(net)
+    net.eval()
+    k = len(targets)
+    indices, probas, ys, loss_sum = [np.zeros(0, np.int64)], [np.zeros((0, k), np.float32)], [], 0.0
+    for idx, x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = model(x)
+            logits = net(x)
         loss_sum += loss_fn(logits.float(), y).item() * len(x)
         indices.append(idx.numpy())
         probas.append(targets.activation(logits.float()).cpu().numpy())
-    local = (np.concatenate(indices), np.concatenate(probas), loss_sum)
+        ys.append(y.cpu().numpy())
+    local = (np.concatenate(indices), np.concatenate(probas), np.concatenate(ys) if ys else None, loss_sum)
     shards = gather_to_rank0(local)
-    del local, indices, probas  # this rank's copy has been sent
+    del local, indices, probas, ys  # this rank's copy has been sent
     summary = None
     if shards is not None:  # rank 0
         # float32: the activations are float32 already; the scorers promote where they compare.
-        proba = np.zeros((len(y_val), len(targets)), dtype=np.float32)
-        for idx, p, _ in shards:  # the sampler pads with repeats; rows land on their own index
+        proba = np.zeros((n_rows, k), dtype=np.float32)
+        y_all = np.zeros((n_rows, k) if targets.dtype != np.int64 else n_rows, dtype=targets.dtype)
+        for idx, p, y, _ in shards:  # a row seen twice (a padded share) lands on its own index again
             proba[idx] = p
-        loss = sum(s[2] for s in shards) / max(sum(len(idx) for idx, _, _ in shards), 1)
+            if y is not None:
+                y_all[idx] = y
+        loss = sum(s[3] for s in shards) / max(sum(len(s[0]) for s in shards), 1)
         del shards
-        score = validation.score(y_val, proba)
+        score = validation.score(y_all, proba)
         del proba
         summary = (loss, score.metrics, score.per_label, score.thresholds)
     loss, *score = broadcast_from_rank0(summary)
     return {"score": Score(*score), "loss": loss}
+
+
+def visible(batches):
+    """`batches` as they come, but an image path missing on this node is the one-line error that
+    says the data is not shared (a node that joined after the driver's check)."""
+    try:
+        yield from batches
+    except FileNotFoundError as exc:
+        raise not_visible([exc.filename or str(exc)], 1) from None
 
 
 def _log_mlflow(config: dict, rank: int, metrics: dict) -> None:

@@ -30,6 +30,7 @@ from qdeep.distributed import driver
 from qdeep.distributed.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
                                            n_finished, network, truth_scores)
 from qdeep.distributed.features import embed_images, folder_rows
+from qdeep.distributed.ingest import collection_dataset
 from qdeep.distributed.prepare import check_model, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
@@ -179,11 +180,11 @@ def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, st
     name = f"{out.name}-deepcluster"
     _remove_run(storage_path, name)  # its reports belong to an earlier launch; the iterations are in OUT
     loop = {**config.train_config(config.train.weights).as_dict(), "out": str(out), "k": config.k,
-            "iterations": config.iterations, "paths": coll.paths, "ids": coll.ids, "is_ctrl": coll.is_ctrl.tolist(),
-            "truth": coll.truth, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
+            "iterations": config.iterations, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
             "plugins": list(plugins or []), "launch_id": uuid.uuid4().hex}
+    images = collection_dataset(coll.paths, coll.ids, coll.is_ctrl, coll.truth)
     trainer = driver.make_trainer(loop, workers, name, storage_path, driver.default_max_failures(workers, max_failures),
-                                  use_gpu, train_loop=deepcluster_func)
+                                  use_gpu, train_loop=deepcluster_func, datasets={"images": images})
     driver.fit_keeping_ctrl_c(trainer)
     if n_finished(out) < config.iterations:  # Ray Train ends a run early only on Ctrl+C
         raise KeyboardInterrupt(f"DeepCluster stopped after iteration {n_finished(out)}")

@@ -12,6 +12,7 @@ import torch
 from qdeep import io, tracking
 from qdeep.config import TrainConfig
 from qdeep.distributed import driver
+from qdeep.distributed.ingest import training_datasets
 from qdeep.distributed.predict import CNN_KIND
 from qdeep.distributed.prepare import TrainingData, check_model, loop_config, prepare_data, settle
 from qdeep.distributed.session import LOG_FILE, ray_session
@@ -60,12 +61,13 @@ def run_train(
                   "max_failures": driver.default_max_failures(workers, max_failures), **prepared.sizes}
         with tracking.mlflow_run(f"train-{config.arch}", params, uri=tracking_uri) as run:
             lc = loop_config(config, prepared, tracking.tracking_uri(tracking_uri), run.info.run_id, plugins)
-            outcome = driver.fit(lc, workers, name, storage_path, max_failures, use_gpu)
+            outcome = driver.fit(lc, training_datasets(prepared, lc), workers, name, storage_path, max_failures, use_gpu)
             refit = None
             if config.refit:  # as Kaggle teams did: every row, for the epochs the validation split chose
                 refit_config = replace(config, epochs=int(outcome.best["epoch"]) + 1, refit=False)
                 lc = loop_config(refit_config, prepared, None, None, plugins, train_on_all=True)
-                refit = driver.fit(lc, workers, f"{name}-refit", storage_path, max_failures, use_gpu).latest
+                refit = driver.fit(lc, training_datasets(prepared, lc), workers, f"{name}-refit", storage_path,
+                                   max_failures, use_gpu).latest
             metrics = export(out, outcome, prepared, config, started, run.info.run_id, refit)
             m = metrics["per_label_metric"]
             tracking.log_metrics({f"best_{prepared.score_metric}": metrics[prepared.score_metric],

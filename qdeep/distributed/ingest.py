@@ -1,0 +1,168 @@
+"""A training run's input through Ray Data: its images as a `train` and a `val` dataset of rows
+(row, ref, y), handed to `TorchTrainer(datasets=...)`; each worker streams its share with
+`ray.train.get_dataset_shard` and decodes it itself (`data.loader.Decoder`). No image list travels
+in the run's config, and a node that joins reads what it trains on from wherever the data is.
+
+- A folder of images: `ref` is the image's path (every node must see it, as before), the rows
+  held in the object store in blocks, shuffled block by block each epoch.
+- A pack (`qdeep pack`, a local path or a bucket): `ref` is the image's bytes, each shard read by
+  the task that joins it to its targets by image name, so any node trains from the bucket.
+- DeepCluster's images (a folder): a `collection_dataset` of (row, path, id, ctrl, truth) that every
+  worker reads whole once, as the index its DataLoader processes decode from; the pseudo-labels are
+  made in the workers each iteration and looked up there by row, never shipped.
+
+Per epoch: blocks (or shards) in a new order, then a local shuffle buffer in the worker; with
+`--balance uniform`, each row drawn a Poisson number of times so that every class comes about
+equally often (the DeepCluster reference's uniform sampler, done as the rows stream). The training
+rows are split into equal shares (DDP steps in lockstep); the validation rows into shares of every
+row once, gathered on rank 0 (`worker.validate`).
+
+Decoding happens in the worker, not in Ray Data: measured here, it costs fewer CPU-seconds per image
+than a Ray Data stage (no pixels through the object store), and on GPU nodes the worker's
+`loader_workers` CPUs are the ones reserved for it. Ray Data's own tasks (reading a pack's shards,
+resampling) ask for DATA_CPUS each; CPU-only workers leave DATA_RESERVE of the cluster's CPUs to them
+(`driver.cpus_per_worker`): a worker group holding every CPU would starve them and hang the run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qdeep.data.pack import Pack
+
+DATA_CPUS = 0.25  # each Ray Data task of a training input
+DATA_RESERVE = 2 * DATA_CPUS  # the CPUs a CPU-only worker group leaves to them
+ROWS_PER_BLOCK = 256  # a folder's rows per block: the unit of each epoch's reshuffle and of the split
+
+
+def training_datasets(data, config: dict) -> dict:
+    """{"train": ..., "val": ...} Ray Datasets of `data` (a `prepare.TrainingData`) for a run with
+    `config` (its `train_on_all`, `balance` and `seed`)."""
+    import ray.data
+
+    val = data.is_val
+    train = np.ones_like(val) if config.get("train_on_all") else ~val
+    out = {}
+    for name, mask in (("train", train), ("val", val)):
+        rows = np.flatnonzero(mask)
+        table = pa.table({"row": np.arange(len(rows)), "image": pa.array([data.paths[i] for i in rows], pa.string()),
+                          "y": _column(data.y[rows])})
+        if data.pack:
+            ds = _pack_rows(Pack(data.pack), table)
+        else:
+            table = table.rename_columns(["row", "ref", "y"])
+            ds = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, max(len(rows), 1),
+                                                                                     ROWS_PER_BLOCK)])
+        if name == "train":
+            if config.get("balance") == "uniform":
+                ds = ds.map_batches(_resample, fn_kwargs={"rates": uniform_rates(data.y[rows])}, batch_format="numpy",
+                                    num_cpus=DATA_CPUS)
+            ds = ds.randomize_block_order()
+        out[name] = ds
+    return out
+
+
+def collection_dataset(paths, ids, is_ctrl: np.ndarray, truth):
+    """DeepCluster's images as a Ray Dataset of (row, path, image id, ctrl, ground truth or null),
+    which every worker reads whole once (`collection_from`): the index of its DataLoader."""
+    import ray.data
+
+    table = pa.table({"row": np.arange(len(paths)), "path": pa.array(paths, pa.string()),
+                      "image": pa.array(ids, pa.string()), "ctrl": pa.array(is_ctrl, pa.bool_()),
+                      "truth": pa.array(truth if truth is not None else [None] * len(paths), pa.string())})
+    return ray.data.from_arrow([table.slice(i, 4096) for i in range(0, max(len(paths), 1), 4096)])
+
+
+def collection_from(name: str) -> dict:
+    """This worker's copy of a `collection_dataset` (every row, in row order), as numpy arrays, and
+    "truth" None when no ground truth was given."""
+    import ray.train
+
+    parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(parts).sort_by("row")
+    out = {"path": table["path"].to_pylist(), "image": table["image"].to_pylist(),
+           "ctrl": table["ctrl"].to_numpy(zero_copy_only=False).astype(bool), "truth": table["truth"].to_pylist()}
+    if table["truth"].null_count == table.num_rows:
+        out["truth"] = None
+    return out
+
+
+def _column(y: np.ndarray):
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.array(y) if y.ndim == 1 else ArrowTensorArray.from_numpy(np.ascontiguousarray(y))
+
+
+def _pack_rows(pack: Pack, wanted: pa.Table):
+    """The pack's rows named in `wanted` (row, image, y), with their bytes as `ref`: one block per
+    shard, read by the task that joins it."""
+    import ray.data
+
+    shards = [{"shard": path} for path in pack.files()]
+    return ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+        _read_and_join, fn_kwargs={"pack": pack, "wanted": wanted}, batch_size=1, batch_format="numpy",
+        num_cpus=DATA_CPUS)
+
+
+def _read_and_join(batch: dict, pack: Pack, wanted: pa.Table) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from qdeep.errors import QdeepError
+
+    tables = []
+    for path in batch["shard"]:
+        try:
+            shard = pq.read_table(path, filesystem=pack.fs, columns=["image", "data"])
+        except (pa.ArrowException, OSError) as exc:
+            raise QdeepError(f"pack {pack.uri}: shard {path.rsplit('/', 1)[-1]} cannot be read: {exc}") from None
+        at = pc.index_in(shard["image"], value_set=wanted["image"])  # the shard's rows in `wanted`, or null
+        keep = pc.is_valid(at)
+        picked = wanted.take(pc.filter(at, keep))
+        tables.append(pa.table({"row": picked["row"], "ref": pc.filter(shard["data"], keep), "y": picked["y"]}))
+    return pa.concat_tables(tables)
+
+
+def uniform_rates(y: np.ndarray) -> np.ndarray:
+    """Per class, how often a row of it is drawn per epoch on average, so that each class present
+    comes n / classes times (the reference's UnifLabelSampler: small classes repeat, large ones thin)."""
+    counts = np.bincount(y, minlength=int(y.max()) + 1 if len(y) else 0)
+    present = int((counts > 0).sum())
+    return np.where(counts > 0, len(y) / max(present, 1) / np.maximum(counts, 1), 0.0)
+
+
+def _resample(batch: dict, rates: np.ndarray) -> dict:
+    """Each row a Poisson(rate of its class) number of times: fresh draws at every epoch's run."""
+    times = np.random.default_rng().poisson(rates[batch["y"]])
+    return {k: np.repeat(v, times, axis=0) for k, v in batch.items()}
+
+
+def data_config():
+    """Ray Train's DataConfig: `train` split into equal shares, `val` into shares of every row once
+    (equal shares drop rows: each worker scores its share and rank 0 gathers them), any other
+    dataset (DeepCluster's collection) whole to every worker."""
+    from ray.train import DataConfig
+
+    class SplitValidation(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest \
+                else [{} for _ in range(world_size)]
+            if "val" in datasets:
+                val = datasets["val"].copy(datasets["val"])
+                val.context.execution_options = self._resolve_execution_options("val")
+                for i, split in enumerate(val.streaming_split(world_size, equal=False,
+                                                              locality_hints=worker_node_ids)):
+                    output[i]["val"] = split
+            return output
+
+    return SplitValidation(datasets_to_split=["train"])
+
+
+def shard_batches(name: str, batch_size: int, shuffle: bool):
+    """This worker's share of dataset `name` for one epoch, in batches of numpy arrays."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name).iter_batches(
+        batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size if shuffle else None)
