@@ -85,13 +85,18 @@ def planet_dir(path, option: str | None = "--data", split: str = "train") -> Pat
     return root
 
 
-PACK_READERS = "train, tune"  # the commands whose --data may be a pack (`qdeep pack`)
+PACK_READERS = "train, tune, predict"  # the commands whose --data may be a pack (`qdeep pack`)
+
+
+def is_pack_or_uri(path) -> bool:
+    """A pack, or a URI (which only a pack can be); a pack is checked as it opens."""
+    return is_uri(path) or is_pack(path)
 
 
 def training_data(data=None, labels=None, images=None, packs: bool = False) -> None:
     """`--data` a Planet layout (or, where the command reads `packs`, a pack: a folder or URI),
     `--labels` a CSV, `--images` a folder of images, where given."""
-    if data and (is_uri(data) or is_pack(data)):
+    if data and is_pack_or_uri(data):
         if not packs:
             raise QdeepError(f"--data {data}: a pack (or a URI); this command reads folders only "
                              f"(packs: {PACK_READERS})")

@@ -123,7 +123,7 @@ def test_the_run_config_does_not_grow_with_the_number_of_images(kind):
 
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--loader-workers", "2",
-        "--warmup-steps", "2", "--lr", "3e-3", "--epochs", "2", "--workers", "2"]
+        "--warmup-steps", "2", "--lr", "3e-3", "--workers", "2"]
 
 
 @pytest.mark.ray
@@ -137,7 +137,7 @@ def test_training_from_a_pack_streams_every_class_uniformly(ray_cluster, tmp_pat
     pack, out = tmp_path / "pack", tmp_path / "out"
     assert main(["pack", "--images", str(classes), "--out", str(pack), "--shard-mb", "1"]) == 0
     assert main(["--plugin", "qdeep_test_hooks", "train", "--data", str(pack), "--out", str(out), "--tracking-uri",
-                 sqlite_uri, "--balance", "uniform", *TINY]) == 0
+                 sqlite_uri, "--balance", "uniform", "--epochs", "2", *TINY]) == 0
     m = json.loads((out / "metrics.json").read_text())
     n = len(list(classes.rglob("*.jpg")))
     assert m["task"] == "multiclass" and m["n_train"] + m["n_val"] == n
@@ -145,3 +145,24 @@ def test_training_from_a_pack_streams_every_class_uniformly(ray_cluster, tmp_pat
     assert 0.0 <= m["val_accuracy"] <= 1.0
     labels = json.loads((out / "model" / "labels.json").read_text())
     assert sorted(labels["labels"]) == sorted(p.name for p in classes.iterdir())
+
+
+@pytest.mark.ray
+def test_a_planet_pack_trains_and_predicts_its_test_split_as_the_folder_does(ray_cluster, planet_dir, tmp_path,
+                                                                              sqlite_uri):
+    """`train --data PACK` then `predict --data PACK`: the submission names the pack's test images in
+    the folder's order, with the same predictions as `predict --data FOLDER` (the same bytes)."""
+    from qdeep.cli import main
+
+    pack, out = tmp_path / "pack", tmp_path / "out"
+    assert main(["pack", "--data", str(planet_dir), "--out", str(pack), "--shard-mb", "1"]) == 0
+    assert main(["train", "--data", str(pack), "--out", str(out), "--tracking-uri", sqlite_uri, "--epochs", "1",
+                 *TINY]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "multilabel" and m["epochs_completed"] == 1
+    from_pack, from_folder = tmp_path / "pack.csv", tmp_path / "folder.csv"
+    assert main(["predict", "--model", str(out / "model"), "--data", str(pack), "--out", str(from_pack)]) == 0
+    assert main(["predict", "--model", str(out / "model"), "--data", str(planet_dir), "--out", str(from_folder)]) == 0
+    rows = from_pack.read_text().splitlines()
+    assert rows == from_folder.read_text().splitlines() and len(rows) > 1
+    assert main(["baseline", "--data", str(pack), "--out", str(tmp_path / "rf")]) == 2  # folders only, one line

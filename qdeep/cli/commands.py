@@ -180,7 +180,7 @@ def cmd_predict(args) -> None:
     paths.model_dir(args.model, "--model")
     if args.images:
         paths.image_dir(args.images, "--images")
-    if args.data:
+    if args.data and not paths.is_pack_or_uri(args.data):
         paths.planet_dir(args.data, "--data", split="test")
     paths.output_file(args.out, "--out", _inputs(args))
     r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,

@@ -215,6 +215,11 @@ class Pack:
             tables.append(table)
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(list(columns))
 
+    def test_names(self) -> list[str]:
+        """The names of its test images, in the order they were packed."""
+        meta = self.read(("image", "split"))
+        return [name for name, split in zip(meta["image"].to_pylist(), meta["split"].to_pylist()) if split == "test"]
+
     def verify(self) -> None:
         """Every shard's bytes against its sha256 in the manifest (one read of the pack)."""
         for shard, path in zip(self.manifest["shards"], self.paths):

@@ -11,7 +11,8 @@ in the run's config, and a node that joins reads what it trains on from wherever
   worker reads whole once, as the index its DataLoader processes decode from; the pseudo-labels are
   made in the workers each iteration and looked up there by row, never shipped.
 
-Per epoch: blocks (or shards) in a new order, then a local shuffle buffer in the worker; with
+Per epoch: blocks (of a folder's rows, permuted once; a pack's shards, their rows permuted anew, the
+training rows shuffled once when packed) in a new order, then a local shuffle buffer in the worker; with
 `--balance uniform`, each row drawn a Poisson number of times so that every class comes about
 equally often (the DeepCluster reference's uniform sampler, done as the rows stream). The training
 rows are split into equal shares (DDP steps in lockstep); the validation rows into shares of every
@@ -34,7 +35,14 @@ from qdeep.data.pack import Pack
 
 DATA_CPUS = 0.25  # each Ray Data task of a training input
 DATA_RESERVE = 2 * DATA_CPUS  # the CPUs a CPU-only worker group leaves to them
-ROWS_PER_BLOCK = 256  # a folder's rows per block: the unit of each epoch's reshuffle and of the split
+SHUFFLE_BUFFER_BATCHES, MIN_SHUFFLE_BUFFER = 8, 512  # a worker's local shuffle buffer, in rows (refs, not pixels)
+
+
+def rows_per_block(n: int) -> int:
+    """A folder's rows per block, the unit that each epoch's reshuffle moves: small enough that a
+    few hundred blocks shuffle (about a global shuffle once the worker's buffer mixes them), not so
+    small that a million rows make a million blocks."""
+    return int(min(1024, max(16, n // 256)))
 
 
 def training_datasets(data, config: dict) -> dict:
@@ -50,11 +58,12 @@ def training_datasets(data, config: dict) -> dict:
         table = pa.table({"row": np.arange(len(rows)), "image": pa.array([data.paths[i] for i in rows], pa.string()),
                           "y": _column(data.y[rows])})
         if data.pack:
-            ds = _pack_rows(Pack(data.pack), table)
-        else:
+            ds = pack_join(Pack(data.pack), table)
+        else:  # in a random order once (a folder lists its classes one after another), then in blocks
             table = table.rename_columns(["row", "ref", "y"])
-            ds = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, max(len(rows), 1),
-                                                                                     ROWS_PER_BLOCK)])
+            table = table.take(np.random.default_rng(config.get("seed", 0)).permutation(len(rows)))
+            block = rows_per_block(len(rows))
+            ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, max(len(rows), 1), block)])
         if name == "train":
             if config.get("balance") == "uniform":
                 ds = ds.map_batches(_resample, fn_kwargs={"rates": uniform_rates(data.y[rows])}, batch_format="numpy",
@@ -95,9 +104,10 @@ def _column(y: np.ndarray):
     return pa.array(y) if y.ndim == 1 else ArrowTensorArray.from_numpy(np.ascontiguousarray(y))
 
 
-def _pack_rows(pack: Pack, wanted: pa.Table):
-    """The pack's rows named in `wanted` (row, image, y), with their bytes as `ref`: one block per
-    shard, read by the task that joins it."""
+def pack_join(pack: Pack, wanted: pa.Table):
+    """The pack's images named in `wanted`'s `image` column, each with `wanted`'s other columns and
+    its bytes as `ref`: a Ray Dataset of one block per shard, read by the task that joins it (from
+    wherever the pack is: a bucket, for any node)."""
     import ray.data
 
     shards = [{"shard": path} for path in pack.files()]
@@ -119,9 +129,10 @@ def _read_and_join(batch: dict, pack: Pack, wanted: pa.Table) -> pa.Table:
             raise QdeepError(f"pack {pack.uri}: shard {path.rsplit('/', 1)[-1]} cannot be read: {exc}") from None
         at = pc.index_in(shard["image"], value_set=wanted["image"])  # the shard's rows in `wanted`, or null
         keep = pc.is_valid(at)
-        picked = wanted.take(pc.filter(at, keep))
-        tables.append(pa.table({"row": picked["row"], "ref": pc.filter(shard["data"], keep), "y": picked["y"]}))
-    return pa.concat_tables(tables)
+        picked = wanted.take(pc.filter(at, keep)).drop_columns(["image"])
+        tables.append(picked.append_column("ref", pc.filter(shard["data"], keep)))
+    joined = pa.concat_tables(tables)
+    return joined.take(np.random.default_rng().permutation(joined.num_rows))  # a new order at every epoch
 
 
 def uniform_rates(y: np.ndarray) -> np.ndarray:
@@ -164,5 +175,6 @@ def shard_batches(name: str, batch_size: int, shuffle: bool):
     """This worker's share of dataset `name` for one epoch, in batches of numpy arrays."""
     import ray.train
 
-    return ray.train.get_dataset_shard(name).iter_batches(
-        batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size if shuffle else None)
+    buffer = max(SHUFFLE_BUFFER_BATCHES * batch_size, MIN_SHUFFLE_BUFFER) if shuffle else None
+    return ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                          local_shuffle_buffer_size=buffer)

@@ -3,14 +3,18 @@ when present) loads the model once per actor and decodes its own batches of imag
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.data.pack import Pack
 from qdeep.data.transforms import to_tensor
+from qdeep.distributed.ingest import pack_join
 from qdeep.distributed.tasks import (check_visible_everywhere, model_stage, not_visible, raise_user_error,
                                      raising_udf_errors)
 from qdeep.errors import QdeepError
@@ -75,12 +79,13 @@ class CNNInference:
 
     def __call__(self, batch: dict) -> dict:
         tensors, errors = [], []
-        for path in batch["path"]:
+        for ref in batch["ref"]:  # a path, or a pack's bytes
             try:
-                tensors.append(to_tensor(load_rgb(path), self.size, self.mean, self.std))
+                source = ref if isinstance(ref, str) else io.BytesIO(ref)
+                tensors.append(to_tensor(load_rgb(source), self.size, self.mean, self.std))
                 errors.append("")
             except FileNotFoundError:  # listed by the driver, missing on this node
-                raise not_visible([path], len(batch["path"])) from None
+                raise not_visible([ref], len(batch["ref"])) from None
             except ImageDecodeError as exc:
                 errors.append(exc.reason)
         errors = np.array(errors)
@@ -109,23 +114,33 @@ class CNNPredictor:
         load_exported(model_dir, config=config)
         self.num_labels = config["num_labels"]
 
-    def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
+    def predict_proba(self, images: ImageSet, policy: BadInputPolicy, pack: Pack | None = None
+                      ) -> tuple[np.ndarray, ImageSet]:
+        """Probabilities for `images`: files at their paths, or, with `pack`, its images of those names."""
         import ray
 
-        check_visible_everywhere(images.paths)  # before the actors load the model
-        items = [{"index": i, "path": str(p)} for i, p in enumerate(images.paths)]
-        ds = ray.data.from_items(items).map_batches(
+        n = len(images.names)
+        if pack is None:
+            check_visible_everywhere(images.paths)  # before the actors load the model
+            rows = ray.data.from_items([{"index": i, "ref": str(p)} for i, p in enumerate(images.paths)])
+        else:
+            rows = pack_join(pack, pa.table({"index": np.arange(n), "image": pa.array(images.names, pa.string())}))
+        ds = rows.map_batches(
             CNNInference, fn_constructor_kwargs={"model_dir": str(self.model_dir), "tta": self.tta},
-            **model_stage(len(items), self.batch_size))
-        proba = np.zeros((len(items), self.num_labels), dtype=np.float32)
-        keep = np.ones(len(items), dtype=bool)
+            **model_stage(n, self.batch_size))
+        proba = np.zeros((n, self.num_labels), dtype=np.float32)
+        keep, seen = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
         try:
             for batch in raising_udf_errors(ds).iter_batches(batch_size=None, batch_format="numpy"):
                 proba[batch["index"]] = batch["proba"]
+                seen[batch["index"]] = True
                 for i, error in zip(batch["index"], batch["error"]):
                     if error:
                         policy.report(str(images.paths[i]), error)
                         keep[i] = False
         except Exception as exc:  # a node's `ImagesNotVisible` comes out as itself, in one line
             raise_user_error(exc)
+        if not seen.all():  # never dropped in silence
+            raise QdeepError(f"{len(seen) - seen.sum()} images were never predicted, e.g. "
+                             f"{images.names[int(np.argmin(seen))]}")
         return proba[keep], images.subset(keep.tolist())

@@ -3,6 +3,8 @@ pack of Parquet shards of image bytes at a local path or a URI (`qdeep.data.pack
 
 from __future__ import annotations
 
+import numpy as np
+
 from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.data.pack import DEFAULT_SHARD_MB, Row, make_room, remove_shards, write_manifest
 from qdeep.distributed.pack import pack_rows
@@ -19,6 +21,9 @@ def run_pack(out: str, data=None, labels=None, images=None, shard_mb: float = DE
     train, test = dataset.train, dataset.test
     rows = [Row(name, str(path), "train", tags, origin)
             for name, path, tags, origin in zip(train.names, train.paths, train.tags, train.origins)]
+    # Training images in a random (seeded) order: a folder lists its classes one after another, and a
+    # training epoch streams shard by shard. The test images keep their order (a submission's).
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     rows += [Row(name, str(path), "test", None, None) for name, path in zip(test.names, test.paths)]
     out = str(out)
     make_room(out)

@@ -14,6 +14,7 @@ from qdeep import io
 from qdeep.baseline import KIND as HISTOGRAM_RF
 from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
+from qdeep.data.pack import Pack, is_pack
 from qdeep.data.planet import read_test
 from qdeep.distributed.predict import CNN_KIND, CNNPredictor
 from qdeep.distributed.session import log_beside, ray_session
@@ -114,15 +115,22 @@ def run_predict(
     thresholds = load_thresholds(model, targets.vocabulary)
     if bool(images) == bool(data):
         raise QdeepError("give exactly one of --images DIR or --data DIR")
+    pack = None
     if images:
         paths = scan_images(images, policy)
         todo = ImageSet(names=[image_id(p, Path(images).resolve()) for p in paths], paths=paths)
+    elif is_pack(data):  # its test split, in the order it was packed (the sample submission's, if any)
+        if not isinstance(predictor, CNNPredictor):
+            raise QdeepError(f"--data {data}: a pack; only a `qdeep train` model predicts from a pack")
+        pack = Pack(str(data))
+        names = pack.test_names()
+        todo = ImageSet(names=names, paths=[f"{pack.uri}:{name}" for name in names])
     else:
         todo = read_test(Path(data), policy)
     if not len(todo):
         raise QdeepError(f"{images or data}: no images to predict")
     with ray_session(address, log=log_beside(out)):
-        proba, kept = predictor.predict_proba(todo, policy)
+        proba, kept = predictor.predict_proba(todo, policy, pack) if pack else predictor.predict_proba(todo, policy)
     pred = targets.decide(proba, thresholds)
     formatter.write(out, kept.names, targets, proba, pred)
     return {"n_predicted": len(kept), "n_skipped": policy.n_skipped, "skipped": policy.skipped, "out": str(out)}
