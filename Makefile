@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_kmeans.py
 	$(BIN)/python scripts/bench_store.py
 	$(BIN)/python scripts/bench_ingest.py
+	$(BIN)/python scripts/bench_startup.py
 
 clean:
 	rm -rf $(DEMO) mlruns mlartifacts mlflow.db
