@@ -357,11 +357,16 @@ def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket)
     """The second node dies (SIGKILL of its raylet and workers) while a 2-worker run trains, and a new
     one joins, as an autoscaler replaces a lost machine: the run resumes from its last checkpoint in the
     bucket, once, and every epoch appears once in its history. The test plugin's gate holds the run at
-    the start of epoch 1 (its epoch-0 checkpoint registered) while the node is killed."""
-    runs = f"{s3_bucket}/runs"
+    the start of epoch 1 (its epoch-0 checkpoint registered) while the node is killed. The images come
+    from a pack in the bucket, so the new node reads them from there too."""
+    from qdeep.cli import main
+
+    runs, pack = f"{s3_bucket}/runs", f"{s3_bucket}/pack"
+    assert main(["pack", "--data", str(cluster.shared / "data"), "--out", pack, "--shard-mb", "1"]) == 0
     held, opened = cluster.shared / "lost-held", cluster.shared / "lost-open"
     args = ["--plugin", "qdeep_test_hooks", *_train_args(cluster, "out-lost", "--workers", "2", "--name", "lost",
                                                           "--epochs", "3", "--max-failures", "1", "--storage-path", runs)]
+    args[args.index("--data") + 1] = pack
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(cluster.qdeep, *args, env={"QDEEP_TEST_GATE": f"{held}:{opened}:1"})
         deadline = time.time() + JOB_TIMEOUT_S

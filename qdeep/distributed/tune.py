@@ -57,9 +57,9 @@ def tune_trial(config: dict, data: TrainingData, settings: dict) -> None:
     if finished:  # resumed after its last epoch: nothing to train, but Tune needs the result
         ray.tune.report(finished)
         return
-    config = loop_config(train_config, data, settings["mlflow_uri"], run_id, settings["plugins"])
+    loop = loop_config(train_config, data, settings["mlflow_uri"], run_id, settings["plugins"])
     trainer = make_trainer(
-        config,
+        loop,
         workers=settings["workers_per_trial"],
         name=name,
         storage_path=settings["storage_path"],
@@ -67,7 +67,7 @@ def tune_trial(config: dict, data: TrainingData, settings: dict) -> None:
         cpus=worker_cpus(settings["gpus_per_trial"]),
         gpus=settings["gpus_per_trial"] // settings["workers_per_trial"],  # whole GPUs: see _check_gpus
         callbacks=[TuneReportCallback()],
-        datasets=training_datasets(data, config),
+        datasets=training_datasets(data, loop),
     )
     trainer.fit()
 
