@@ -58,7 +58,8 @@ class TrainConfig:
     refit: bool = option(False, "after the epochs and thresholds are chosen on the validation split, retrain on "
                          "every row for those epochs and export that network (the scores stay the validation run's)")
     seed: int = option(0, "random seed", seed_int)
-    loader_workers: int = option(2, "image-decoding processes per worker (0: in the worker itself)",
+    loader_workers: int = option(2, "image-decoding threads per training worker (DeepCluster: processes; 0: in "
+                                 "the worker's own thread)",
                                  non_negative_int)
 
     def as_dict(self) -> dict:
