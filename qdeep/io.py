@@ -80,6 +80,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text file at `path` (local or URI)."""
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode("utf-8")
+
+
 def read_json(path: str | os.PathLike) -> dict | None:
     """The JSON file at `path` (local or URI), or None if there is none."""
     import pyarrow.fs
@@ -145,25 +152,77 @@ def read_model_json(path: str | os.PathLike, what: str = "model config"):
 UNFINISHED = ".qdeep-unfinished"  # in OUT while a command writes its outputs there
 
 
+def resolved(out: str | os.PathLike) -> str | Path:
+    """A command's OUT: a URI as it is, a local path made absolute."""
+    return str(out) if is_uri(out) else Path(out).resolve()
+
+
 @contextmanager
 def outputs(out: str | os.PathLike) -> Iterator[Path]:
     """Write a command's outputs into `out`: OUT/.qdeep-unfinished is there from the first output to
     the last (metrics.json) and goes only when the block succeeds, so outputs that a kill, a power
-    cut or an error interrupted never look complete (`unfinished` says so to predict and compare)."""
+    cut or an error interrupted never look complete (`unfinished` says so to predict and compare).
+    Yields the folder to write into: `out`, or for a URI (s3://...) a local temporary one whose
+    files are uploaded into `out` when the block succeeds (each folder in it replacing its old
+    copy there, metrics.json last)."""
+    marker = child(out, UNFINISHED)
+    if is_uri(out):
+        write_json(marker, {"pid": os.getpid()})
+        with tempfile.TemporaryDirectory(prefix="qdeep-out-") as d:
+            yield Path(d)
+            upload_dir(Path(d), str(out))
+        fs, inner = filesystem(marker)
+        fs.delete_file(inner)
+        return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / UNFINISHED
     write_json(marker, {"pid": os.getpid()})
     yield out
-    marker.unlink()
+    Path(marker).unlink()
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    """Every file under `local` into `uri` at the same relative path, metrics.json last; a folder
+    of `local` first empties its namesake at `uri` (no file of an older output stays in OUT/model)."""
+    fs, inner = filesystem(uri)
+    for sub in sorted(p for p in local.iterdir() if p.is_dir()):
+        fs.delete_dir_contents(f"{inner}/{sub.name}", missing_dir_ok=True)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "metrics.json", str(p)))
+    for path in files:
+        target = f"{inner}/{path.relative_to(local).as_posix()}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 22)
+
+
+@contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder as a local path: itself, or for a URI a temporary local copy of it (e.g. `qdeep
+    predict --model s3://.../model`), gone after the block."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="qdeep-copy-") as d:
+        fs, inner = filesystem(path)
+        pyarrow.fs.copy_files(inner, d, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield Path(d)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a file is at `path` (local or a URI)."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pyarrow.fs.FileType.File
 
 
 def unfinished(out: str | os.PathLike) -> str | None:
-    """Why the outputs in `out` are not those of a finished command, or None if they are."""
-    out = Path(out)
-    if (out / UNFINISHED).exists():
+    """Why the outputs in `out` (a folder or a URI) are not those of a finished command, or None if they are."""
+    if exists(child(out, UNFINISHED)):
         return (f"{out} holds the outputs of a command that did not finish (it was stopped or failed while writing "
-                f"them: {out / UNFINISHED} is there); rerun it")
-    if not (out / "metrics.json").is_file():
+                f"them: {child(out, UNFINISHED)} is there); rerun it")
+    if not exists(child(out, "metrics.json")):
         return f"{out}: no metrics.json (is it the output of a finished qdeep baseline or train?)"
     return None

@@ -17,7 +17,7 @@ from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
 from qdeep.data.pack import is_pack
 from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS, TRAIN_DIR, train_csv
 from qdeep.errors import QdeepError
-from qdeep.io import is_uri
+from qdeep.io import child, exists, is_uri
 
 
 def _name(path, option: str | None) -> str:
@@ -85,7 +85,7 @@ def planet_dir(path, option: str | None = "--data", split: str = "train") -> Pat
     return root
 
 
-PACK_READERS = "train, tune, predict"  # the commands whose --data may be a pack (`qdeep pack`)
+PACK_READERS = "train, tune, ladder, baseline, predict"  # the commands whose --data may be a pack (`qdeep pack`)
 
 
 def is_pack_or_uri(path) -> bool:
@@ -112,6 +112,10 @@ def training_data(data=None, labels=None, images=None, packs: bool = False) -> N
 def weights_file(weights: str | None, option: str = "--weights") -> None:
     """A weights PATH must be a non-empty file; the named weights (none, imagenet, bundled) pass."""
     if weights and weights.strip().lower() not in NAMED_WEIGHTS:  # as models.build_model reads them
+        if is_uri(weights):
+            if not exists(weights):
+                raise QdeepError(f"{_name(weights, option)}: no such file")
+            return
         input_file(weights, option)
 
 
@@ -173,7 +177,11 @@ def os_error_line(exc: OSError) -> str | None:
 
 
 def model_dir(path, option: str | None = "--model") -> Path:
-    """A saved model: a directory with config.json."""
+    """A saved model: a directory with config.json (or a URI, s3://.../model, with one)."""
+    if is_uri(path):
+        if not exists(child(path, "config.json")):
+            raise QdeepError(f"{_name(path, option)}: not a qdeep model directory (no config.json)")
+        return path
     p = Path(path)
     if not p.exists():
         raise QdeepError(f"{_name(path, option)}: no such directory")

@@ -225,8 +225,10 @@ def crash_once():
 
 
 @pytest.fixture
-def s3_bucket():
-    """`s3://BUCKET`: a fresh bucket on the tests' real S3-protocol server (tests/s3server.py)."""
+def s3_bucket(tmp_path, monkeypatch):
+    """`s3://BUCKET`: a fresh bucket on the tests' real S3-protocol server (tests/s3server.py). The
+    test runs in tmp_path: a command whose output is a URI puts Ray's log in the working directory."""
+    monkeypatch.chdir(tmp_path)
     return S3.new_bucket()
 
 

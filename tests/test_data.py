@@ -108,6 +108,14 @@ def test_undecodable_images_raise_naming_the_file(tmp_path, case):
     fragment = _bad_cases()[case](root)
     with pytest.raises(ImageDecodeError, match=fragment):
         load_rgb(root / "train-jpg" / "train_1.jpg")
+    with pytest.raises(ImageDecodeError, match=fragment):  # a pack's bytes, named by the caller
+        load_rgb((root / "train-jpg" / "train_1.jpg").read_bytes(), "train_1.jpg")
+
+
+def test_image_bytes_decode_as_their_file_does(tmp_path):
+    root = _planet(tmp_path / "d", GOOD)
+    path = root / "train-jpg" / "train_1.jpg"
+    assert np.array_equal(np.asarray(load_rgb(path.read_bytes())), np.asarray(load_rgb(path)))
 
 
 def test_csv_row_whose_image_is_missing(tmp_path):

@@ -165,4 +165,19 @@ def test_a_planet_pack_trains_and_predicts_its_test_split_as_the_folder_does(ray
     assert main(["predict", "--model", str(out / "model"), "--data", str(planet_dir), "--out", str(from_folder)]) == 0
     rows = from_pack.read_text().splitlines()
     assert rows == from_folder.read_text().splitlines() and len(rows) > 1
-    assert main(["baseline", "--data", str(pack), "--out", str(tmp_path / "rf")]) == 2  # folders only, one line
+
+    # The baseline's histograms of the pack's images are those of the folder's files, image by image.
+    from qdeep.baseline import color_histogram
+    from qdeep.data import load_dataset
+    from qdeep.distributed.tasks import image_features
+
+    packed, folder = (load_dataset(BadInputPolicy("error"), data=d) for d in (str(pack), planet_dir))
+    x_pack, _ = image_features(color_histogram, packed.train, BadInputPolicy("error"), "h", packed.pack)
+    x_folder, _ = image_features(color_histogram, folder.train, BadInputPolicy("error"), "h")
+    assert packed.train.names != folder.train.names  # packed in a shuffled order
+    assert np.array_equal(x_pack, x_folder[[folder.train.names.index(n) for n in packed.train.names]])
+    rf = tmp_path / "rf"
+    assert main(["baseline", "--data", str(pack), "--out", str(rf), "--folds", "2", "--trees", "5",
+                 "--tracking-uri", sqlite_uri]) == 0
+    names = [line.split(",")[0] for line in (rf / "submission.csv").read_text().splitlines()[1:]]
+    assert names == [line.split(",")[0] for line in rows[1:]]

@@ -254,6 +254,24 @@ def test_path_round_trip(tmp_path, built):
         assert torch.equal(wrapped(x), model(x))
 
 
+def test_weights_in_a_bucket(tmp_path, built, s3_bucket):
+    from qdeep import io
+
+    model = built("resnet18").eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    with io.atomic_path(f"{s3_bucket}/w/r18.pt") as tmp:
+        tmp.write_bytes((tmp_path / "r18.pt").read_bytes())
+    again = build_model("resnet18", NUM_LABELS, weights=f"{s3_bucket}/w/r18.pt").eval()
+    x = _batch("resnet18")
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(QdeepError, match=rf"^weights file not found: {s3_bucket}/w/none.pt \(--weights takes"):
+        build_model("resnet18", NUM_LABELS, weights=f"{s3_bucket}/w/none.pt")
+    io.write_text(f"{s3_bucket}/w/bad.pt", "not torch's")
+    with pytest.raises(QdeepError, match=rf"^cannot load weights file {s3_bucket}/w/bad.pt: "):
+        build_model("resnet18", NUM_LABELS, weights=f"{s3_bucket}/w/bad.pt")
+
+
 def test_path_imagenet_headed_files(tmp_path):
     import torchvision
 

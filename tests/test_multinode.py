@@ -34,6 +34,7 @@ import pytest
 
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 from qdeep.distributed.worker import CHECKPOINT_FILE
+from qdeep.io import filesystem, read_json, unfinished
 
 pytestmark = pytest.mark.multinode  # real multi-node Ray clusters: `make test-fast` leaves this module out
 
@@ -386,20 +387,29 @@ def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket)
 
 def test_training_reads_a_pack_in_the_bucket_on_a_node_without_the_data(cluster, s3_bucket):
     """The images exist on the head's disk alone (`local/`, which the second node cannot see): packed
-    into the bucket, they train a 2-worker run over both nodes, checkpoints in the bucket too."""
+    into the bucket, they train a 2-worker run over both nodes, its checkpoints and outputs in the
+    bucket too; then the model in the bucket predicts the pack's test images into the bucket."""
     from qdeep.cli import main
 
     data = cluster.local / "pack-source"
     write_synthetic_planet(data, n=64, size=32, seed=4, n_test=4)
-    pack, runs = f"{s3_bucket}/pack", f"{s3_bucket}/runs"
+    pack, out = f"{s3_bucket}/pack", f"{s3_bucket}/out-pack"
     assert main(["pack", "--data", str(data), "--out", pack, "--shard-mb", "1"]) == 0  # this session's own Ray
-    args = _train_args(cluster, "out-pack", "--workers", "2", "--name", "from-pack", "--storage-path", runs)
-    args[args.index("--data") + 1] = pack
+    args = _train_args(cluster, "unused", "--workers", "2", "--name", "from-pack")
+    args[args.index("--data") + 1], args[args.index("--out") + 1] = pack, out
     job = cluster.qdeep(*args)
     assert job.status == "SUCCEEDED", job
-    m = json.loads((cluster.shared / "out-pack" / "metrics.json").read_text())
+    m = read_json(f"{out}/metrics.json")
     assert [(h["workers"], h["nodes"]) for h in m["history"]] == [(2, 2)], job
-    assert m["n_train"] + m["n_val"] == 64 and m["ray_run_path"] == f"{runs}/from-pack"
+    assert m["n_train"] + m["n_val"] == 64 and m["ray_run_path"] == f"{out}/ray_results/from-pack"
+    assert unfinished(out) is None and not (cluster.shared / "unused").exists()
+    job = cluster.qdeep("predict", "--model", f"{out}/model", "--data", pack, "--out", f"{s3_bucket}/sub.csv")
+    assert job.status == "SUCCEEDED", job
+    fs, inner = filesystem(f"{s3_bucket}/sub.csv")
+    with fs.open_input_stream(inner) as f:
+        lines = f.read().decode().splitlines()
+    assert lines[0] == "image_name,tags" and sorted(line.split(",")[0] for line in lines[1:]) == \
+        sorted(p.stem for p in (data / "test-jpg").glob("*.jpg"))
 
 
 def test_node_local_mlflow_store_is_refused(cluster):

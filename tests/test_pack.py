@@ -50,6 +50,8 @@ def test_a_planet_layout_packs_into_shards_of_unchanged_bytes(ray_cluster, plane
     assert {r["image"]: r["tags"] for r in rows if r["split"] == "train"} == csv
     assert all(r["tags"] is None for r in rows if r["split"] == "test")
     assert manifest["labels"] == sorted({t for tags in csv.values() for t in tags})
+    assert pack.rows("test", ["image"]).to_pylist() == [{"image": r["image"]} for r in rows if r["split"] == "test"]
+    assert pack.rows("train", ["tags", "image"]).column_names == ["tags", "image"]
     pack.verify()
 
 

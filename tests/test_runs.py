@@ -99,3 +99,34 @@ def test_outputs_a_killed_command_was_writing_are_refused_by_compare_and_predict
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{out} holds the outputs of a command that did not finish" in err[0], err
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_baseline_in_a_bucket_is_compared_and_predicts_from_there(ray_cluster, planet_dir, s3_bucket, capsys,
+                                                                     sqlite_uri):
+    from qdeep import io
+    from qdeep.cli import main
+
+    out = f"{s3_bucket}/base"
+    assert main(["baseline", "--data", str(planet_dir), "--folds", "2", "--trees", "5", "--out", out,
+                 "--tracking-uri", sqlite_uri]) == 0
+    capsys.readouterr()
+    assert main(["compare", out]) == 0 and capsys.readouterr().out.split()[0] == "base"
+    assert main(["predict", "--model", f"{out}/model", "--data", str(planet_dir), "--out", f"{s3_bucket}/s.csv"]) == 0
+    assert io.read_json(f"{out}/metrics.json")["n_test"] == len(_csv_rows(s3_bucket)) - 1
+    capsys.readouterr()
+    io.write_json(f"{out}/.qdeep-unfinished", {"pid": 1})  # an upload that a kill cut short
+    assert main(["predict", "--model", f"{out}/model/", "--data", str(planet_dir), "--out", "s.csv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} holds the outputs of a command that did not finish" in err[0], err
+    assert main(["predict", "--model", f"{s3_bucket}/none", "--data", str(planet_dir), "--out", "s.csv"]) == 2
+    assert f"--model {s3_bucket}/none: not a qdeep model directory (no config.json)" in capsys.readouterr().err
+    assert main(["deepcluster", "--images", str(planet_dir), "--out", f"{s3_bucket}/dc"]) == 2
+    assert "qdeep deepcluster writes to a local or shared folder for now" in capsys.readouterr().err
+
+
+def _csv_rows(bucket: str) -> list[str]:
+    from qdeep.io import filesystem
+
+    fs, inner = filesystem(f"{bucket}/s.csv")
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode().splitlines()

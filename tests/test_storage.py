@@ -118,6 +118,27 @@ def test_run_records_go_through_pyarrow_for_uris(tmp_path, s3_bucket):
     assert read_json(f"{s3_bucket}/runs/sweep.json") == {"settings": {"lr": 0.1}, "mlflow_run_id": "run-1"}
 
 
+def test_outputs_for_a_uri_are_uploaded_whole_and_marked_unfinished_until_done(s3_bucket):
+    from qdeep import io
+
+    out = f"{s3_bucket}/run"
+    io.write_text(f"{out}/model/stale.txt", "an older run's")
+    with io.outputs(out) as local:
+        assert io.unfinished(out).startswith(f"{out} holds the outputs of a command that did not finish")
+        (local / "model").mkdir()
+        (local / "model" / "config.json").write_text("{}")
+        (local / "metrics.json").write_text('{"f2": 1}')
+    assert io.unfinished(out) is None and io.read_json(f"{out}/metrics.json") == {"f2": 1}
+    assert not io.exists(f"{out}/model/stale.txt")  # the folder replaced, not merged
+    with io.local_copy(f"{out}/model") as copy:
+        assert [p.name for p in copy.iterdir()] == ["config.json"]
+    assert not copy.exists()
+    with pytest.raises(ZeroDivisionError), io.outputs(out) as local:
+        (local / "metrics.json").write_text("{}")
+        1 / 0
+    assert "did not finish" in io.unfinished(out) and io.read_json(f"{out}/metrics.json") == {"f2": 1}
+
+
 @pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),
                                             (" 2-2 ", (2, 2))])
 def test_worker_counts(spec, expected):

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from conftest import interrupt_when
 
+from qdeep import io
 from qdeep.cli import main
 
 SMALL = ["--image-size", "32", "--batch-size", "16", "--loader-workers", "0", "--warmup-steps", "2"]
@@ -28,11 +29,18 @@ def _parents(uri):
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
-def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, tmp_path, sqlite_uri):
-    out = tmp_path / "out"
+def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, s3_bucket, sqlite_uri):
+    """Into a bucket: the report there, and the trials' checkpoints in OUT/ray_results there."""
+    uri = f"{s3_bucket}/out"
     assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18,efficientnet_lite0", "--freeze", "head,none",
-                 "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--out", str(out),
+                 "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--out", uri,
                  "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    with io.local_copy(uri) as out:
+        _check_sweep(out, sqlite_uri)
+
+
+def _check_sweep(out, sqlite_uri):
+    assert len({p.parent for p in (out / "ray_results").glob("sweep-*/checkpoint_*")}) == 4  # each trial's
     rows = _rows(out / "results.csv")
     assert len(rows) == 4
     archs = ("resnet18", "efficientnet_lite0")
@@ -51,26 +59,40 @@ def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, tmp_pa
 
 def test_asha_stops_clearly_worse_trials_early(planet_dir, ray_cluster, tmp_path, sqlite_uri):
     out = tmp_path / "out"
-    # lr 1e-9 cannot learn (an lr of 0 is refused): those trials sit at their initial F2 (about 0.65: every
-    # tag guessed) and fall below the good one once it has learnt. Its first two epochs, from scratch with
+    # lr 1e-9 cannot learn (an lr of 0 is refused): that trial sits at its initial F2 (about 0.65: every
+    # tag guessed) and falls below the good one (run first) once it has learnt. Its first two epochs, from scratch with
     # BatchNorm statistics still settling, score below that (0.41 and 0.50 in one run), so the one rung
-    # is after epoch 3 (0.76 in that run), and the sweep's 4th epoch is what the bad trials never train.
+    # is after epoch 3 (0.76 in that run), and the sweep's 4th epoch is what the bad trial never trains.
     assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "none",
-                 "--lr", "3e-3,1e-9,2e-9", "--epochs", "4", "--grace-period", "3",
+                 "--lr", "3e-3,1e-9", "--epochs", "4", "--grace-period", "3",
                  "--reduction-factor", "2", "--max-concurrent", "1", "--out", str(out),
                  "--tracking-uri", sqlite_uri, *SMALL]) == 0
     rows = _rows(out / "results.csv")
     stopped = [r for r in rows if r["status"] == "stopped"]
-    assert len(rows) == 3 and stopped and all(int(r["epochs"]) < 4 for r in stopped)
+    assert len(rows) == 2 and [float(r["lr"]) for r in stopped] == [1e-9] and int(stopped[0]["epochs"]) < 4
     statuses = {c.data.tags["qdeep_status"]: c.info.status for c in _children(sqlite_uri, _parents(sqlite_uri)[0].info.run_id)}
     assert statuses["stopped"] == "KILLED"
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, ray_cluster, tmp_path, sqlite_uri,
+                                                                   monkeypatch):
+    """Also: a trial's driver asks for the head's own resource (never a spot GPU node's), Tune retries
+    a failed trial, and a relative --weights PATH is the caller's, though a trial runs in a directory
+    of its own."""
+    import torch
+    from ray.tune import ExperimentAnalysis
+
+    from qdeep.distributed.tune import HEAD_RESOURCE, TRIAL_CPU
+    from qdeep.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    torch.save(build_model("resnet18", 17, "none", "none").state_dict(), tmp_path / "w" / "r18.pt")
     out = tmp_path / "out"
-    argv = ["tune", "--data", str(planet_dir), "--archs", "resnet18", "--freeze", "head,none", "--lr", "3e-3",
-            "--epochs", "1", "--scheduler", "none", "--max-concurrent", "1", "--out", str(out), "--name", "again",
-            "--tracking-uri", sqlite_uri, "--address", ray_cluster.get_runtime_context().gcs_address, *SMALL]
+    argv = ["tune", "--data", str(planet_dir), "--archs", "resnet18", "--weights", "w/r18.pt", "--freeze", "head,none",
+            "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--max-concurrent", "1", "--out", str(out),
+            "--name", "again", "--tracking-uri", sqlite_uri, "--address", ray_cluster.get_runtime_context().gcs_address,
+            *SMALL]
     runs = out / "ray_results"
     # Ctrl+C as soon as the first trial has its checkpoint, i.e. has finished
     interrupt_when(argv, lambda: bool(list(runs.glob("again-*/checkpoint_*"))))
@@ -81,17 +103,31 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(planet_dir, r
     assert main(argv[:-len(SMALL) - 2] + SMALL) == 0  # same name, in-process this time
     rows = _rows(out / "results.csv")
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    assert {r["weights"] for r in rows} == {str(tmp_path / "w" / "r18.pt")}
     for trial_dir, checkpoints in finished_before.items():  # finished trials were not trained again
         assert sorted(c.name for c in (runs / trial_dir).glob("checkpoint_*")) == checkpoints
     parents = _parents(sqlite_uri)
     assert len(parents) == 1 and len(_children(sqlite_uri, parents[0].info.run_id)) == 2
+    for trial in ExperimentAnalysis(str(runs / "again")).trials:
+        (bundle,) = trial.placement_group_factory.bundles
+        assert bundle[HEAD_RESOURCE] > 0 and bundle["CPU"] == TRIAL_CPU and trial.max_failures == 2
+    assert HEAD_RESOURCE in ray_cluster.nodes()[0]["Resources"]  # the head has it: the trial could run
 
 
-def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_uri, capsys):
-    out = tmp_path / "ladder"
-    assert main(["ladder", "--data", str(planet_dir), "--out", str(out), "--arch", "efficientnet_lite0",
+def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, s3_bucket, sqlite_uri, capsys):
+    """From a pack in a bucket into the bucket: the rungs' outputs and checkpoints there, the
+    fine-tuning rung starting from the frozen rung's model there."""
+    pack, uri = f"{s3_bucket}/pack", f"{s3_bucket}/ladder"
+    assert main(["pack", "--data", str(planet_dir), "--out", pack]) == 0
+    assert main(["ladder", "--data", pack, "--out", uri, "--arch", "efficientnet_lite0",
                  "--scratch-arch", "resnet18", "--epochs", "1", "--trees", "20", "--lr", "3e-3",
                  "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    with io.local_copy(uri) as out:
+        _check_ladder(out, sqlite_uri)
+    assert "histogram_rf" in capsys.readouterr().out
+
+
+def _check_ladder(out, sqlite_uri):
     rows = _rows(out / "ladder.csv")
     assert [r["name"] for r in rows] == ["histogram_rf", "scratch", "frozen", "finetune"]
     header = list(rows[0])
@@ -106,33 +142,7 @@ def test_ladder_writes_the_four_rungs(planet_dir, ray_cluster, tmp_path, sqlite_
     assert [p.info.run_name for p in parents] == ["ladder"]
     assert sorted(c.info.run_name for c in _children(sqlite_uri, parents[0].info.run_id)) == [
         "histogram_rf", "train-efficientnet_lite0", "train-efficientnet_lite0", "train-resnet18"]
-    assert "histogram_rf" in capsys.readouterr().out
-
-
-def test_trials_run_on_the_head_are_retried_and_find_a_relative_weights_path(planet_dir, ray_cluster, tmp_path,
-                                                                            sqlite_uri, monkeypatch):
-    """A trial's driver asks for the head's own resource (never a spot GPU node's), Tune retries a failed
-    trial, and a relative --weights PATH is the caller's, though a trial runs in a directory of its own."""
-    import torch
-    from ray.tune import ExperimentAnalysis
-
-    from qdeep.models import build_model
-    from qdeep.distributed.tune import HEAD_RESOURCE, TRIAL_CPU
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "w").mkdir()
-    torch.save(build_model("resnet18", 17, "none", "none").state_dict(), tmp_path / "w" / "r18.pt")
-    out = tmp_path / "out"
-    assert main(["tune", "--data", str(planet_dir), "--archs", "resnet18", "--weights", "w/r18.pt", "--freeze", "head",
-                 "--lr", "3e-3", "--epochs", "1", "--scheduler", "none", "--out", str(out),
-                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
-    rows = _rows(out / "results.csv")
-    assert [(r["weights"], r["status"]) for r in rows] == [(str(tmp_path / "w" / "r18.pt"), "completed")]
-    (trial,) = ExperimentAnalysis(str(out / "ray_results" / "sweep")).trials
-    (bundle,) = trial.placement_group_factory.bundles
-    assert bundle[HEAD_RESOURCE] > 0 and bundle["CPU"] == TRIAL_CPU
-    assert HEAD_RESOURCE in ray_cluster.nodes()[0]["Resources"]  # the head has it: the trial could run
-    assert trial.max_failures == 2
+    assert (out / "scratch" / "ray_results" / "scratch").is_dir()  # its checkpoints, in the bucket too
 
 
 @pytest.mark.timeout(120)  # before the check, the trial waited forever for half a GPU

@@ -12,6 +12,7 @@ from qdeep import paths
 from qdeep.config import (DEEPCLUSTER_TRAIN_OPTIONS, SWEEP_OPTIONS, TRAIN_OPTIONS, DeepClusterConfig, Sweep,
                           TrainConfig, pick)
 from qdeep.errors import QdeepError
+from qdeep.io import child, read_text
 
 
 def _use_gpu(args) -> bool | None:
@@ -27,8 +28,14 @@ def _inputs(args) -> list[tuple[str, str]]:
             if v]
 
 
+URI_OUT = ("pack", "train", "tune", "ladder", "baseline", "features")  # and predict's --out, a file
+
+
 def _check_outputs(args) -> None:
     """--out and --storage-path can be written and are not inside the input data (`qdeep.paths`)."""
+    if paths.is_uri(args.out) and args.command not in URI_OUT:
+        raise QdeepError(f"--out {args.out}: qdeep {args.command} writes to a local or shared folder for now "
+                         f"(a URI is for {', '.join(URI_OUT)} and predict)")
     paths.output_dir(args.out, "--out", _inputs(args))
     if getattr(args, "storage_path", None):
         paths.output_dir(args.storage_path, "--storage-path", _inputs(args))
@@ -52,7 +59,6 @@ def cmd_synth(args) -> None:
 
 def cmd_pack(args) -> None:
     from qdeep.data.pack import MANIFEST, describe
-    from qdeep.io import child
     from qdeep.workflows.pack import run_pack
 
     paths.training_data(args.data, args.labels, args.images)
@@ -69,7 +75,7 @@ def cmd_baseline(args) -> None:
     from qdeep.tracking import tracking_uri
     from qdeep.workflows.baseline import run_baseline
 
-    paths.training_data(args.data, args.labels, args.images)
+    paths.training_data(args.data, args.labels, args.images, packs=True)
     _check_outputs(args)
     m = run_baseline(args.out, data=args.data, labels=args.labels, images=args.images, folds=args.folds,
                      seed=args.seed, trees=args.trees, on_bad_image=args.on_bad_image,
@@ -118,21 +124,21 @@ def cmd_tune(args) -> None:
     rows = run_tune(args.out, sweep, data=args.data, labels=args.labels, images=args.images, name=args.name,
                     storage_path=args.storage_path, on_bad_image=args.on_bad_image,
                     tracking_uri=args.tracking_uri, address=args.address, plugins=args.plugins)
-    print((Path(args.out) / "report.md").read_text())
+    print(read_text(child(args.out, "report.md")))
     print(f"{len(rows)} trials; results in {args.out}/results.csv")
 
 
 def cmd_ladder(args) -> None:
     from qdeep.workflows.ladder import run_ladder
 
-    paths.training_data(args.data, args.labels, args.images)
+    paths.training_data(args.data, args.labels, args.images, packs=True)
     paths.weights_file(args.weights)
     _check_outputs(args)
     run_ladder(args.out, _training(args, lr=args.lr), data=args.data, labels=args.labels,
                images=args.images, arch=args.arch, scratch_arch=args.scratch_arch, weights=args.weights,
                workers=args.workers, trees=args.trees, on_bad_image=args.on_bad_image,
                tracking_uri=args.tracking_uri, address=args.address, plugins=args.plugins)
-    print((Path(args.out) / "ladder.md").read_text())
+    print(read_text(child(args.out, "ladder.md")))
 
 
 def cmd_features(args) -> None:
@@ -191,7 +197,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from qdeep.io import unfinished
+    from qdeep.io import child, read_json, unfinished
     from qdeep.report import comparison_table
 
     runs = {}
@@ -199,14 +205,14 @@ def cmd_compare(args) -> None:
         why = unfinished(out)
         if why:
             raise QdeepError(why)
-        runs[Path(out).name] = json.loads((Path(out) / "metrics.json").read_text())
+        runs[str(out).rstrip("/").rsplit("/", 1)[-1]] = read_json(child(out, "metrics.json"))
     print(comparison_table(runs))
 
 
 def ray_log(args) -> Path | None:
     """Where the command put Ray's output (`distributed.session`): in OUT, or beside a file or store."""
-    from qdeep.distributed.session import LOG_FILE, log_beside
+    from qdeep.distributed.session import log_beside, log_in
 
     if args.command in ("features", "predict", "pack"):
         return log_beside(args.out)
-    return None if args.command in ("synth", "compare") else Path(args.out) / LOG_FILE
+    return None if args.command in ("synth", "compare") else log_in(args.out)

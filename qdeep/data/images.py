@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,20 +30,22 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any supported image to 8-bit RGB, upright (its EXIF orientation applied, as viewers
-    show it); corrupt or truncated files raise ImageDecodeError.
+def load_rgb(path: str | Path | bytes, name: str = "image bytes") -> Image.Image:
+    """Decode any supported image (a path, or an encoded image's bytes, e.g. a pack's, called `name`
+    in errors) to 8-bit RGB, upright (its EXIF orientation applied, as viewers show it); corrupt or
+    truncated ones raise ImageDecodeError.
     A missing file raises FileNotFoundError: the caller listed it, so where it is missing (another
     node, storage that went away) is a setup problem for the caller to name, not bad input to skip."""
+    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray, memoryview)) else path
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # decodes and releases the file; the pixels outlive the `with`
             img = upright(img)
             return img if img.mode == "RGB" else to_rgb(img)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(path, f"cannot decode image ({exc})") from None
+        raise ImageDecodeError(path if source is path else name, f"cannot decode image ({exc})") from None
 
 
 def upright(img: Image.Image) -> Image.Image:

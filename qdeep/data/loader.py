@@ -4,7 +4,6 @@ decoded in DataLoader processes, with the sampler that gives each rank its share
 
 from __future__ import annotations
 
-import io
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,8 +106,7 @@ class Decoder:
 
     def one(self, ref, row: int, epoch: int) -> torch.Tensor:
         rng = random.Random(hash((self.seed, epoch, row))) if self.train else None
-        source = ref if isinstance(ref, str) else io.BytesIO(ref)
-        return train_input(load_rgb(source), self.size, self.mean, self.std, rng, self.crop, self.augment)
+        return train_input(load_rgb(ref), self.size, self.mean, self.std, rng, self.crop, self.augment)
 
     def __call__(self, batches: Iterable[dict], epoch: int = 0) -> Iterator[tuple]:
         def start(batch):

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
 from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.data.planet import Dataset, ImageSet
 from qdeep.errors import QdeepError
 from qdeep.io import child, filesystem, read_json, write_json
 
@@ -200,25 +202,40 @@ class Pack:
         """Each shard as its filesystem names it (for `ray.data.read_parquet(files, filesystem=pack.fs)`)."""
         return list(self.paths)
 
+    def read_shard(self, path: str, columns: Sequence[str]) -> pa.Table:
+        """`columns` of one shard (`path` as `files()` names it), or a one-line error naming it."""
+        try:
+            return pq.read_table(path, filesystem=self.fs, columns=list(columns))
+        except (pa.ArrowException, OSError) as exc:
+            raise QdeepError(f"pack {self.uri}: shard {path.rsplit('/', 1)[-1]} cannot be read: {exc}") from None
+
     def read(self, columns: Sequence[str] = META) -> pa.Table:
         """`columns` of every row, shard by shard (only those columns are fetched), each shard's row
         count checked against the manifest."""
         tables = []
         for shard, path in zip(self.manifest["shards"], self.paths):
-            try:
-                table = pq.read_table(path, filesystem=self.fs, columns=list(columns))
-            except (pa.ArrowException, OSError) as exc:
-                raise QdeepError(f"pack {self.uri}: shard {shard['file']} cannot be read: {exc}") from None
+            table = self.read_shard(path, columns)
             if table.num_rows != shard["rows"]:
                 raise QdeepError(f"pack {self.uri}: shard {shard['file']} has {table.num_rows} rows, "
                                  f"the manifest says {shard['rows']}")
             tables.append(table)
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(list(columns))
 
-    def test_names(self) -> list[str]:
-        """The names of its test images, in the order they were packed."""
-        meta = self.read(("image", "split"))
-        return [name for name, split in zip(meta["image"].to_pylist(), meta["split"].to_pylist()) if split == "test"]
+    def rows(self, split: str, columns: Sequence[str]) -> pa.Table:
+        """`columns` of its `split` ("train" or "test") rows, in the order they were packed."""
+        meta = self.read(tuple(dict.fromkeys([*columns, "split"])))
+        return meta.filter(pc.equal(meta["split"], split)).select(list(columns))
+
+    def dataset(self) -> Dataset:
+        """Its images as `load_dataset` gives a folder's (decoding was checked when it was packed):
+        each image's `paths` entry is its name in the pack."""
+        sets = {}
+        for split in ("train", "test"):
+            rows = self.rows(split, ("image", "tags", "origin"))
+            names = rows["image"].to_pylist()
+            sets[split] = ImageSet(names=names, paths=list(names), tags=rows["tags"].to_pylist() if split == "train"
+                                   else None, origins=rows["origin"].to_pylist() if split == "train" else None)
+        return Dataset(train=sets["train"], test=sets["test"], source=self.uri, pack=self.uri)
 
     def verify(self) -> None:
         """Every shard's bytes against its sha256 in the manifest (one read of the pack)."""

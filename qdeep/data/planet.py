@@ -90,6 +90,7 @@ class Dataset:
     train: ImageSet
     test: ImageSet
     source: str
+    pack: str | None = None  # the pack the images are in (`qdeep pack`): their `paths` are their names in it
 
 
 def train_csv(data_dir: Path) -> Path | None:
@@ -240,10 +241,12 @@ def _records(csv_path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 
 def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
                  images: str | Path | None = None) -> Dataset:
-    """`--data DIR` (Kaggle Planet layout), `--labels CSV --images DIR`, or `--images DIR` alone
-    (one sub-folder per class)."""
+    """`--data DIR` (Kaggle Planet layout, or a pack: a folder or URI), `--labels CSV --images DIR`,
+    or `--images DIR` alone (one sub-folder per class)."""
     if data and not (labels or images):
-        return load_planet(data, policy)
+        from qdeep.data.pack import Pack, is_pack
+
+        return Pack(str(data)).dataset() if is_pack(data) else load_planet(data, policy)
     if labels and images and not data:
         return load_labeled_folder(labels, images, policy)
     if images and not (data or labels):

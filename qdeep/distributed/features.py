@@ -8,7 +8,6 @@ batch), at a local path or a URI. `store_dataset` reads a store back as a Ray Da
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from pathlib import Path
@@ -39,9 +38,9 @@ def decode(batch: dict, size: int) -> dict:
     a quarter of float32's bytes through the object store. A function, so that Ray Data runs it in
     tasks on the free CPUs beside GPU actors, or fuses it into each CPU actor. The actor normalises
     on its device."""
-    sources = batch["path"] if "path" in batch else [io.BytesIO(data) for data in batch["data"]]
+    sources = batch["path"] if "path" in batch else batch["data"]
     try:
-        pixels = np.stack([to_uint8(load_rgb(source), size) for source in sources])
+        pixels = np.stack([to_uint8(load_rgb(source, name), size) for source, name in zip(sources, batch["image"])])
     except FileNotFoundError as exc:
         raise not_visible([exc.filename], len(sources)) from None
     return {"image": batch["image"], "pixels": pixels}
@@ -55,7 +54,7 @@ def folder_rows(root: Path, paths):
     return ray.data.from_items([{"image": Path(p).relative_to(root).as_posix(), "path": str(p)} for p in paths])
 
 
-def pack_rows(pack: Pack):
+def pack_images(pack: Pack):
     """A pack's images as a Ray Data dataset of (image: its name, data: its bytes), each shard read in
     the stage that decodes it, from wherever the pack is (a bucket: any node). Not read_parquet: its
     read tasks ask for a CPU of their own, which the model stage's actors may all hold (a hang)."""
@@ -67,10 +66,7 @@ def pack_rows(pack: Pack):
 
 
 def _read_pack_shards(batch: dict, pack: Pack):
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([pq.read_table(path, filesystem=pack.fs, columns=["image", "data"])
-                             for path in batch["shard"]])
+    return pa.concat_tables([pack.read_shard(path, ("image", "data")) for path in batch["shard"]])
 
 
 class Embedder:
@@ -96,7 +92,7 @@ def embed_images(rows, n_images: int, root: Path | str, arch: str, weights: str,
                  image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1):
     """Descriptors of `n_images` already-checked images under `root` (`rows`: `folder_rows` or
-    `pack_rows`) into the store at `out` (call inside a Ray session), on `tasks.model_stage`'s
+    `pack_images`) into the store at `out` (call inside a Ray session), on `tasks.model_stage`'s
     actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked."""
     model = load_backbone(arch, weights)
     size = image_size or model.qdeep_arch.input_size

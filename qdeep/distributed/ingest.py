@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qdeep.data.pack import Pack
+from qdeep.errors import QdeepError
 
 DATA_CPUS = 0.25  # each Ray Data task of a training input
 DATA_RESERVE = 2 * DATA_CPUS  # the CPUs a CPU-only worker group leaves to them
@@ -117,22 +118,38 @@ def pack_join(pack: Pack, wanted: pa.Table):
 
 
 def _read_and_join(batch: dict, pack: Pack, wanted: pa.Table) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    from qdeep.errors import QdeepError
-
     tables = []
     for path in batch["shard"]:
-        try:
-            shard = pq.read_table(path, filesystem=pack.fs, columns=["image", "data"])
-        except (pa.ArrowException, OSError) as exc:
-            raise QdeepError(f"pack {pack.uri}: shard {path.rsplit('/', 1)[-1]} cannot be read: {exc}") from None
+        shard = pack.read_shard(path, ("image", "data"))
         at = pc.index_in(shard["image"], value_set=wanted["image"])  # the shard's rows in `wanted`, or null
         keep = pc.is_valid(at)
         picked = wanted.take(pc.filter(at, keep)).drop_columns(["image"])
         tables.append(picked.append_column("ref", pc.filter(shard["data"], keep)))
     joined = pa.concat_tables(tables)
     return joined.take(np.random.default_rng().permutation(joined.num_rows))  # a new order at every epoch
+
+
+def pack_features(fn, pack: Pack, names: list[str]) -> np.ndarray:
+    """fn(RGB PIL image) -> 1-D array for each image of the pack named in `names`, in that order, in
+    Ray Data tasks that read the shards (decoding was checked when the pack was made)."""
+    if not names:
+        return np.zeros((0, 0), dtype=np.float32)
+    wanted = pa.table({"row": np.arange(len(names)), "image": pa.array(names, pa.string())})
+    ds = pack_join(pack, wanted).map_batches(_featurize, fn_kwargs={"fn": fn}, batch_format="numpy")
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    rows = np.concatenate([b["row"] for b in batches]) if batches else np.zeros(0, np.int64)
+    if len(np.unique(rows)) != len(names):
+        raise QdeepError(f"pack {pack.uri}: {len(names)} images asked for, {len(np.unique(rows))} found in its shards")
+    x = np.empty((len(names), batches[0]["x"].shape[1]), dtype=np.float32)
+    x[rows] = np.concatenate([b["x"] for b in batches])
+    return x
+
+
+def _featurize(batch: dict, fn) -> dict:
+    from qdeep.data.images import load_rgb
+
+    x = np.stack([np.asarray(fn(load_rgb(ref)), dtype=np.float32) for ref in batch["ref"]])
+    return {"row": batch["row"], "x": x}
 
 
 def uniform_rates(y: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@ when present) loads the model once per actor and decodes its own batches of imag
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +80,7 @@ class CNNInference:
         tensors, errors = [], []
         for ref in batch["ref"]:  # a path, or a pack's bytes
             try:
-                source = ref if isinstance(ref, str) else io.BytesIO(ref)
-                tensors.append(to_tensor(load_rgb(source), self.size, self.mean, self.std))
+                tensors.append(to_tensor(load_rgb(ref), self.size, self.mean, self.std))
                 errors.append("")
             except FileNotFoundError:  # listed by the driver, missing on this node
                 raise not_visible([ref], len(batch["ref"])) from None

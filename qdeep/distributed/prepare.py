@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from qdeep.config import NAMED_WEIGHTS, TrainConfig
@@ -17,6 +16,7 @@ from qdeep.data import BadInputPolicy, load_dataset
 from qdeep.data.pack import Pack, is_pack
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
+from qdeep.io import is_uri
 from qdeep.models import build_model, parse_freeze
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, infer_task
 from qdeep.parts.targets import Targets
@@ -68,27 +68,19 @@ def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error
     """Load, decode-check (on Ray: call inside a Ray session), encode and split the training images:
     a folder's, or a pack's (`--data PACK`: its training rows, decoding checked when it was packed)."""
     policy = BadInputPolicy(on_bad_image)
-    if data and is_pack(data):
-        pack = Pack(str(data))
-        meta = pack.read(("image", "split", "tags", "origin"))
-        meta = meta.filter(pc.equal(meta["split"], "train"))
-        names, tags, origins = (meta[c].to_pylist() for c in ("image", "tags", "origin"))
-        source, where = pack.uri, pack.uri
-    else:
-        dataset = load_dataset(policy, data=data, labels=labels, images=images)
-        train = check_images(dataset.train, policy)
-        names, tags, origins = [str(p) for p in train.paths], train.tags, train.origins
-        source, where = dataset.source, None
+    dataset = load_dataset(policy, data=data, labels=labels, images=images)
+    train = dataset.train if dataset.pack else check_images(dataset.train, policy)
+    names, tags, origins = [str(p) for p in train.paths], train.tags, train.origins
     targets = TARGETS.get(task).from_labels(tags)
     y = targets.encode(tags, origins)
     validation = validation or targets.validation
     is_val = VALIDATIONS.get(validation)().holdout(y, val_fraction, seed)
-    return TrainingData(targets, names, y, is_val, policy, source, validation, pack=where)
+    return TrainingData(targets, names, y, is_val, policy, dataset.source, validation, pack=dataset.pack)
 
 
 def resolve_weight_path(weights: str) -> str:
-    """A weights PATH made absolute here, on the driver; the named weights as they are."""
-    return weights if weights.strip().lower() in NAMED_WEIGHTS else str(Path(weights).resolve())
+    """A weights PATH made absolute here, on the driver; the named weights and URIs as they are."""
+    return weights if weights.strip().lower() in NAMED_WEIGHTS or is_uri(weights) else str(Path(weights).resolve())
 
 
 def check_model(config: TrainConfig, num_labels: int) -> None:

@@ -34,6 +34,12 @@ def log_beside(path) -> Path:
     return Path(f"{str(path).removeprefix('file://')}.{LOG_FILE}")
 
 
+def log_in(out) -> Path:
+    """Where Ray's output goes for a command whose output is a folder: OUT/ray.log, or for a URI
+    (s3://bucket/run) in the working directory (run.ray.log)."""
+    return log_beside(out) if is_uri(out) else Path(out) / LOG_FILE
+
+
 def quiet() -> bool:
     """Whether Ray's own output (Tune's tables, Ray Data's bars) goes to the log file, not the terminal."""
     return not _VERBOSE.get()

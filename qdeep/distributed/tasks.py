@@ -189,9 +189,16 @@ def map_images(
     return _filled(len(paths), chunks), sorted(errors)
 
 
-def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str) -> tuple[np.ndarray, ImageSet]:
+def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str,
+                   pack: str | None = None) -> tuple[np.ndarray, ImageSet]:
     """Features of every decodable image; undecodable ones go to the policy and are left out. Images
-    some node cannot see stop the run (`ImagesNotVisible`), whatever the policy."""
+    some node cannot see stop the run (`ImagesNotVisible`), whatever the policy. With `pack`, the
+    images are its images of those names (all decodable: checked when it was packed)."""
+    if pack:
+        from qdeep.data.pack import Pack
+        from qdeep.distributed.ingest import pack_features
+
+        return pack_features(fn, Pack(pack), images.names), images
     check_visible_everywhere(images.paths)
     x, errors = map_images(fn, images.paths, desc=desc)
     keep = np.ones(len(images), dtype=bool)

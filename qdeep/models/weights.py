@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from torch import nn
 
 from qdeep.config import NAMED_WEIGHTS
 from qdeep.errors import QdeepError
+from qdeep.io import exists, filesystem, is_uri
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -183,25 +185,34 @@ def load_by_order(model: nn.Module, state: dict, origin: str) -> None:
 
 
 def read_file(path: str | os.PathLike) -> dict:
-    """The state_dict of ``--weights PATH``; a missing file says what --weights takes."""
+    """The state_dict of ``--weights PATH`` (a local path or a URI, s3://...); a missing file says
+    what --weights takes."""
+    missing = f"weights file not found: {{}} (--weights takes {' | '.join(NAMED_WEIGHTS)} | PATH)"
+    if is_uri(path):
+        if not exists(path):
+            raise QdeepError(missing.format(path))
+        fs, inner = filesystem(path)
+        with fs.open_input_file(inner) as f:
+            return read_state_dict(path, data=f.read())
     path = Path(path).expanduser()
     if not path.is_file():
-        raise QdeepError(f"weights file not found: {path} (--weights takes {' | '.join(NAMED_WEIGHTS)} | PATH)")
+        raise QdeepError(missing.format(path))
     return read_state_dict(path)
 
 
-def read_state_dict(path: Path, what: str = "weights file") -> dict:
+def read_state_dict(path: Path | str, what: str = "weights file", data: bytes | None = None) -> dict:
     """The state_dict in the existing file ``path`` (also inside ``{"model": ...}`` or
     ``{"state_dict": ...}``; DDP and torch.compile prefixes dropped by timm's ``clean_state_dict``).
     Read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
     Whatever fails (corrupt, truncated, not torch's, refused by the safe unpickler, not a
-    state_dict) is one ``QdeepError`` line naming the file and the reason."""
+    state_dict) is one ``QdeepError`` line naming the file and the reason. `data`: the file's bytes,
+    already read (from a bucket)."""
     from timm.models import clean_state_dict
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's pickle-protocol notice: the refusal stays one line
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip/OS errors of all kinds
         raise QdeepError(f"cannot load {what} {path}: {load_failure(err)}") from err
     for key in ("model", "state_dict"):

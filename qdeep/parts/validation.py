@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from qdeep.metrics import binarize, f2_score, per_label_f2, tune_thresholds
 from qdeep.registry import Registry
@@ -48,6 +47,8 @@ class KFoldValidation:
 
     def split(self, y: np.ndarray) -> np.ndarray:
         """Fold index per row."""
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # scikit-learn: 1 s to import, in every worker
+
         return _fold_ids(MultilabelStratifiedKFold(n_splits=self.n_folds, shuffle=True, random_state=self.seed),
                          y, self.n_folds)
 

@@ -12,7 +12,7 @@ from qdeep import io, tracking
 from qdeep.config import BaselineConfig
 from qdeep.baseline import N_BINS, HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, load_dataset
-from qdeep.distributed.session import LOG_FILE, ray_session
+from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.tasks import image_features
 from qdeep.errors import QdeepError
 from qdeep.metrics import binarize
@@ -36,15 +36,15 @@ def run_baseline(
 ) -> dict:
     """Fit and evaluate the histogram Random Forest; write OUT/metrics.json, OUT/model/, submission."""
     started = time.time()
-    out = Path(out)
+    out = io.resolved(out)
     if folds < 2 or trees < 1:
         raise QdeepError(f"--folds must be >= 2 and --trees >= 1, got {folds} and {trees}")
     policy = BadInputPolicy(on_bad_image)
     dataset = load_dataset(policy, data=data, labels=labels, images=images)
     _check_folds(folds, len(dataset.train), dataset.source)
-    with ray_session(address, log=out / LOG_FILE):
-        x, train = image_features(color_histogram, dataset.train, policy, "histograms (train)")
-        x_test, test = image_features(color_histogram, dataset.test, policy, "histograms (test)")
+    with ray_session(address, log=log_in(out)):
+        x, train = image_features(color_histogram, dataset.train, policy, "histograms (train)", dataset.pack)
+        x_test, test = image_features(color_histogram, dataset.test, policy, "histograms (test)", dataset.pack)
     _check_folds(folds, len(train), dataset.source)
 
     targets = MultiLabelTargets.from_tags(train.tags)
@@ -74,26 +74,26 @@ def run_baseline(
             "mlflow_run_id": run.info.run_id,
         }
 
-        with io.outputs(out):  # metrics.json last: until then the outputs are marked unfinished
-            with io.atomic_dir(out / "model") as model_dir:
+        with io.outputs(out) as local:  # metrics.json last: until then the outputs are marked unfinished
+            with io.atomic_dir(local / "model") as model_dir:
                 final.save(model_dir)
                 targets.save(model_dir / "labels.json")
                 io.write_json(model_dir / "thresholds.json", thresholds)
-            artifacts = [out / "thresholds.json", out / "per_label_f2.png"]
-            io.write_json(out / "thresholds.json", thresholds)
-            per_label_bar_chart(per_label, out / "per_label_f2.png", f"histogram RF, OOF F2 = {result.f2:.3f}")
+            artifacts = [local / "thresholds.json", local / "per_label_f2.png"]
+            io.write_json(local / "thresholds.json", thresholds)
+            per_label_bar_chart(per_label, local / "per_label_f2.png", f"histogram RF, OOF F2 = {result.f2:.3f}")
             if len(test):
                 submission = targets.decode(binarize(final.predict_proba(x_test), result.thresholds))
-                write_kaggle_submission(out / "submission.csv", test.names, submission)
-                artifacts.append(out / "submission.csv")
+                write_kaggle_submission(local / "submission.csv", test.names, submission)
+                artifacts.append(local / "submission.csv")
             metrics["seconds"] = round(time.time() - started, 2)
-            io.write_json(out / "metrics.json", metrics)
+            io.write_json(local / "metrics.json", metrics)
+            tracking.log_artifacts(local / "metrics.json", *artifacts)
 
         tracking.log_metrics({"f2_oof": result.f2, "n_images": len(train), "n_skipped": policy.n_skipped,
                               **{f"f2_{t}": v for t, v in per_label.items()}})
         for k, f in enumerate(result.fold_f2):
             tracking.log_metrics({"fold_f2": f}, step=k)
-        tracking.log_artifacts(out / "metrics.json", *artifacts)
     return metrics
 
 

