@@ -193,5 +193,13 @@ def shard_batches(name: str, batch_size: int, shuffle: bool):
     import ray.train
 
     buffer = max(SHUFFLE_BUFFER_BATCHES * batch_size, MIN_SHUFFLE_BUFFER) if shuffle else None
-    return ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                          local_shuffle_buffer_size=buffer)
+    batches = ray.train.get_dataset_shard(name).iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                             local_shuffle_buffer_size=buffer)
+    return without_a_lone_row(batches, batch_size) if shuffle else batches
+
+
+def without_a_lone_row(batches, batch_size: int):
+    """Training batches less a last batch of one row, which BatchNorm cannot normalise in training
+    (`--balance uniform` makes an epoch's share a random length, so it happens); the training shares
+    are equal, so every rank drops it together and DDP stays in step."""
+    return (b for b in batches if batch_size == 1 or len(b["row"]) != 1)
