@@ -66,6 +66,16 @@ def child(directory: str | os.PathLike, name: str) -> str:
     return f"{str(directory).rstrip('/')}/{name}"
 
 
+def basename(path: str | os.PathLike) -> str:
+    """The last part of a local path or a URI (s3://b/runs/base -> base)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str | os.PathLike) -> str | Path:
+    """The folder holding `path`: a URI's prefix (s3://b/out/model -> s3://b/out), or a local Path."""
+    return str(path).rstrip("/").rsplit("/", 1)[0] if is_uri(path) else Path(path).parent
+
+
 def filesystem(path: str | os.PathLike):
     """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow handles."""
     import pyarrow.fs

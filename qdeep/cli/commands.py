@@ -197,7 +197,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from qdeep.io import child, read_json, unfinished
+    from qdeep.io import basename, read_json, unfinished
     from qdeep.report import comparison_table
 
     runs = {}
@@ -205,7 +205,7 @@ def cmd_compare(args) -> None:
         why = unfinished(out)
         if why:
             raise QdeepError(why)
-        runs[str(out).rstrip("/").rsplit("/", 1)[-1]] = read_json(child(out, "metrics.json"))
+        runs[basename(out)] = read_json(child(out, "metrics.json"))
     print(comparison_table(runs))
 
 

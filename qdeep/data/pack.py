@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.data.planet import Dataset, ImageSet
 from qdeep.errors import QdeepError
-from qdeep.io import child, filesystem, read_json, write_json
+from qdeep.io import basename, child, filesystem, read_json, write_json
 
 FORMAT, FORMAT_VERSION = "qdeep-pack", 1
 MANIFEST = "pack.json"
@@ -207,7 +207,7 @@ class Pack:
         try:
             return pq.read_table(path, filesystem=self.fs, columns=list(columns))
         except (pa.ArrowException, OSError) as exc:
-            raise QdeepError(f"pack {self.uri}: shard {path.rsplit('/', 1)[-1]} cannot be read: {exc}") from None
+            raise QdeepError(f"pack {self.uri}: shard {basename(path)} cannot be read: {exc}") from None
 
     def read(self, columns: Sequence[str] = META) -> pa.Table:
         """`columns` of every row, shard by shard (only those columns are fetched), each shard's row
@@ -228,14 +228,13 @@ class Pack:
 
     def dataset(self) -> Dataset:
         """Its images as `load_dataset` gives a folder's (decoding was checked when it was packed):
-        each image's `paths` entry is its name in the pack."""
-        sets = {}
-        for split in ("train", "test"):
-            rows = self.rows(split, ("image", "tags", "origin"))
-            names = rows["image"].to_pylist()
-            sets[split] = ImageSet(names=names, paths=list(names), tags=rows["tags"].to_pylist() if split == "train"
-                                   else None, origins=rows["origin"].to_pylist() if split == "train" else None)
-        return Dataset(train=sets["train"], test=sets["test"], source=self.uri, pack=self.uri)
+        each image's `paths` entry is its name in the pack. One read of the pack's metadata."""
+        meta = self.read(META)
+        train = meta.filter(pc.equal(meta["split"], "train"))
+        names = train["image"].to_pylist()
+        tests = meta.filter(pc.equal(meta["split"], "test"))["image"].to_pylist()
+        return Dataset(train=ImageSet(names, list(names), train["tags"].to_pylist(), train["origin"].to_pylist()),
+                       test=ImageSet(tests, list(tests)), source=self.uri, pack=self.uri)
 
     def verify(self) -> None:
         """Every shard's bytes against its sha256 in the manifest (one read of the pack)."""

@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-from qdeep.io import is_uri
+from qdeep.io import basename, is_uri
 
 LOG_FILE = "ray.log"  # in OUT: Ray's driver, controller and worker output, unless --verbose
 _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("qdeep_verbose", default=False)
@@ -30,7 +30,7 @@ def log_beside(path) -> Path:
     """Where Ray's output goes for a command whose output is a file or a store, not a folder: beside
     it, or for a URI (s3://bucket/store) in the working directory (store.ray.log)."""
     if is_uri(path):
-        return Path(f"{str(path).rstrip('/').rsplit('/', 1)[-1]}.{LOG_FILE}")
+        return Path(f"{basename(path)}.{LOG_FILE}")
     return Path(f"{str(path).removeprefix('file://')}.{LOG_FILE}")
 
 

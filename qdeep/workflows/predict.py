@@ -102,7 +102,7 @@ def run_predict(
     """Predict labels for `--images DIR` (recursive) or the test split of `--data DIR`, written by
     the formatter `output_format` (default: kaggle-planet for tags, csv for one class per image).
     `model` is a folder or a URI (s3://.../model, read into a local copy first)."""
-    parent = str(model).rstrip("/").rsplit("/", 1)[0] if io.is_uri(model) else Path(model).parent
+    parent = io.parent(model)
     if io.exists(io.child(parent, io.UNFINISHED)):  # OUT/model of a baseline or train that did not finish
         raise QdeepError(io.unfinished(parent))
     with io.local_copy(model) as local:
