@@ -92,9 +92,25 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def read_text(path: str | os.PathLike) -> str:
     """The UTF-8 text file at `path` (local or URI)."""
+    return read_bytes(path).decode("utf-8")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The file at `path` (local or URI), whole."""
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:
-        return f.read().decode("utf-8")
+        return f.read()
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """The folder (or a URI's prefix) at `path` and everything in it; nothing if there is none."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(inner)
+    elif is_uri(path):  # an object store's prefix may hold objects without a directory marker
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -2,10 +2,12 @@
 after the first (Ctrl+C), resumed from the second, with every output and the MLflow history."""
 
 import json
+from io import BytesIO
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -104,21 +106,59 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert {"iteration-1", "iteration-2"} <= children
 
 
-def test_a_killed_worker_restarts_the_loop_after_the_last_finished_iteration(ray_cluster, tmp_path, sqlite_uri,
-                                                                              crash_once):
+def test_from_a_pack_in_a_bucket_into_the_bucket_a_killed_worker_resumes_from_there(ray_cluster, tmp_path, s3_bucket,
+                                                                                    sqlite_uri, crash_once, capsys):
+    """Images, iterations, feature stores and outputs in a bucket (nothing a node must share but the
+    bucket): rank 1 dies as iteration 2 starts, and the restarted worker group goes on from
+    iteration 1's network, optimizer state and labels, read back from the bucket."""
+    from qdeep import io
+
     marker = tmp_path / "crashed"
     crash_once(rank=1, at=2, marker=marker)  # rank 1 exits hard as iteration 2 starts, once
     scenes = tmp_path / "scenes"
     write_synthetic_classes(scenes, n_per_class=6, size=32, seed=3)
-    out = tmp_path / "out"
-    assert main(["--plugin", "qdeep_test_hooks", "deepcluster", "--images", str(scenes), "--arch", "resnet18",
-                 "--weights", "none", "--image-size", "32", "--k", "3", "--iterations", "2", "--final-k", "3",
-                 "--workers", "2", "--loader-workers", "0", "--batch-size", "8", "--max-failures", "1", "--out", str(out),
-                 "--tracking-uri", sqlite_uri]) == 0
+    pack, out = f"{s3_bucket}/pack", f"{s3_bucket}/dc"
+    assert main(["pack", "--images", str(scenes), "--out", pack, "--shard-mb", "0.004"]) == 0  # a few shards
+    assert len(io.read_json(f"{pack}/pack.json")["shards"]) > 1
+    argv = ["--plugin", "qdeep_test_hooks", "deepcluster", "--images", pack, "--arch", "resnet18", "--weights", "none",
+            "--image-size", "32", "--k", "3", "--iterations", "2", "--final-k", "3", "--workers", "2",
+            "--loader-workers", "0", "--batch-size", "8", "--max-failures", "1", "--out", out,
+            "--tracking-uri", sqlite_uri]
+    assert main(argv) == 0
     assert marker.exists()
-    m = json.loads((out / "metrics.json").read_text())
+    m = io.read_json(f"{out}/metrics.json")
     assert [h["iteration"] for h in m["iterations"]] == [1, 2] and m["loop"]["iterations"] == 2
-    assert m["iterations"][1]["weights"].endswith("iter_01/model.pt")  # the restarted group went on from it
+    assert m["iterations"][1]["weights"] == f"{out}/iterations/iter_01/model.pt"  # the restarted group went on from it
+    assert m["n_images"] == 30 and m["final"]["k"] == 3
+    assert m["final"]["weights"] == f"{out}/iterations/iter_02/model.pt"
+    for h in m["iterations"]:  # the pack's labels are the ground truth
+        assert 0 <= h["nmi_true"] <= 1 and sum(h["sizes"]) + sum(h["sizes_ctrl"]) == 30
+
+    fs, root = io.filesystem(out)
+    listed = {f.path.removeprefix(root + "/") for f in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+              if f.type == pyarrow.fs.FileType.File}
+    for t in (1, 2):  # each iteration's descriptors were removed once clustered
+        files = ("model.pt", "optimizer.pt", "labels.npy", "metrics.json")
+        assert {f"iterations/iter_0{t}/{f}" for f in files} <= listed
+        assert not any(p.startswith(f"iterations/iter_0{t}/features") for p in listed)
+    assert {"deepcluster.json", "metrics.json", "assignments.parquet", "curves.png", "sizes.png",
+            "features/manifest.json"} <= listed and ".qdeep-unfinished" not in listed
+    assert sorted(p for p in listed if p.startswith("grids/")) == [f"grids/cluster_{c:02d}.png" for c in range(3)]
+    table = pq.read_table(f"{root}/assignments.parquet", filesystem=fs)
+    assert table.column_names == ["image", "cluster", "iter_1", "iter_2"]
+    assert set(table.column("image").to_pylist()) == {f"{c}/{c}_{i}.jpg" for c in SCENE_CLASSES for i in range(6)}
+    labels_2 = np.load(BytesIO(io.read_bytes(f"{out}/iterations/iter_02/labels.npy")))
+    assert np.array_equal(table.column("iter_2").to_numpy(), labels_2)
+    assert not (tmp_path / "dc").exists()  # nothing of OUT on local disk
+
+    capsys.readouterr()  # a rerun with another k is refused, from the record in the bucket
+    assert main([*argv[2:argv.index("--k") + 1], "4", *argv[argv.index("--k") + 2:]]) == 2
+    err = _errors(capsys.readouterr().err)
+    assert err == [f"qdeep: error: {out} holds a DeepCluster run with other settings (k); rerun with those settings "
+                   "to resume, or use another --out"], err
+    assert main(["deepcluster", "--images", pack, "--data", str(scenes), "--out", f"{out}2"]) == 2
+    err = _errors(capsys.readouterr().err)
+    assert err == [f"qdeep: error: --images {pack} is a pack: its labels are in it (leave out --labels and --data)"]
 
 
 def test_a_changed_setting_is_refused_on_resume(ray_cluster, tmp_path, capsys):
@@ -156,3 +196,8 @@ def test_a_relative_weights_path_is_resolved_where_the_command_runs(ray_cluster,
                  "--image-size", "32", "--k", "3", "--iterations", "0", "--final-k", "3", "--loader-workers", "0",
                  "--out", str(out), "--tracking-uri", sqlite_uri]) == 0
     assert json.loads((out / "metrics.json").read_text())["final"]["weights"] == str(tmp_path / "w" / "r18.pt")
+
+
+def _errors(stderr: str) -> list[str]:
+    """qdeep's error lines (Ray's progress bars may share their terminal line)."""
+    return [line[line.index("qdeep: error: "):] for line in stderr.splitlines() if "qdeep: error: " in line]

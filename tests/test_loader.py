@@ -154,3 +154,29 @@ def test_the_training_transform_is_augment_then_normalize(kind, crop):
                                rtol=0, atol=1e-5)
     torch.testing.assert_close(to_tensor(image, 16, mean, std), normalize(to_unit(image, 16), mean, std),
                                rtol=0, atol=1e-5)
+
+
+def test_image_dataset_decodes_paths_or_a_packs_bytes_alike(tmp_path):
+    """DeepCluster's dataset over a pack holds the images' bytes as one Arrow array: the same items
+    as over their files."""
+    import pyarrow as pa
+    import torch
+    from PIL import Image
+
+    from qdeep.data.loader import ImageDataset
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(paths[-1])
+    data = pa.array([open(p, "rb").read() for p in paths], pa.binary())
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    for train in (False, True):
+        from_files = ImageDataset(paths, None, 8, mean, std, train=train, seed=3)
+        from_bytes = ImageDataset(data, None, 8, mean, std, train=train, seed=3)
+        assert len(from_bytes) == 3 and from_bytes.paths is data  # kept as one array, not a list of objects
+        for key in [(0, 0), (1, 2), (4, 1)]:
+            (i, x, _), (j, y, _) = from_files[key], from_bytes[key]
+            assert i == j and x.shape == (3, 8, 8)
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -13,6 +13,7 @@ own mount namespace with a tmpfs over `local/`, so `local/` is real node-local s
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import re
@@ -34,7 +35,8 @@ import pytest
 
 from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 from qdeep.distributed.worker import CHECKPOINT_FILE
-from qdeep.io import filesystem, read_json, unfinished
+from qdeep.clustering.store import FeatureStore
+from qdeep.io import filesystem, read_json, read_text, unfinished
 
 pytestmark = pytest.mark.multinode  # real multi-node Ray clusters: `make test-fast` leaves this module out
 
@@ -377,10 +379,11 @@ def test_a_lost_node_costs_one_restart_and_no_finished_epoch(cluster, s3_bucket)
     assert m["ray_run_path"] == f"{runs}/lost"
 
 
-def test_training_reads_a_pack_in_the_bucket_on_a_node_without_the_data(cluster, s3_bucket):
+def test_every_command_reads_a_pack_in_the_bucket_on_a_node_without_the_data(cluster, s3_bucket):
     """The images exist on the head's disk alone (`local/`, which the second node cannot see): packed
     into the bucket, they train a 2-worker run over both nodes, its checkpoints and outputs in the
-    bucket too; then the model in the bucket predicts the pack's test images into the bucket."""
+    bucket too; the model in the bucket predicts the pack's test images into the bucket; then
+    `features`, a 2-trial sweep and 2 DeepCluster iterations read the pack and write only there."""
     from qdeep.cli import main
 
     data = cluster.local / "pack-source"
@@ -402,6 +405,26 @@ def test_training_reads_a_pack_in_the_bucket_on_a_node_without_the_data(cluster,
         lines = f.read().decode().splitlines()
     assert lines[0] == "image_name,tags" and sorted(line.split(",")[0] for line in lines[1:]) == \
         sorted(p.stem for p in (data / "test-jpg").glob("*.jpg"))
+
+    tiny = ["--weights", "none", "--image-size", "32"]
+    job = cluster.qdeep("features", "--images", pack, "--arch", "resnet18", *tiny, "--out", f"{s3_bucket}/store")
+    assert job.status == "SUCCEEDED", job
+    assert FeatureStore(f"{s3_bucket}/store").total_rows == 68  # training and test images
+    tracking = ["--tracking-uri", f"sqlite:///{cluster.shared / 'mlflow.db'}"]
+    job = cluster.qdeep("tune", "--data", pack, "--archs", "resnet18", "--lr", "1e-3,3e-3", "--epochs", "1",
+                        "--scheduler", "none", "--workers-per-trial", "1", "--batch-size", "16", "--loader-workers",
+                        "0", *tiny, "--out", f"{s3_bucket}/sweep", *tracking)
+    assert job.status == "SUCCEEDED", job
+    trials = list(csv.DictReader(read_text(f"{s3_bucket}/sweep/results.csv").splitlines()))
+    assert sorted(float(t["lr"]) for t in trials) == [1e-3, 3e-3] and {t["status"] for t in trials} == {"completed"}
+    job = cluster.qdeep("deepcluster", "--images", pack, "--arch", "resnet18", *tiny, "--k", "3", "--iterations", "2",
+                        "--final-k", "3", "--workers", "2", "--loader-workers", "0", "--batch-size", "8",
+                        "--out", f"{s3_bucket}/dc", *tracking)
+    assert job.status == "SUCCEEDED", job
+    m = read_json(f"{s3_bucket}/dc/metrics.json")
+    assert [h["iteration"] for h in m["iterations"]] == [1, 2] and m["n_images"] == 68
+    assert m["iterations"][1]["weights"] == f"{s3_bucket}/dc/iterations/iter_01/model.pt"
+    assert sum(m["final"]["sizes"]) + sum(m["final"]["sizes_ctrl"]) == 68 and unfinished(f"{s3_bucket}/dc") is None
 
 
 def test_node_local_mlflow_store_is_refused(cluster):

@@ -52,6 +52,10 @@ def test_a_planet_layout_packs_into_shards_of_unchanged_bytes(ray_cluster, plane
     assert manifest["labels"] == sorted({t for tags in csv.values() for t in tags})
     assert pack.rows("test", ["image"]).to_pylist() == [{"image": r["image"]} for r in rows if r["split"] == "test"]
     assert pack.rows("train", ["tags", "image"]).column_names == ["tags", "image"]
+    some = [rows[0]["image"], rows[-1]["image"], rows[0]["image"]]  # from two shards, one named twice
+    assert pack.images(some) == {r["image"]: r["data"] for r in (rows[0], rows[-1])}
+    with pytest.raises(QdeepError, match=rf"^pack {pack.uri}: no image named nowhere \(1 missing\)$"):
+        pack.images(["nowhere", rows[1]["image"]])
     pack.verify()
 
 

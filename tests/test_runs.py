@@ -120,8 +120,6 @@ def test_a_baseline_in_a_bucket_is_compared_and_predicts_from_there(ray_cluster,
     assert len(err) == 1 and f"{out} holds the outputs of a command that did not finish" in err[0], err
     assert main(["predict", "--model", f"{s3_bucket}/none", "--data", str(planet_dir), "--out", "s.csv"]) == 2
     assert f"--model {s3_bucket}/none: not a qdeep model directory (no config.json)" in capsys.readouterr().err
-    assert main(["deepcluster", "--images", str(planet_dir), "--out", f"{s3_bucket}/dc"]) == 2
-    assert "qdeep deepcluster writes to a local or shared folder for now" in capsys.readouterr().err
 
 
 def _csv_rows(bucket: str) -> list[str]:

@@ -139,6 +139,20 @@ def test_outputs_for_a_uri_are_uploaded_whole_and_marked_unfinished_until_done(s
     assert "did not finish" in io.unfinished(out) and io.read_json(f"{out}/metrics.json") == {"f2": 1}
 
 
+def test_bytes_and_folders_in_a_bucket_as_on_disk(s3_bucket, tmp_path):
+    from qdeep import io
+
+    for root in (f"{s3_bucket}/it", str(tmp_path / "it")):
+        io.write_text(f"{root}/a/b.bin", "xy")
+        io.write_text(f"{root}/a/c/d.bin", "z")
+        assert io.read_bytes(f"{root}/a/b.bin") == b"xy" and io.read_bytes(f"{root}/a/c/d.bin") == b"z"
+        io.remove_dir(f"{root}/a")
+        assert not io.exists(f"{root}/a/b.bin") and not io.exists(f"{root}/a/c/d.bin")
+        io.remove_dir(f"{root}/a")  # none there: nothing to do
+        with pytest.raises(FileNotFoundError):
+            io.read_bytes(f"{root}/a/b.bin")
+
+
 @pytest.mark.parametrize("spec, expected", [("2", (2, 2)), (3, (3, 3)), ("1-4", (1, 4)), ((1, 2), (1, 2)),
                                             (" 2-2 ", (2, 2))])
 def test_worker_counts(spec, expected):

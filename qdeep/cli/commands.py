@@ -28,14 +28,8 @@ def _inputs(args) -> list[tuple[str, str]]:
             if v]
 
 
-URI_OUT = ("pack", "train", "tune", "ladder", "baseline", "features")  # and predict's --out, a file
-
-
 def _check_outputs(args) -> None:
     """--out and --storage-path can be written and are not inside the input data (`qdeep.paths`)."""
-    if paths.is_uri(args.out) and args.command not in URI_OUT:
-        raise QdeepError(f"--out {args.out}: qdeep {args.command} writes to a local or shared folder for now "
-                         f"(a URI is for {', '.join(URI_OUT)} and predict)")
     paths.output_dir(args.out, "--out", _inputs(args))
     if getattr(args, "storage_path", None):
         paths.output_dir(args.storage_path, "--storage-path", _inputs(args))
@@ -158,7 +152,8 @@ def cmd_features(args) -> None:
 def cmd_deepcluster(args) -> None:
     from qdeep.workflows.deepcluster import run_deepcluster
 
-    paths.image_dir(args.images, "--images")
+    if not paths.is_pack_or_uri(args.images):
+        paths.image_dir(args.images, "--images")
     paths.weights_file(args.weights)
     if args.labels:
         paths.input_file(args.labels, "--labels")

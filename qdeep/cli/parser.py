@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder per class), its bytes unchanged, with its name, labels and split, into "
                                    "Parquet shards of at most about --shard-mb and a manifest written last, at a local "
                                    "path or a URI (s3://bucket/prefix: credentials and endpoint from the standard AWS "
-                                   "variables). `qdeep features --images` takes the pack.")
+                                   "variables). `--data` and `--images` of every command take the pack.")
     _data_args(p)
     p.add_argument("--out", required=True, metavar="URI", help="a folder or a bucket prefix (s3://, gs://, ...)")
     p.add_argument("--shard-mb", type=positive_float, default=DEFAULT_SHARD_MB,
@@ -166,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "+ k-means into --k pseudo-labels, a fresh head and the network trained on them "
                                    "with Ray Train (ctrl split held out). Then the last network over-clusters into "
                                    "--final-k groups: OUT/assignments.parquet, metrics.json, grids/, curves.png, "
-                                   "sizes.png. Rerunning the same --out resumes after the last finished iteration.")
-    p.add_argument("--images", required=True, metavar="DIR", help="a folder of images (recursive)")
+                                   "sizes.png. Rerunning the same --out resumes after the last finished iteration. "
+                                   "--images and --out may be URIs (s3://...).")
+    p.add_argument("--images", required=True, metavar="DIR|PACK",
+                   help="a folder of images (recursive), or a pack (`qdeep pack`: a folder or an s3:// URI; "
+                        "its labels, when every image has some, are the ground truth)")
     add_fields(p, dc.train, ["arch", "weights"], weights={"help": "the starting network: none | imagenet | "
                                                                   "bundled | PATH"})
     add_fields(p, dc, ["k", "iterations"])
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", metavar="CSV", help="a Planet-style CSV (image_name,tags) over --images")
     g.add_argument("--data", metavar="DIR", help="a folder-per-class layout, or a Planet layout")
     _encoding_arg(g)
-    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--out", required=True, metavar="OUT", help="a folder every node sees, or a URI (s3://...)")
     _placement_args(p, "loop")
     _run_args(p)
     p.set_defaults(func=commands.cmd_deepcluster)

@@ -1,5 +1,5 @@
 """Per-worker data: what a training worker makes of the rows Ray Data streams it (`Decoder`: image
-bytes or paths -> input tensors, in threads), and DeepCluster's map-style dataset over JPEG paths,
+bytes or paths -> input tensors, in threads), and DeepCluster's map-style dataset over image paths or bytes,
 decoded in DataLoader processes, with the sampler that gives each rank its share of an epoch."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -22,9 +23,12 @@ class ImageDataset(Dataset):
     workers. Keys are (epoch, index) pairs, so augmentation differs per epoch even in persistent
     loader processes, which never see attribute changes made in the trainer."""
 
-    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int, mean, std,
+    def __init__(self, paths: Sequence[str] | pa.BinaryArray, targets: np.ndarray | None, size: int, mean, std,
                  train: bool = False, crop: float = 0.0, seed: int = 0, augment: str = "d4"):
-        self.paths, self.targets = list(paths), targets
+        # image paths, or encoded images' bytes as one Arrow array (a pack's: one buffer, which
+        # forked loader processes share, where a list of bytes objects would be copied page by page)
+        self.paths = paths if isinstance(paths, pa.Array) else list(paths)
+        self.targets = targets
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.train, self.crop, self.seed, self.augment = train, crop, seed, augment
 
@@ -34,7 +38,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         rng = random.Random(hash((self.seed, epoch, i))) if self.train else None
-        x = train_input(load_rgb(self.paths[i]), self.size, self.mean, self.std, rng, self.crop, self.augment)
+        ref = self.paths[i]
+        ref = ref.as_py() if isinstance(ref, pa.Scalar) else ref
+        x = train_input(load_rgb(ref), self.size, self.mean, self.std, rng, self.crop, self.augment)
         y = torch.as_tensor(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return i, x, y
 

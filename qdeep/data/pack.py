@@ -226,6 +226,19 @@ class Pack:
         meta = self.read(tuple(dict.fromkeys([*columns, "split"])))
         return meta.filter(pc.equal(meta["split"], split)).select(list(columns))
 
+    def images(self, names: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of the images named, read shard by shard (one shard's bytes in memory at a time,
+        beside those kept)."""
+        wanted, found = pa.array(sorted(set(names)), pa.string()), {}
+        for path in self.paths:
+            shard = self.read_shard(path, ("image", "data"))
+            shard = shard.filter(pc.is_in(shard["image"], value_set=wanted))
+            found.update(zip(shard["image"].to_pylist(), shard["data"].to_pylist()))
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise QdeepError(f"pack {self.uri}: no image named {missing[0]} ({len(missing)} missing)")
+        return found
+
     def dataset(self) -> Dataset:
         """Its images as `load_dataset` gives a folder's (decoding was checked when it was packed):
         each image's `paths` entry is its name in the pack. One read of the pack's metadata."""

@@ -16,8 +16,8 @@ the last finished iteration.
 
 from __future__ import annotations
 
-import shutil
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +43,27 @@ KMEANS_BASE_MEMORY = 2 << 30  # a k-means task's process: Python, torch, faiss
 FIRST_WARMUP_STEPS = 10  # the first iteration only: a new network's first steps on a random head
 
 
-def iteration_dir(out: str | Path, t: int) -> Path:
-    return Path(out) / "iterations" / f"iter_{t:02d}"
+def iteration_dir(out: str | Path, t: int) -> str:
+    """OUT/iterations/iter_XX (OUT a local path every node sees, or a URI)."""
+    return io.child(out, f"iterations/iter_{t:02d}")
 
 
 def n_finished(out: str | Path) -> int:
     """Iterations 1, 2, ... whose metrics.json exists (stopping at the first gap)."""
     t = 0
-    while (iteration_dir(out, t + 1) / "metrics.json").is_file():
+    while io.exists(io.child(iteration_dir(out, t + 1), "metrics.json")):
         t += 1
     return t
 
 
 def network(out: str | Path, weights: str, t: int) -> str:
     """The weights iteration t starts from: the configured ones, then the previous iteration's."""
-    return weights if t == 1 else str(iteration_dir(out, t - 1) / "model.pt")
+    return weights if t == 1 else io.child(iteration_dir(out, t - 1), "model.pt")
+
+
+def iteration_labels(out: str | Path, t: int) -> np.ndarray:
+    """Iteration t's pseudo-labels (its labels.npy), in the collection's order."""
+    return np.load(BytesIO(io.read_bytes(io.child(iteration_dir(out, t), "labels.npy"))))
 
 
 # ---- k-means placement ----------------------------------------------------------------------------
@@ -147,11 +153,12 @@ def deepcluster_func(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.backends.cudnn.benchmark = device.type == "cuda"
     use_threads(config)
-    out, k = Path(config["out"]), config["k"]
+    out, k = config["out"], config["k"]
     collection = collection_from("images")  # the index, through Ray Data; never in the config
-    paths, ids, is_ctrl, truth = collection["path"], collection["image"], collection["ctrl"], collection["truth"]
+    refs, ids, is_ctrl, truth = collection["ref"], collection["id"], collection["ctrl"], collection["truth"]
     train_rows, ctrl_rows = np.flatnonzero(~is_ctrl), np.flatnonzero(is_ctrl)
-    require_visible(paths)  # a node that joined after the driver's check
+    if isinstance(refs, list):  # paths (a pack's rows carry their bytes)
+        require_visible(refs)  # a node that joined after the driver's check
     load_plugins(config.get("plugins"))
     hooks = callbacks()
     first = n_finished(out) + 1
@@ -166,21 +173,22 @@ def deepcluster_func(config: dict) -> None:
     size = config["image_size"] or spec.input_size
     body_state = None
     if first > 1:  # the body's optimizer state (momentum) of the iteration before
-        body_state = torch.load(iteration_dir(out, first - 1) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        state = io.read_bytes(io.child(iteration_dir(out, first - 1), OPTIMIZER_FILE))
+        body_state = torch.load(BytesIO(state), map_location="cpu", weights_only=True)
 
     # One set of loaders for the whole run: they yield row indices, and targets are looked up in
     # this process, so the loader processes live across iterations while the labels change.
-    labels = np.zeros(len(paths), dtype=np.int64)
+    labels = np.zeros(len(ids), dtype=np.int64)
     batch = worker_batch(config["batch_size"], world)
     loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
     mean, std = spec.mean, spec.std
-    every = make_loader(ImageDataset(paths, None, size, mean, std), batch, shuffle=False, **loader_args)
+    every = make_loader(ImageDataset(refs, None, size, mean, std), batch, shuffle=False, **loader_args)
     plan = (lambda epoch: train_rows[uniform_class_sample(labels[train_rows], seed=config["seed"] + epoch)]) \
         if config["balance"] == "uniform" else (lambda epoch: train_rows)
-    augmented = ImageDataset(paths, None, size, mean, std, train=True, crop=config["crop"], seed=config["seed"],
+    augmented = ImageDataset(refs, None, size, mean, std, train=True, crop=config["crop"], seed=config["seed"],
                              augment=config["augment"])
     train_loader = make_loader(augmented, batch, shuffle=True, plan=plan, **loader_args)
-    ctrl_loader = make_loader(ImageDataset(paths, None, size, mean, std), batch, shuffle=False,
+    ctrl_loader = make_loader(ImageDataset(refs, None, size, mean, std), batch, shuffle=False,
                               plan=lambda epoch: ctrl_rows, **loader_args)
 
     def with_labels(loader, rows=None):
@@ -194,11 +202,11 @@ def deepcluster_func(config: dict) -> None:
         started = time.time()
         folder = iteration_dir(out, t)
         if rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)  # an unfinished attempt is redone from its start
+            io.remove_dir(folder)  # an unfinished attempt is redone from its start
         barrier()
         for callback in hooks:
             callback.on_iteration_start(rank, t)
-        store = embed_into_store(bare, every, ids, folder / "features", rank, device,
+        store = embed_into_store(bare, every, ids, io.child(folder, "features"), rank, device,
                                  {"arch": config["arch"], "weights": network(out, config["weights"], t),
                                   "weights_sha256": weights_sha256(bare), "image_size": size})
         embedded = time.time()
@@ -206,7 +214,7 @@ def deepcluster_func(config: dict) -> None:
         if rank == 0:
             store_ids, clustering = cluster_store(store, k, config["pca"], seed=config["seed"] + t)
             clustering, where = in_order(store_ids, clustering, ids), f"rank 0 on {ray.util.get_node_ip_address()}"
-            shutil.rmtree(folder / "features")  # descriptors change every iteration; the labels are what is kept
+            io.remove_dir(io.child(folder, "features"))  # descriptors change every iteration; labels are kept
         labels[:] = broadcast_from_rank0(None if clustering is None else clustering.labels)
         clustered = time.time()
 
@@ -266,16 +274,16 @@ def embed_into_store(bare, loader, ids: list[str], path: str | Path, rank: int, 
     return FeatureStore(path)
 
 
-def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clustering, is_ctrl: np.ndarray,
+def record_iteration(out: str | Path, t: int, bare, body_state: dict, clustering: Clustering, is_ctrl: np.ndarray,
                      truth: list[str] | None, config: dict, epochs: list[dict], where: str, at: dict) -> dict:
     """OUT/iterations/iter_XX/: the network (head included), the body's optimizer state, the
     pseudo-labels, and metrics.json last (it marks the iteration finished)."""
     folder = iteration_dir(out, t)
-    with io.atomic_path(folder / "model.pt") as tmp:
+    with io.atomic_path(io.child(folder, "model.pt")) as tmp:
         torch.save(bare.state_dict(), tmp)
-    with io.atomic_path(folder / OPTIMIZER_FILE) as tmp:
+    with io.atomic_path(io.child(folder, OPTIMIZER_FILE)) as tmp:
         torch.save(body_state, tmp)
-    with io.atomic_path(folder / "labels.npy") as tmp, open(tmp, "wb") as f:
+    with io.atomic_path(io.child(folder, "labels.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, clustering.labels)
     seconds = time.time() - at["started"]
     train_epochs = sum(e["epoch_seconds"] for e in epochs)
@@ -285,7 +293,7 @@ def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clus
               "kmeans_on": where}
     # the rest: a new head and its DDP wrapper, the files (the worker group and its loaders start once per run)
     phases["overhead_s"] = round(max(0.0, seconds - phases["embed_s"] - phases["cluster_s"] - train_epochs), 2)
-    previous = np.load(iteration_dir(out, t - 1) / "labels.npy") if t > 1 else None
+    previous = iteration_labels(out, t - 1) if t > 1 else None
     last = epochs[-1]
     metrics = {
         "iteration": t,
@@ -301,5 +309,5 @@ def record_iteration(out: Path, t: int, bare, body_state: dict, clustering: Clus
         "seconds": round(seconds, 2),
         "phases": phases,
     }
-    io.write_json(folder / "metrics.json", metrics)
+    io.write_json(io.child(folder, "metrics.json"), metrics)
     return metrics

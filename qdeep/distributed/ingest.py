@@ -7,9 +7,10 @@ in the run's config, and a node that joins reads what it trains on from wherever
   held in the object store in blocks, shuffled block by block each epoch.
 - A pack (`qdeep pack`, a local path or a bucket): `ref` is the image's bytes, each shard read by
   the task that joins it to its targets by image name, so any node trains from the bucket.
-- DeepCluster's images (a folder): a `collection_dataset` of (row, path, id, ctrl, truth) that every
-  worker reads whole once, as the index its DataLoader processes decode from; the pseudo-labels are
-  made in the workers each iteration and looked up there by row, never shipped.
+- DeepCluster's images (a folder or a pack): a `collection_dataset` of (row, id, ctrl, truth, ref)
+  that every worker reads whole once, as the index its DataLoader processes decode from (a pack's
+  bytes held in the worker's memory); the pseudo-labels are made in the workers each iteration and
+  looked up there by row, never shipped.
 
 Per epoch: blocks (of a folder's rows, permuted once; a pack's shards, their rows permuted anew, the
 training rows shuffled once when packed) in a new order, then a local shuffle buffer in the worker; with
@@ -74,26 +75,35 @@ def training_datasets(data, config: dict) -> dict:
     return out
 
 
-def collection_dataset(paths, ids, is_ctrl: np.ndarray, truth):
-    """DeepCluster's images as a Ray Dataset of (row, path, image id, ctrl, ground truth or null),
-    which every worker reads whole once (`collection_from`): the index of its DataLoader."""
+def collection_dataset(ids, is_ctrl: np.ndarray, truth, paths=None, pack: str | None = None):
+    """DeepCluster's images as a Ray Dataset of (row, id, ctrl, ground truth or null, ref), which
+    every worker reads whole once (`collection_from`): the index its DataLoader decodes from. `ref`
+    is the image's path (`paths`), or for a pack its bytes, joined to the rows by image name in the
+    tasks that read the shards (from wherever the pack is)."""
     import ray.data
 
-    table = pa.table({"row": np.arange(len(paths)), "path": pa.array(paths, pa.string()),
-                      "image": pa.array(ids, pa.string()), "ctrl": pa.array(is_ctrl, pa.bool_()),
-                      "truth": pa.array(truth if truth is not None else [None] * len(paths), pa.string())})
-    return ray.data.from_arrow([table.slice(i, 4096) for i in range(0, max(len(paths), 1), 4096)])
+    n = len(ids)
+    table = pa.table({"row": np.arange(n), "id": pa.array(ids, pa.string()), "ctrl": pa.array(is_ctrl, pa.bool_()),
+                      "truth": pa.array(truth if truth is not None else [None] * n, pa.string())})
+    if pack:
+        return pack_join(Pack(pack), table.append_column("image", table["id"]))
+    table = table.append_column("ref", pa.array([str(p) for p in paths], pa.string()))
+    return ray.data.from_arrow([table.slice(i, 4096) for i in range(0, max(n, 1), 4096)])
 
 
 def collection_from(name: str) -> dict:
-    """This worker's copy of a `collection_dataset` (every row, in row order), as numpy arrays, and
-    "truth" None when no ground truth was given."""
+    """This worker's copy of a `collection_dataset`, every row in row order: "id", "ctrl" and
+    "truth" (None when no ground truth was given) as lists and arrays, and "ref": the paths as a
+    list, or a pack's image bytes as one Arrow array (one buffer: DataLoader processes forked from
+    this one read it without copying it)."""
     import ray.train
 
     parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(parts).sort_by("row")
-    out = {"path": table["path"].to_pylist(), "image": table["image"].to_pylist(),
-           "ctrl": table["ctrl"].to_numpy(zero_copy_only=False).astype(bool), "truth": table["truth"].to_pylist()}
+    ref = table["ref"]
+    out = {"ref": ref.combine_chunks() if pa.types.is_binary(ref.type) else ref.to_pylist(),
+           "id": table["id"].to_pylist(), "ctrl": table["ctrl"].to_numpy(zero_copy_only=False).astype(bool),
+           "truth": table["truth"].to_pylist()}
     if table["truth"].null_count == table.num_rows:
         out["truth"] = None
     return out

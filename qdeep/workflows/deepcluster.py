@@ -1,4 +1,4 @@
-"""`qdeep deepcluster`: the DeepCluster loop (Caron et al. 2018) over a folder of images.
+"""`qdeep deepcluster`: the DeepCluster loop (Caron et al. 2018) over a folder of images or a pack.
 
 Each iteration: descriptors of every image with the current network (feature store) ->
 PCA-whitening + L2 + k-means -> pseudo-labels -> a fresh head trained on the train split's
@@ -7,7 +7,9 @@ run (`qdeep.distributed.deepcluster`). Then the last network over-clusters the c
 groups (its descriptors through Ray Data), drawn as image grids.
 
 OUT/iterations/iter_XX/ holds each finished iteration (metrics.json is written last, so a
-directory without it is redone); rerunning the same OUT resumes after the last finished one.
+directory without it is redone); rerunning the same OUT resumes after the last finished one. OUT
+is a local path every node sees, or a URI (s3://...): the iterations, the feature stores and the
+final outputs go there, and a pack in a bucket as `--images` lets any node read the images.
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ from qdeep.clustering.deepcluster import Clustering
 from qdeep.clustering.kmeans import nmi
 from qdeep.config import DeepClusterConfig
 from qdeep.data import BadInputPolicy, ImageSet, scan_images
+from qdeep.data.pack import Pack, is_pack
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.distributed import driver
 from qdeep.distributed.deepcluster import (cluster_placed, cluster_stats, deepcluster_func, in_order, iteration_dir,
-                                           n_finished, network, truth_scores)
-from qdeep.distributed.features import embed_images, folder_rows
+                                           iteration_labels, n_finished, network, truth_scores)
+from qdeep.distributed.features import embed_images, folder_rows, pack_images
 from qdeep.distributed.ingest import collection_dataset
 from qdeep.distributed.prepare import check_model, settle
-from qdeep.distributed.session import LOG_FILE, ray_session
+from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
-from qdeep.io import atomic_dir, atomic_path, filesystem, write_json
+from qdeep.io import atomic_dir, atomic_path, child, filesystem, write_json
 from qdeep.parts import load_plugins
 from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
 
@@ -48,12 +51,16 @@ GRID_SIZE = 16
 class Collection:
     """The checked images, in a fixed order every iteration and every output uses."""
 
-    root: Path
-    paths: list[str]
-    ids: list[str]  # relative to root: the `image` column everywhere
+    source: str  # the images' folder, or the pack (a local path or a URI)
+    ids: list[str]  # below the folder, or the name in the pack: the `image` column everywhere
+    paths: list[str] | None  # each image's path; None for a pack (its rows carry their bytes)
     is_ctrl: np.ndarray
     truth: list[str] | None  # one ground-truth class per image, when labels were given
     policy: BadInputPolicy
+
+    @property
+    def pack(self) -> Pack | None:
+        return Pack(self.source) if self.paths is None else None
 
 
 def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConfig, labels: str | Path | None = None,
@@ -64,26 +71,28 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
     """Run (or resume) the loop, then the final over-clustering; returns OUT/metrics.json's content."""
     started = time.time()
     load_plugins(plugins)
-    out = Path(out).resolve()
-    storage_path = storage_path or str(out / "ray_results")
+    out = io.resolved(out)
+    storage_path = storage_path or child(out, "ray_results")
     _check(config)
+    if (labels or data) and is_pack(images):
+        raise QdeepError(f"--images {images} is a pack: its labels are in it (leave out --labels and --data)")
     config = replace(config, train=settle(config.train))  # its --weights PATH absolute, its parts checked
-    with ray_session(address, log=out / LOG_FILE):
+    with ray_session(address, log=log_in(out)):
         check_shared_storage(str(out))  # workers read each iteration's network, Ray Data writes the stores
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
         check_model(config.train_config(config.train.weights), config.k)
-        settings = {**config.fingerprint(), "n_images": len(coll.paths)}
-        parent_id = io.claim_run(out / STATE_FILE, settings, f"{out} holds a DeepCluster run with other settings",
+        settings = {**config.fingerprint(), "n_images": len(coll.ids)}
+        parent_id = io.claim_run(child(out, STATE_FILE), settings, f"{out} holds a DeepCluster run with other settings",
                                  "--out").get("mlflow_run_id")
         history = finished_iterations(out)
         uri = tracking.tracking_uri(tracking_uri)
-        params = {**config.as_dict(), "nb_clusters": config.k, "images": str(coll.root), "data_dir": str(coll.root),
-                  "out": str(out), "models_dir": str(out / "iterations"), "workers": workers,
-                  "n_images": len(coll.paths), "n_ctrl": int(coll.is_ctrl.sum()), "labels": str(labels or data or "")}
+        params = {**config.as_dict(), "nb_clusters": config.k, "images": coll.source, "data_dir": coll.source,
+                  "out": str(out), "models_dir": child(out, "iterations"), "workers": workers,
+                  "n_images": len(coll.ids), "n_ctrl": int(coll.is_ctrl.sum()), "labels": str(labels or data or "")}
         with tracking.parent_run(parent_id, "deepcluster", params, uri) as run:
-            io.record_run(out / STATE_FILE, settings, mlflow_run_id=run.info.run_id)
+            io.record_run(child(out, STATE_FILE), settings, mlflow_run_id=run.info.run_id)
             if history:
                 progress(f"resuming after iteration {len(history)} of {config.iterations}")
             loop = {}
@@ -101,13 +110,14 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                 loop = {"iterations": len(history) - before, "seconds": round(loop_s, 2),
                         "startup_s": round(loop_s - sum(m["seconds"] for m in history[before:]), 2)}
             final, clustering = over_cluster(out, coll, config, history, use_gpu)
-            metrics = {"iterations": history, "loop": loop, "final": final, "n_images": len(coll.paths),
+            metrics = {"iterations": history, "loop": loop, "final": final, "n_images": len(coll.ids),
                        "n_skipped": coll.policy.n_skipped, "skipped": coll.policy.skipped,
                        "mlflow_run_id": run.info.run_id, "seconds": round(time.time() - started, 2)}
-            write_outputs(out, coll, history, clustering, metrics)
-            tracking.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))})
-            tracking.log_artifacts(out / "metrics.json", out / "assignments.parquet", out / "curves.png",
-                                   out / "sizes.png", out / "grids")
+            with io.outputs(out) as folder:  # OUT itself, or a local folder uploaded into OUT
+                write_outputs(folder, out, coll, history, clustering, metrics)
+                tracking.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+                tracking.log_artifacts(folder / "metrics.json", folder / "assignments.parquet", folder / "curves.png",
+                                       folder / "sizes.png", folder / "grids")
     return metrics
 
 
@@ -123,20 +133,31 @@ def _check(config: DeepClusterConfig) -> None:
 
 
 def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_image: str = "error") -> Collection:
-    """Every decodable image under `images`, the ctrl split, and ground truth when given."""
-    root = Path(images).resolve()
+    """Every decodable image under `images` (or every image of the pack `images`: its training and
+    test rows), the ctrl split, and ground truth when given (a pack's labels, when every image has some)."""
     policy = BadInputPolicy(on_bad_image)
-    found = scan_images(root, policy)
-    checked = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
-    n = len(checked.paths)
+    if is_pack(images):
+        source, paths = str(io.resolved(images)), None
+        meta = Pack(source).read(("image", "tags"))
+        ids, tags = meta["image"].to_pylist(), meta["tags"].to_pylist()
+        if len(set(ids)) != len(ids):
+            raise QdeepError(f"pack {source}: its image names are not unique (a test image named like a training one)")
+        truth = None if None in tags else [" ".join(sorted(t)) for t in tags]
+    else:
+        root = Path(images).resolve()
+        source = str(root)
+        found = scan_images(root, policy)
+        checked = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        paths = [str(p) for p in checked.paths]
+        ids = [p.relative_to(root).as_posix() for p in checked.paths]
+        truth = ground_truth(paths, root, labels, data, policy) if (labels or data) else None
+    n = len(ids)
     if n < max(config.k, config.final_k) * 2:
-        raise QdeepError(f"{root}: {n} images are too few for k={config.k} / final-k={config.final_k}")
+        raise QdeepError(f"{source}: {n} images are too few for k={config.k} / final-k={config.final_k}")
     rng = np.random.default_rng(config.train.seed)
     is_ctrl = np.zeros(n, dtype=bool)
     is_ctrl[rng.choice(n, max(1, round(n * config.train.val_fraction)), replace=False)] = True
-    paths = [str(p) for p in checked.paths]
-    truth = ground_truth(paths, root, labels, data, policy) if (labels or data) else None
-    return Collection(root, paths, [p.relative_to(root).as_posix() for p in checked.paths], is_ctrl, truth, policy)
+    return Collection(source, ids, paths, is_ctrl, truth, policy)
 
 
 def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=None) -> list[str]:
@@ -156,33 +177,36 @@ def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=No
     return [by_path[p] for p in paths]
 
 
-def finished_iterations(out: Path) -> list[dict]:
+def finished_iterations(out: str | Path) -> list[dict]:
     """Metrics of iterations 1, 2, ... that finished (in order, stopping at the first gap)."""
-    return [json.loads((iteration_dir(out, t) / "metrics.json").read_text()) for t in range(1, n_finished(out) + 1)]
+    return [json.loads(io.read_text(child(iteration_dir(out, t), "metrics.json")))
+            for t in range(1, n_finished(out) + 1)]
 
 
-def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: Path, k: int, seed: int,
+def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: str, k: int, seed: int,
                  use_gpu: bool | None = None, max_gpus: int = 1) -> tuple[Clustering, str]:
     """Descriptors of every image with `weights` into a feature store (Ray Data; on up to `max_gpus`
     GPU actors when GPUs are used), clustered shard by shard into k groups, in the collection's order;
     and where k-means ran (`cluster_placed`)."""
-    store = embed_images(folder_rows(coll.root, coll.paths), len(coll.paths), coll.root, config.train.arch, weights,
-                         store_dir, batch_size=64, image_size=config.train.image_size, use_gpu=use_gpu,
-                         max_gpu_actors=max_gpus)
+    pack = coll.pack
+    rows = pack_images(pack) if pack else folder_rows(Path(coll.source), coll.paths)
+    store = embed_images(rows, len(coll.ids), coll.source, config.train.arch, weights, store_dir, batch_size=64,
+                         image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
     ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
     return in_order(ids, clustering, coll.ids), where
 
 
-def run_loop(out: Path, coll: Collection, config: DeepClusterConfig, workers, storage_path: str,
+def run_loop(out: str | Path, coll: Collection, config: DeepClusterConfig, workers, storage_path: str,
              use_gpu: bool | None = None, max_failures: int | None = None, plugins: list[str] | None = None) -> None:
     """Iterations n_finished(out) + 1 ... config.iterations, all in one Ray Train run
     (`train.deepcluster.deepcluster_func`); each writes OUT/iterations/iter_XX/ as it finishes."""
-    name = f"{out.name}-deepcluster"
+    name = f"{io.basename(out)}-deepcluster"
     _remove_run(storage_path, name)  # its reports belong to an earlier launch; the iterations are in OUT
     loop = {**config.train_config(config.train.weights).as_dict(), "out": str(out), "k": config.k,
             "iterations": config.iterations, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
             "plugins": list(plugins or []), "launch_id": uuid.uuid4().hex}
-    images = collection_dataset(coll.paths, coll.ids, coll.is_ctrl, coll.truth)
+    images = collection_dataset(coll.ids, coll.is_ctrl, coll.truth, paths=coll.paths,
+                                pack=coll.source if coll.paths is None else None)
     trainer = driver.make_trainer(loop, workers, name, storage_path, driver.default_max_failures(workers, max_failures),
                                   use_gpu, train_loop=deepcluster_func, datasets={"images": images})
     driver.fit_keeping_ctrl_c(trainer)
@@ -216,42 +240,44 @@ def _remove_run(storage_path: str, name: str) -> None:
         fs.delete_dir(f"{root}/{name}")
 
 
-def previous_labels(out: Path, t: int) -> np.ndarray:
-    return np.load(iteration_dir(out, t) / "labels.npy")
-
-
-def over_cluster(out: Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
+def over_cluster(out: str | Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
                  use_gpu: bool | None = None) -> tuple[dict, Clustering]:
     """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
     weights = network(out, config.train.weights, len(history) + 1)
-    clustering, where = cluster_with(coll, config, weights, out / "features", config.final_k, config.train.seed,
-                                     use_gpu)
+    clustering, where = cluster_with(coll, config, weights, child(out, "features"), config.final_k,
+                                     config.train.seed, use_gpu)
     final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl),
              **truth_scores(clustering.labels, coll.truth), "kmeans_on": where}
     if history:
-        final["nmi_last_iteration"] = nmi(clustering.labels, previous_labels(out, len(history)))
+        final["nmi_last_iteration"] = nmi(clustering.labels, iteration_labels(out, len(history)))
     return final, clustering
 
 
-def write_outputs(out: Path, coll: Collection, history: list[dict], clustering: Clustering, metrics: dict) -> None:
-    """assignments.parquet, metrics.json, grids/cluster_XX.png, curves.png, sizes.png."""
+def write_outputs(folder: Path, out: str | Path, coll: Collection, history: list[dict], clustering: Clustering,
+                  metrics: dict) -> None:
+    """assignments.parquet, metrics.json, grids/cluster_XX.png, curves.png, sizes.png into `folder`
+    (the iterations' labels read from `out`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = {"image": coll.ids, "cluster": clustering.labels.astype(np.int32)}
     for h in history:
-        columns[f"iter_{h['iteration']}"] = previous_labels(out, h["iteration"]).astype(np.int32)
-    with atomic_path(out / "assignments.parquet") as tmp:
+        columns[f"iter_{h['iteration']}"] = iteration_labels(out, h["iteration"]).astype(np.int32)
+    with atomic_path(folder / "assignments.parquet") as tmp:
         pq.write_table(pa.table(columns), tmp)
-    write_json(out / "metrics.json", metrics)
-    with atomic_dir(out / "grids") as grids:
-        for c in range(len(clustering.sizes)):
-            members = np.flatnonzero(clustering.labels == c)
-            nearest = members[np.argsort(clustering.distances[members], kind="stable")][:GRID_SIZE]
-            cluster_grid([coll.paths[i] for i in nearest], grids / f"cluster_{c:02d}.png",
-                         f"cluster {c}: {len(members)} images")
-    deepcluster_curves(history, out / "curves.png")
-    deepcluster_sizes(history, metrics["final"]["sizes"], out / "sizes.png")
+    shown = []  # per group: its members nearest to the centroid
+    for c in range(len(clustering.sizes)):
+        members = np.flatnonzero(clustering.labels == c)
+        shown.append((len(members), members[np.argsort(clustering.distances[members], kind="stable")][:GRID_SIZE]))
+    pack = coll.pack
+    images = pack.images([coll.ids[i] for _, nearest in shown for i in nearest]) if pack else None
+    with atomic_dir(folder / "grids") as grids:
+        for c, (size, nearest) in enumerate(shown):
+            refs = [images[coll.ids[i]] for i in nearest] if pack else [coll.paths[i] for i in nearest]
+            cluster_grid(refs, grids / f"cluster_{c:02d}.png", f"cluster {c}: {size} images")
+    deepcluster_curves(history, folder / "curves.png")
+    deepcluster_sizes(history, metrics["final"]["sizes"], folder / "sizes.png")
+    write_json(folder / "metrics.json", metrics)
 
 
 def summary(m: dict) -> str:
