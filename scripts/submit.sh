@@ -29,8 +29,8 @@ options:
   -h, --help             this message
 
 example:
-  scripts/submit.sh --gpus 4 train --data /home/ray/data --arch resnet50 --weights imagenet --workers 4 \
-    --storage-path s3://your-bucket/qdeep/ray_results --out /home/ray/head/results/resnet50
+  scripts/submit.sh --gpus 4 train --data s3://your-bucket/qdeep/packs/planet --arch resnet50 --weights imagenet \
+    --workers 4 --out s3://your-bucket/qdeep/results/resnet50
 EOF
 }
 
