@@ -61,7 +61,7 @@ demo: $(STAMP)
 
 # Every tier (the gpu tests skip, with the reason, where torch sees no GPU): what CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The unit tier: no Ray anywhere, about a minute on 2 cores.
 test-fast: $(STAMP)
