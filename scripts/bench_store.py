@@ -45,7 +45,7 @@ record batch. What the 0.8x goal costs, part by part (205 MB, one process, measu
     bytes go to the file (local or an object-store upload), and over the mapped shard on reads;
   - the write itself: Arrow's IPC writer into a new file took 43 ms against np.save's 30, and a
     plain os.write() of the same bytes 40 ms: np.save reserves the file's blocks first (fallocate,
-    keeping the size), and ext4 then takes the bytes at ~1.4x. Shards do the same (_ShardFile):
+    keeping the size), and ext4 then takes the bytes at ~1.4x. Shards do the same (shards.ShardFile):
     the IPC write then runs at np.save's speed (29 against 29 ms);
   - the finite check (a NaN descriptor poisons k-means): np.isfinite(x).all(axis=1) 21 ms, now one
     x.sum() pass (8.5 ms) with the exact check only when that sum is not finite;

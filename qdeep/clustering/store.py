@@ -13,19 +13,18 @@ xxh3 were chosen by measurement (scripts/bench_store.py: Parquet's list encoding
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import xxhash
-from pyarrow.fs import FileSelector, FileType, LocalFileSystem
+from pyarrow.fs import FileSelector, FileType
 
+from qdeep.clustering.shards import Shard, ShardFile, features_to_numpy, features_type, read_batches, write_shard
 from qdeep.config import FeaturesConfig
 from qdeep.errors import QdeepError
 from qdeep.io import atomic_dir, child, filesystem, is_uri, read_json, write_json
@@ -37,17 +36,6 @@ DTYPE = "float32"
 MODEL_KEYS = ("arch", "weights", "weights_sha256")
 DEFAULT_ROWS_PER_SHARD = FeaturesConfig.rows_per_shard  # 50,000 descriptors
 RESERVED = ("image", "features")  # every shard's first columns; the rest are labels
-
-
-def _features_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
-
-
-def features_to_numpy(column: pa.Array, dim: int) -> np.ndarray:
-    """A fixed_size_list<float32>[dim] array as an (n, dim) float32 view (zero-copy, read-only)."""
-    if column.null_count:
-        raise QdeepError("features column has missing rows")
-    return column.flatten().to_numpy().reshape(-1, dim)  # flatten() honours a slice's offset (.values not)
 
 
 def _check_count(what: str, value: Any, least: int = 1) -> None:
@@ -138,7 +126,7 @@ def _checked(dim: int, images: Sequence[str], features: Any, labels: dict[str, A
 
 
 def _table(dim: int, images: pa.Array, features: np.ndarray, labels: dict[str, pa.Array]) -> pa.Table:
-    ftype = _features_type(dim)
+    ftype = features_type(dim)
     schema = pa.schema([pa.field("image", pa.string(), nullable=False), pa.field("features", ftype, nullable=False),
                         *(pa.field(name, arr.type) for name, arr in labels.items())])
     feats = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), type=ftype)  # no copy
@@ -148,57 +136,6 @@ def _table(dim: int, images: pa.Array, features: np.ndarray, labels: dict[str, p
 def shard_table(dim: int, images: Sequence[str], features: Any, labels: dict[str, Sequence] | None = None) -> pa.Table:
     """One shard's rows, checked: image strings, (n, dim) finite features, labels strings or integers."""
     return _table(dim, *_checked(dim, images, features, labels or {}))
-
-
-_fallocate = getattr(ctypes.CDLL(None), "fallocate", None)  # Linux's; elsewhere nothing is reserved
-
-
-class _ShardFile:
-    """The file Arrow's IPC writer writes one shard through (a local file, or an object-store
-    upload): each byte goes into the shard's checksum on its way. xxh3_64 hashes at ~30 GB/s here,
-    sha256 at 1.8. A local file's blocks are reserved before each large write, as np.save does
-    (fallocate, keeping the size): ext4 then takes the bytes ~1.4x faster (scripts/bench_store.py)."""
-
-    closed = False
-
-    def __init__(self, path: str):
-        fs, inner = filesystem(path)
-        self.file, self.bytes, self._hash = inner.rsplit("/", 1)[-1], 0, xxhash.xxh3_64()
-        self._raw = open(inner, "wb") if isinstance(fs, LocalFileSystem) else fs.open_output_stream(inner)
-        self._fd = self._raw.fileno() if isinstance(fs, LocalFileSystem) and _fallocate else None
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        self._hash.update(data)
-        if self._fd is not None and size >= 1 << 20:
-            _fallocate(self._fd, 1, ctypes.c_int64(self.bytes), ctypes.c_int64(size))  # 1: FALLOC_FL_KEEP_SIZE
-        self._raw.write(data)
-        self.bytes += size
-        return size
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def flush(self) -> None:
-        pass
-
-    def close(self, rows: int = 0) -> dict:
-        """Its listing in the manifest: {file, rows, bytes, xxh3_64}."""
-        if not self.closed:
-            self._raw.close()
-            self.closed = True
-        return {"file": self.file, "rows": rows, "bytes": self.bytes, "xxh3_64": self._hash.hexdigest()}
-
-
-def write_shard(path: str | os.PathLike, table: pa.Table) -> dict:
-    """`table` as one shard at `path` (local or URI); returns its listing {file, rows, bytes, xxh3_64}."""
-    sink = _ShardFile(str(path))
-    try:
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-    finally:
-        listing = sink.close(table.num_rows)
-    return listing
 
 
 def finish_store(directory: str | os.PathLike, shards: list[dict], model: dict, dim: int, extra: dict | None = None,
@@ -257,7 +194,7 @@ class StoreWriter:
         self._staging = staging_dir(self.path)
         self._tmp = self._staging.__enter__()
         self._shards: list[dict] = []
-        self._open: tuple[_ShardFile, pa.ipc.RecordBatchFileWriter] | None = None  # the shard being written
+        self._open: tuple[ShardFile, pa.ipc.RecordBatchFileWriter] | None = None  # the shard being written
         self._rows = 0  # in the open shard
         self._columns: dict[str, pa.DataType] | None = None  # label types, fixed by the first rows
         return self
@@ -280,7 +217,7 @@ class StoreWriter:
             end = min(len(img), start + self.rows_per_shard - self._rows)
             table = _table(self.dim, img[start:end], feats[start:end], {c: a[start:end] for c, a in labels.items()})
             if self._open is None:
-                sink = _ShardFile(child(self._tmp, f"part-{len(self._shards):05d}{SUFFIX}"))
+                sink = ShardFile(child(self._tmp, f"part-{len(self._shards):05d}{SUFFIX}"))
                 self._open = sink, pa.ipc.new_file(sink, table.schema)
             self._open[1].write_table(table)
             self._rows += end - start
@@ -309,13 +246,6 @@ class StoreWriter:
         finally:
             self._tmp = None
         return self._staging.__exit__(exc_type, exc, tb)  # puts the store in place, or removes what was written
-
-
-class Shard(NamedTuple):
-    file: str
-    rows: int
-    xxh3_64: str
-    bytes: int | None = None
 
 
 def _checked_shards(m: Any, where: str) -> tuple[Shard, ...]:
@@ -374,36 +304,9 @@ class FeatureStore:
         return f"FeatureStore({self.path!r}, rows={self.total_rows}, dim={self.dim}, shards={len(self.shards)})"
 
     def _batches(self, shard: Shard, columns: list[str]) -> list[pa.RecordBatch]:
-        """The shard's record batches (their `columns`), zero-copy views of the whole shard file
-        (memory-mapped locally, one read of the object from an object store), once its rows, schema
-        and checksum match the manifest. Nothing of a shard is decoded before its checksum passes."""
-        where = f"feature store {self.path}: shard {shard.file}"
-        fs, inner = filesystem(child(self.path, shard.file))
-        try:
-            with (LocalFileSystem(use_mmap=True) if isinstance(fs, LocalFileSystem) else fs).open_input_file(inner) as f:
-                buf = f.read_buffer()
-        except FileNotFoundError as exc:
-            raise QdeepError(f"{where} is missing") from exc
-        except OSError as exc:
-            raise QdeepError(f"{where} cannot be opened: {exc}") from exc
-        try:
-            reader = pa.ipc.open_file(buf)
-            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        except (pa.ArrowException, OSError) as exc:
-            size = f"{buf.size} bytes" + (f", the manifest says {shard.bytes}" if shard.bytes is not None else "")
-            raise QdeepError(f"{where} is not a readable Arrow IPC file ({size}): truncated or corrupt") from exc
-        rows = sum(b.num_rows for b in batches)
-        if rows != shard.rows:
-            raise QdeepError(f"{where} has {rows} rows, the manifest says {shard.rows}")
-        missing = [c for c in columns if c not in reader.schema.names]
-        if missing:
-            raise QdeepError(f"{where} lacks column {', '.join(missing)}")
-        if "features" in columns and reader.schema.field("features").type != _features_type(self.dim):
-            raise QdeepError(f"{where} has features of type {reader.schema.field('features').type}, "
-                             f"expected {_features_type(self.dim)}")
-        if xxhash.xxh3_64(buf).hexdigest() != shard.xxh3_64:
-            raise QdeepError(f"{where} does not match its checksum (xxh3_64) in the manifest: corrupted or rewritten")
-        return [b.select(columns) for b in batches]
+        """The shard's record batches (their `columns`), views of its checked bytes."""
+        return read_batches(child(self.path, shard.file), shard, self.dim, columns,
+                            f"feature store {self.path}: shard {shard.file}")
 
     def read_shard(self, index: int) -> pa.Table:
         """Shard `index`, checked, as an Arrow table (every column) of views of its bytes."""

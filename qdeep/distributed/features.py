@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qdeep.clustering.shards import features_to_numpy, write_shard
 from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
-                                    features_to_numpy, finish_store, shard_table, staging_dir, write_shard)
+                                    finish_store, shard_table, staging_dir)
 from qdeep.data.images import load_rgb
 from qdeep.data.pack import Pack
 from qdeep.data.transforms import to_uint8
