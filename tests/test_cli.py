@@ -83,6 +83,13 @@ def test_synth_writes_a_planet_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "s" / "train-jpg").glob("*.jpg"))) == 20
     assert (tmp_path / "s" / "train_v2.csv").read_text().startswith("image_name,tags\n")
+    r = _run("synth", "--out", str(tmp_path / "s4"), "--n", "3", "--n-test", "1", "--size", "16", "--bands", "4")
+    assert r.returncode == 0 and "(JPEGs and 4-band GeoTIFFs)" in r.stdout, r.stderr
+    assert len(list((tmp_path / "s4" / "train-tif-v2").glob("*.tif"))) == 3
+    r = _run("synth", "--out", str(tmp_path / "m"), "--multiclass", "--bands", "4")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "qdeep: error: --bands 4 writes the Planet layout's GeoTIFFs; leave out --multiclass"]
+    assert not (tmp_path / "m").exists()
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

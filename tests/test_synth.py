@@ -205,3 +205,63 @@ def test_progress_bar_option(tmp_path, capsys):
     summary = write_synthetic_planet(tmp_path, n=3, size=32, seed=0, n_test=1, progress=True)
     assert summary["n_test"] == 1
     assert "synthetic planet" in capsys.readouterr().err
+
+
+def _ndvi(bands: np.ndarray) -> np.ndarray:
+    red, nir = bands[..., 0].astype(np.float64), bands[..., 3].astype(np.float64)
+    return (nir - red) / (nir + red + 1e-9)
+
+
+def test_a_4_band_tile_keeps_the_rgb_tile_and_its_nir_separates_the_surfaces():
+    for i in range(60):  # the RGB bands are the 3-band tile's, byte for byte, unless blow_down is drawn
+        tags = sample_tags(np.random.default_rng([0, 0, i]))
+        rgb = draw_tile(tags, 32, np.random.default_rng(i))
+        four = draw_tile(tags, 32, np.random.default_rng(i), nir=True)
+        assert four.shape == (32, 32, 4) and four.dtype == np.float32 and 0 <= four.min() and four.max() <= 255
+        assert np.array_equal(four[..., :3].astype(np.uint8), rgb) == ("blow_down" not in tags), tags
+    forest = draw_tile(["clear", "primary"], 64, np.random.default_rng(1), nir=True)
+    water = draw_tile(["clear", "primary", "water"], 64, np.random.default_rng(1), nir=True)
+    clouds = draw_tile(["cloudy"], 64, np.random.default_rng(1), nir=True)
+    assert _ndvi(forest).mean() > 0.5 and abs(_ndvi(clouds).mean()) < 0.1
+    wet = water[..., 2] > water[..., 1] + 10  # the river's blue pixels
+    assert wet.mean() > 0.03 and water[..., 3][wet].mean() < 0.3 * forest[..., 3].mean()
+
+
+def test_blow_down_shows_in_nir_far_more_than_in_rgb():
+    """The tag NIR carries: its patch darkens the NIR band several times more than the visible ones."""
+    rng_state = 11
+    forest = draw_tile(["clear", "primary"], 64, np.random.default_rng(rng_state), nir=True)
+    fallen = draw_tile(["clear", "primary", "blow_down"], 64, np.random.default_rng(rng_state), nir=True)
+    rgb_only = draw_tile(["clear", "primary", "blow_down"], 64, np.random.default_rng(rng_state))
+    patch = np.abs(fallen[..., 3] - forest[..., 3]) > 30
+    assert patch.mean() > 0.02
+    nir_change = np.abs(fallen[..., 3] - forest[..., 3])[patch].mean()
+    rgb_change_4band = np.abs(fallen[..., :3] - forest[..., :3])[patch].mean()
+    rgb_change_3band = np.abs(rgb_only.astype(np.float32) - forest[..., :3].astype(np.uint8))[patch].mean()
+    assert nir_change > 5 * rgb_change_4band and rgb_change_4band < 0.5 * rgb_change_3band
+
+
+def test_four_bands_write_planet_geotiffs_beside_the_same_jpegs(tmp_path):
+    import tifffile
+
+    summary = write_synthetic_planet(tmp_path / "a", n=12, size=32, seed=3, n_test=3, bands=4)
+    write_synthetic_planet(tmp_path / "b", n=12, size=32, seed=3, n_test=3, bands=4)
+    write_synthetic_planet(tmp_path / "rgb", n=12, size=32, seed=3, n_test=3)
+    assert summary["bands"] == 4 and _files(tmp_path / "a") == _files(tmp_path / "b")  # deterministic
+    a = tmp_path / "a"
+    assert sorted(p.stem for p in (a / "train-tif-v2").iterdir()) == sorted(p.stem for p in (a / "train-jpg").iterdir())
+    assert len(list((a / "test-tif-v2").glob("*.tif"))) == 3
+    rows = dict(_rows(a / "train_v2.csv"))
+    assert rows == dict(_rows(tmp_path / "rgb" / "train_v2.csv"))  # the same tags, image by image
+    for name, tags in rows.items():  # the JPEGs are the 3-band set's unless blow_down is drawn
+        same = (a / "train-jpg" / f"{name}.jpg").read_bytes() == (tmp_path / "rgb" / "train-jpg" / f"{name}.jpg").read_bytes()
+        assert same == ("blow_down" not in tags), name
+    with tifffile.TiffFile(a / "train-tif-v2" / "train_0.tif") as tif:
+        bands, geo = tif.asarray(), tif.pages[0].geotiff_tags
+    assert bands.shape == (4, 32, 32) and bands.dtype == np.uint16 and bands.max() > 255  # 16-bit counts
+    assert geo["ProjectedCSTypeGeoKey"] == 32721 and list(geo["ModelPixelScale"]) == [3.0, 3.0, 0.0]
+    jpeg = np.asarray(Image.open(a / "train-jpg" / "train_0.jpg"), dtype=np.float64)
+    for band, channel in ((0, 2), (1, 1), (2, 0)):  # Planet's order: blue, green, red, then NIR
+        assert np.corrcoef(bands[band].ravel(), jpeg[..., channel].ravel())[0, 1] > 0.9
+    with pytest.raises(ValueError, match="bands must be 3"):
+        write_synthetic_planet(tmp_path / "c", n=2, size=32, bands=5)

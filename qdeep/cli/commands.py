@@ -41,14 +41,17 @@ def _check_outputs(args) -> None:
 def cmd_synth(args) -> None:
     from qdeep.data.synth import write_synthetic_classes, write_synthetic_planet
 
+    if args.multiclass and args.bands != 3:
+        raise QdeepError("--bands 4 writes the Planet layout's GeoTIFFs; leave out --multiclass")
     paths.output_dir(args.out, "--out")
     if args.multiclass:
         summary = write_synthetic_classes(args.out, n_per_class=args.n, size=args.size, seed=args.seed, progress=True)
         print(f"wrote {args.n} images of each of {', '.join(summary['classes'])} to {args.out}/<class>/")
         return
     summary = write_synthetic_planet(args.out, n=args.n, size=args.size, seed=args.seed, n_test=args.n_test,
-                                     progress=True)
-    print(f"wrote {summary['n_train']} training and {summary['n_test']} test images to {args.out}")
+                                     progress=True, bands=args.bands)
+    also = " (JPEGs and 4-band GeoTIFFs)" if args.bands == 4 else ""
+    print(f"wrote {summary['n_train']} training and {summary['n_test']} test images{also} to {args.out}")
 
 
 def cmd_pack(args) -> None:

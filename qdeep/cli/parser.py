@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--multiclass", action="store_true",
                    help="instead: one scene class per image, a folder per class (--n images per class)")
+    p.add_argument("--bands", type=int, choices=(3, 4), default=3,
+                   help="4: also train-tif-v2/ and test-tif-v2/, 4-band (blue, green, red, near-infrared) 16-bit "
+                        "GeoTIFFs of the same tiles, whose NIR band shows what RGB barely does (blow_down); "
+                        "Planet layout only (default 3: RGB JPEGs)")
     p.set_defaults(func=commands.cmd_synth)
 
     p = sub.add_parser("pack", help="pack a data set into Parquet shards of image bytes, locally or in a bucket",

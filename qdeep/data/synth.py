@@ -4,7 +4,9 @@ The real data set is 40k+ satellite chips behind a Kaggle login, which neither t
 test suite nor the demo can fetch.  This module draws a small, deterministic data set
 with the same on-disk layout (``train-jpg/``, ``train_v2.csv``, ``test-jpg/``,
 ``sample_submission_v2.csv``) and the same 17 tags, so every pipeline stage can run
-end to end offline.
+end to end offline. With ``bands=4`` it also writes Planet's ``train-tif-v2/`` and
+``test-tif-v2/``: 4-band (blue, green, red, near-infrared) 16-bit GeoTIFFs of the same tiles,
+whose near-infrared band carries what RGB lacks (see ``tiles``).
 
 Each tag leaves a visible trace in the pixels.  Colour tags (forest, fields, water,
 clouds, haze, ...) shift the colour histogram, so a histogram + Random Forest baseline
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qdeep.data.rasters import write_geotiff
 from qdeep.data.tiles import PLANET_TAGS, draw_tile  # draw_tile: part of this API too
 from qdeep.io import write_csv
 
@@ -50,6 +53,7 @@ _ROAD_BASE, _ROAD_IF_HABITATION, _ROAD_IF_AGRICULTURE = 0.09, 0.60, 0.30
 _WATER_IF_MINE = 0.60
 
 _SPLIT_IDS = {"train": 0, "test": 1}
+TIF_SCALE = 40  # a 0-255 tile value -> 16-bit counts (0-10,200, the range of Planet's analytic chips)
 
 
 def sample_tags(rng: np.random.Generator) -> list[str]:
@@ -84,30 +88,44 @@ def _progress(jobs: list, show: bool, desc: str):
     return tqdm(jobs, desc=desc, unit="img")
 
 
-def _save_tile(tags, size: int, rng: np.random.Generator, path: Path) -> None:
-    Image.fromarray(draw_tile(tags, size, rng)).save(path, format="JPEG", quality=90)
+def _save_tile(tags, size: int, rng: np.random.Generator, path: Path, tif: Path | None = None, place: int = 0) -> None:
+    """The tile as a JPEG at `path`; with `tif`, also its 4 bands as a 16-bit GeoTIFF there
+    (Planet's band order: blue, green, red, near-infrared; the tile `place` tiles east of the
+    others' origin), the JPEG holding its RGB bands."""
+    tile = draw_tile(tags, size, rng, nir=tif is not None)
+    Image.fromarray(tile[..., :3].astype(np.uint8)).save(path, format="JPEG", quality=90)
+    if tif is not None:
+        counts = np.round(tile * TIF_SCALE).astype(np.uint16)
+        write_geotiff(tif, np.stack([counts[..., 2], counts[..., 1], counts[..., 0], counts[..., 3]]),
+                      origin=(500_000.0 + 3.0 * size * place, 9_000_000.0))
 
 
 def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 128, seed: int = 0,
-                           n_test: int | None = None, progress: bool = False) -> dict:
-    """Write a Planet-layout data set to ``out`` and return a summary.
+                           n_test: int | None = None, progress: bool = False, bands: int = 3) -> dict:
+    """Write a Planet-layout data set to ``out`` and return a summary; with ``bands=4`` the
+    GeoTIFFs too (``{split}-tif-v2/{name}.tif``).
 
     Each image draws from its own ``default_rng([seed, split_id, i])``, so the files
     are byte-identical across runs and the first k images do not depend on ``n``.
     """
     if n < 0 or size < 8:
         raise ValueError("need n >= 0 and size >= 8")
+    if bands not in (3, 4):
+        raise ValueError(f"bands must be 3 (RGB JPEGs) or 4 (and blue, green, red, NIR GeoTIFFs), got {bands}")
     n_test = max(1, n // 4) if n_test is None else int(n_test)
     out = Path(out)
     rows: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     for split in rows:
         (out / f"{split}-jpg").mkdir(parents=True, exist_ok=True)
+        if bands == 4:
+            (out / f"{split}-tif-v2").mkdir(parents=True, exist_ok=True)
     jobs = [("train", i) for i in range(n)] + [("test", i) for i in range(n_test)]
     for split, i in _progress(jobs, progress, "synthetic planet"):
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])
         tags = sample_tags(rng)
         name = f"{split}_{i}"
-        _save_tile(tags, size, rng, out / f"{split}-jpg" / f"{name}.jpg")
+        tif = out / f"{split}-tif-v2" / f"{name}.tif" if bands == 4 else None
+        _save_tile(tags, size, rng, out / f"{split}-jpg" / f"{name}.jpg", tif, place=len(rows["train"]) + len(rows["test"]))
         rows[split].append((name, " ".join(tags)))
 
     header = ("image_name", "tags")  # the csv module's default line ends, as before
@@ -117,7 +135,7 @@ def write_synthetic_planet(out: str | os.PathLike, n: int = 2000, size: int = 12
 
     seen = Counter(tag for _, tags in rows["train"] for tag in tags.split())
     counts = {tag: seen[tag] for tag in PLANET_TAGS}
-    return {"n_train": n, "n_test": n_test, "size": size, "seed": seed, "tag_counts": counts}
+    return {"n_train": n, "n_test": n_test, "size": size, "seed": seed, "bands": bands, "tag_counts": counts}
 
 
 # One scene type per image, drawn with the Planet tags that make it: a folder-per-class data set

@@ -1,0 +1,123 @@
+"""Multiband rasters: GeoTIFFs with any number of bands and 8/16-bit or float samples, which Pillow
+cannot hold (it stops at 8 bits per channel for more than one band). Written and read with
+tifffile, the maintained TIFF codec that scikit-image and TorchGeo's readers build on.
+
+Planet's analytic chips (`train-tif-v2/`) are 4-band 16-bit GeoTIFFs, bands in the order blue,
+green, red, near-infrared (PLANET_BANDS)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from qdeep.data.images import ImageDecodeError
+from qdeep.errors import QdeepError
+
+PLANET_BANDS = ("b", "g", "r", "nir")
+_GDAL_NODATA = 42113  # GDAL's TIFF tag for the no-data value, an ASCII number
+_KINDS = "uif"  # unsigned and signed integers, floats: what a band may hold
+
+# GeoTIFF tags (OGC GeoTIFF 1.1): pixel size, the tie point of pixel (0, 0), and the key directory
+_MODEL_PIXEL_SCALE, _MODEL_TIEPOINT, _GEO_KEY_DIRECTORY = 33550, 33922, 34735
+_UTM_21S = 32721  # EPSG code of WGS 84 / UTM zone 21S, over the Amazon basin
+
+
+def write_geotiff(path: str | os.PathLike, bands: np.ndarray, origin: tuple[float, float] = (500_000.0, 9_000_000.0),
+                  pixel_m: float = 3.0, epsg: int = _UTM_21S) -> None:
+    """`bands` (count, height, width; uint8, uint16 or float32) as an uncompressed GeoTIFF, one
+    plane per band, georeferenced north-up at `origin` (the upper-left corner, metres in `epsg`)
+    with square pixels of `pixel_m` metres (Planet's are 3 m)."""
+    if bands.ndim != 3:
+        raise ValueError(f"bands must be (count, height, width), got shape {bands.shape}")
+    keys = [1, 1, 0, 3,  # version 1.1.0, 3 keys: projected, pixel-is-area, the CRS
+            1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, epsg]
+    tifffile.imwrite(path, bands, photometric="minisblack", planarconfig="separate", metadata=None, extratags=[
+        (_MODEL_PIXEL_SCALE, "d", 3, (pixel_m, pixel_m, 0.0), True),
+        (_MODEL_TIEPOINT, "d", 6, (0.0, 0.0, 0.0, origin[0], origin[1], 0.0), True),
+        (_GEO_KEY_DIRECTORY, "H", len(keys), keys, True),
+    ])
+
+
+@dataclass(frozen=True)
+class Raster:
+    """One image's bands (count, height, width) as stored, and its no-data value (None: none)."""
+    bands: np.ndarray
+    nodata: float | None = None
+
+    def as_float(self) -> np.ndarray:
+        """float32 bands with NaN where a sample is the no-data value."""
+        out = self.bands.astype(np.float32)
+        if self.nodata is not None:
+            out[self.bands == self.nodata] = np.nan
+        return out
+
+
+def read_raster(src: str | Path | bytes, name: str = "image bytes") -> Raster:
+    """A TIFF/GeoTIFF's first image, any number of bands, 8/16/32-bit integer or float samples, as
+    (count, height, width) whether its samples are interleaved or in planes; `src` is a path or the
+    file's bytes (`name` in errors). Corrupt, truncated or unreadable files raise ImageDecodeError."""
+    where = name if isinstance(src, (bytes, bytearray, memoryview)) else src
+    try:
+        with tifffile.TiffFile(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as tif:
+            page = tif.pages.first
+            bands, axes = page.asarray(), page.axes
+            nodata = page.tags.valueof(_GDAL_NODATA)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for bad files; all mean "unreadable"
+        raise ImageDecodeError(where, f"cannot decode TIFF ({type(exc).__name__}: {exc})") from None
+    if bands.dtype.kind not in _KINDS or bands.ndim not in (2, 3):
+        raise ImageDecodeError(where, f"unreadable samples: {bands.dtype} of shape {bands.shape} (axes {axes})")
+    if bands.ndim == 2:
+        bands = bands[None]
+    elif axes.endswith("S"):  # interleaved: height, width, samples
+        bands = np.moveaxis(bands, -1, 0)
+    try:
+        nodata = None if nodata is None else float(str(nodata).strip("\x00 "))
+    except ValueError:
+        raise ImageDecodeError(where, f"unreadable no-data value {nodata!r} (GDAL_NODATA)") from None
+    return Raster(np.ascontiguousarray(bands), nodata)
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """What every image of a data set must have: as many bands, of one sample type, as its first."""
+    count: int
+    dtype: str
+    first: str  # that first image, named in errors
+
+    @classmethod
+    def of(cls, raster: Raster, where: str | Path) -> BandLayout:
+        return cls(raster.bands.shape[0], str(raster.bands.dtype), str(where))
+
+    def check(self, raster: Raster, where: str | Path) -> None:
+        count, dtype = raster.bands.shape[0], str(raster.bands.dtype)
+        if (count, dtype) != (self.count, self.dtype):
+            raise ImageDecodeError(where, f"has {count} band(s) of {dtype}; the data set's first image "
+                                          f"{self.first} has {self.count} of {self.dtype}")
+
+
+def band_indices(spec: str | None, count: int, names: Sequence[str] = ()) -> list[int]:
+    """The 0-based bands that `--bands` selects, in its order: comma-separated names (of `names`,
+    e.g. PLANET_BANDS) or 1-based numbers, as GDAL and rasterio number bands; None: every band."""
+    if spec is None:
+        return list(range(count))
+    picked = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item.isdigit() and 1 <= int(item) <= count:
+            picked.append(int(item) - 1)
+        elif item.lower() in names and names.index(item.lower()) < count:
+            picked.append(list(names).index(item.lower()))
+        else:
+            known = f"names {', '.join(names[:count])} or " if names else ""
+            raise QdeepError(f"--bands {spec}: no band {item!r} in images of {count} band(s) "
+                             f"(use {known}numbers 1 to {count})")
+    if len(set(picked)) != len(picked):
+        raise QdeepError(f"--bands {spec}: a band is named twice")
+    return picked

@@ -1,0 +1,86 @@
+"""Multiband rasters (qdeep.data.rasters): GeoTIFFs of any band count and sample type, read back
+as (bands, height, width) with their no-data value; bad files name themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from qdeep.data.images import ImageDecodeError
+from qdeep.data.rasters import PLANET_BANDS, BandLayout, band_indices, read_raster, write_geotiff
+from qdeep.errors import QdeepError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
+def test_a_geotiff_reads_back_band_first_whatever_its_sample_type(tmp_path, dtype):
+    bands = (np.random.default_rng(0).random((4, 9, 7)) * 1000).astype(dtype)
+    write_geotiff(tmp_path / "a.tif", bands)
+    raster = read_raster(tmp_path / "a.tif")
+    assert raster.bands.dtype == dtype and np.array_equal(raster.bands, bands) and raster.nodata is None
+    assert np.array_equal(read_raster((tmp_path / "a.tif").read_bytes(), "a pack's a.tif").bands, bands)
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        assert tif.pages[0].geotiff_tags["ModelTiepoint"][3:5] == [500000.0, 9000000.0]
+
+
+def test_interleaved_and_single_band_tiffs_come_band_first_and_nodata_is_nan(tmp_path):
+    pixels = np.arange(5 * 6 * 3, dtype=np.uint16).reshape(5, 6, 3)  # height, width, samples
+    tifffile.imwrite(tmp_path / "rgb.tif", pixels, photometric="rgb")
+    assert np.array_equal(read_raster(tmp_path / "rgb.tif").bands, np.moveaxis(pixels, -1, 0))
+    gray = np.full((4, 4), 7, dtype=np.uint16)
+    gray[0, 0] = 0
+    tifffile.imwrite(tmp_path / "one.tif", gray, extratags=[(42113, "s", 0, "0", True)])  # GDAL_NODATA "0"
+    raster = read_raster(tmp_path / "one.tif")
+    assert raster.bands.shape == (1, 4, 4) and raster.nodata == 0.0
+    floats = raster.as_float()
+    assert np.isnan(floats[0, 0, 0]) and np.isnan(floats).sum() == 1 and floats[0, 1, 1] == 7
+
+
+def test_corrupt_truncated_and_unreadable_tiffs_name_the_file(tmp_path):
+    write_geotiff(tmp_path / "good.tif", np.ones((4, 16, 16), dtype=np.uint16))
+    data = (tmp_path / "good.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 3])
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
+    for name in ("cut.tif", "junk.tif"):
+        with pytest.raises(ImageDecodeError, match="cannot decode TIFF") as err:
+            read_raster(tmp_path / name)
+        assert err.value.path == str(tmp_path / name) and "\n" not in str(err.value)
+    with pytest.raises(ImageDecodeError, match="^a pack's junk.tif: cannot decode TIFF"):
+        read_raster(b"not a tiff", "a pack's junk.tif")
+    tifffile.imwrite(tmp_path / "complex.tif", np.ones((4, 4), dtype=np.complex64))
+    with pytest.raises(ImageDecodeError, match="unreadable samples: complex64"):
+        read_raster(tmp_path / "complex.tif")
+    with pytest.raises(FileNotFoundError):  # the caller listed it: a setup problem, not bad input
+        read_raster(tmp_path / "missing.tif")
+
+
+def test_every_image_must_have_the_first_ones_bands(tmp_path):
+    write_geotiff(tmp_path / "first.tif", np.ones((4, 8, 8), dtype=np.uint16))
+    write_geotiff(tmp_path / "three.tif", np.ones((3, 8, 8), dtype=np.uint16))
+    write_geotiff(tmp_path / "bytes.tif", np.ones((4, 8, 8), dtype=np.uint8))
+    layout = BandLayout.of(read_raster(tmp_path / "first.tif"), tmp_path / "first.tif")
+    layout.check(read_raster(tmp_path / "first.tif"), tmp_path / "first.tif")
+    with pytest.raises(ImageDecodeError) as err:
+        layout.check(read_raster(tmp_path / "three.tif"), tmp_path / "three.tif")
+    assert str(err.value) == (f"{tmp_path / 'three.tif'}: has 3 band(s) of uint16; the data set's first image "
+                              f"{tmp_path / 'first.tif'} has 4 of uint16")
+    with pytest.raises(ImageDecodeError, match="has 4 band\\(s\\) of uint8"):
+        layout.check(read_raster(tmp_path / "bytes.tif"), tmp_path / "bytes.tif")
+
+
+def test_bands_are_chosen_by_name_or_by_gdal_number():
+    assert band_indices(None, 4) == [0, 1, 2, 3]
+    assert band_indices("r,g,b,nir", 4, PLANET_BANDS) == [2, 1, 0, 3]
+    assert band_indices("R, G, B", 4, PLANET_BANDS) == [2, 1, 0]
+    assert band_indices("4,1", 13) == [3, 0]
+    with pytest.raises(QdeepError, match="^--bands r,g,x: no band 'x' in images of 4 band\\(s\\) "
+                                         "\\(use names b, g, r, nir or numbers 1 to 4\\)$"):
+        band_indices("r,g,x", 4, PLANET_BANDS)
+    with pytest.raises(QdeepError, match="no band '5'"):
+        band_indices("5", 4)
+    with pytest.raises(QdeepError, match="no band 'nir' in images of 3"):
+        band_indices("nir", 3, PLANET_BANDS)
+    with pytest.raises(QdeepError, match="named twice"):
+        band_indices("r,3", 4, PLANET_BANDS)
