@@ -84,3 +84,34 @@ def test_bands_are_chosen_by_name_or_by_gdal_number():
         band_indices("nir", 3, PLANET_BANDS)
     with pytest.raises(QdeepError, match="named twice"):
         band_indices("r,3", 4, PLANET_BANDS)
+
+
+def test_band_statistics_skip_no_data_and_give_each_band_its_range():
+    from qdeep.data.rasters import Raster, band_statistics
+
+    a = np.array([[[0, 2], [4, 6]], [[10, 10], [10, 10]]], dtype=np.uint16)  # band 2 constant
+    b = np.array([[[8, 0], [0, 0]], [[0, 10], [10, 10]]], dtype=np.uint16)  # 0 = no data
+    stats = band_statistics([Raster(a), Raster(b, nodata=0.0)])
+    valid_1 = [0, 2, 4, 6, 8]  # every value of image a, the one valid value of b
+    assert stats.mean[0] == pytest.approx(np.mean(valid_1)) and stats.std[0] == pytest.approx(np.std(valid_1))
+    assert stats.mean[1] == 10 and stats.std[1] == 1.0  # a constant band: centred only
+    assert (stats.low, stats.high) == ((0.0, 10.0), (8.0, 10.0))
+    empty = band_statistics([Raster(np.zeros((1, 2, 2), dtype=np.uint8), nodata=0.0)])
+    assert (empty.mean, empty.std, empty.low, empty.high) == ((0.0,), (1.0,), (0.0,), (1.0,))
+    with pytest.raises(QdeepError, match="at least one image"):
+        band_statistics([])
+
+
+def test_ndvi_and_ndwi_from_named_bands():
+    from qdeep.data.rasters import spectral_index
+
+    bands = np.array([[[10.0, 0.0]], [[40.0, 30.0]], [[20.0, 0.0]], [[60.0, np.nan]]])  # b, g, r, nir
+    ndvi = spectral_index(bands, PLANET_BANDS, "ndvi")
+    assert ndvi[0, 0] == pytest.approx((60 - 20) / 80) and np.isnan(ndvi[0, 1])
+    assert spectral_index(bands, PLANET_BANDS, "ndwi")[0, 0] == pytest.approx((40 - 60) / 100)
+    zero = spectral_index(np.zeros((4, 1, 1)), PLANET_BANDS, "ndvi")
+    assert np.isnan(zero).all()  # 0 / 0: no value, not an error
+    with pytest.raises(QdeepError, match="--indices ndvi needs the nir band\\(s\\); the images' bands are r, g, b"):
+        spectral_index(bands[:3], ("r", "g", "b"), "ndvi")
+    with pytest.raises(QdeepError, match="unknown index 'evi' \\(known: ndvi, ndwi\\)"):
+        spectral_index(bands, PLANET_BANDS, "evi")

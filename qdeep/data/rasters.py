@@ -121,3 +121,60 @@ def band_indices(spec: str | None, count: int, names: Sequence[str] = ()) -> lis
     if len(set(picked)) != len(picked):
         raise QdeepError(f"--bands {spec}: a band is named twice")
     return picked
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Per-band normalisation and value range from a sample of a data set's images (saved with a
+    model, so that predict normalises as training did)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    low: tuple[float, ...]  # the sample's smallest and largest valid value, per band: histogram ranges
+    high: tuple[float, ...]
+
+
+def band_statistics(rasters: Sequence[Raster]) -> BandStats:
+    """Mean, standard deviation and range of each band over every valid (not no-data) sample of
+    `rasters` (all of one BandLayout), accumulated in float64. A band with no valid sample, or a
+    constant one, gets std 1 (normalising then only centres it)."""
+    if not rasters:
+        raise QdeepError("band statistics need at least one image")
+    count = rasters[0].bands.shape[0]
+    n, total, squares = np.zeros(count), np.zeros(count), np.zeros(count)
+    low, high = np.full(count, np.inf), np.full(count, -np.inf)
+    for raster in rasters:
+        values = raster.as_float().reshape(count, -1).astype(np.float64)
+        valid = ~np.isnan(values)
+        n += valid.sum(axis=1)
+        total += np.where(valid, values, 0).sum(axis=1)
+        squares += np.where(valid, values * values, 0).sum(axis=1)
+        low = np.minimum(low, np.where(valid, values, np.inf).min(axis=1))
+        high = np.maximum(high, np.where(valid, values, -np.inf).max(axis=1))
+    mean = np.divide(total, n, out=np.zeros(count), where=n > 0)
+    var = np.divide(squares, n, out=np.zeros(count), where=n > 0) - mean * mean
+    std = np.sqrt(np.maximum(var, 0))
+    std[std == 0] = 1.0
+    empty = n == 0
+    low[empty], high[empty] = 0.0, 1.0
+    return BandStats(*(tuple(float(v) for v in a) for a in (mean, std, low, high)))
+
+
+# Spectral indices of two named bands, (a - b) / (a + b): NDVI (vegetation: near-infrared against
+# red) and NDWI (McFeeters' open water: green against near-infrared), in [-1, 1].
+INDICES = {"ndvi": ("nir", "r"), "ndwi": ("g", "nir")}
+
+
+def spectral_index(bands: np.ndarray, names: Sequence[str], index: str) -> np.ndarray:
+    """`index` (a key of INDICES) of float `bands` (count, height, width) whose bands are `names`:
+    (height, width) in [-1, 1], NaN where either band is NaN (no data) or both are 0."""
+    if index not in INDICES:
+        raise QdeepError(f"--indices: unknown index {index!r} (known: {', '.join(INDICES)})")
+    a_name, b_name = INDICES[index]
+    missing = [b for b in (a_name, b_name) if b not in names]
+    if missing:
+        raise QdeepError(f"--indices {index} needs the {' and '.join(missing)} band(s); the images' bands are "
+                         f"{', '.join(names)}")
+    a, b = (bands[list(names).index(x)].astype(np.float64) for x in (a_name, b_name))
+    total = a + b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total != 0, (a - b) / total, np.nan)
