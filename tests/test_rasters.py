@@ -115,3 +115,31 @@ def test_ndvi_and_ndwi_from_named_bands():
         spectral_index(bands[:3], ("r", "g", "b"), "ndvi")
     with pytest.raises(QdeepError, match="unknown index 'evi' \\(known: ndvi, ndwi\\)"):
         spectral_index(bands, PLANET_BANDS, "evi")
+
+
+def test_a_network_input_from_chosen_bands_normalised_resized_and_flipped():
+    import random
+
+    import torch
+
+    from qdeep.data.rasters import BandStats, Raster, raster_input
+    from qdeep.data.transforms import augment_pixels
+
+    bands = np.stack([np.full((8, 8), v, dtype=np.uint16) for v in (100, 200, 300, 400)])
+    bands[3, 0, 0] = 0  # no data in the NIR band
+    stats = BandStats(mean=(100.0, 150.0, 250.0, 500.0), std=(10.0, 50.0, 25.0, 100.0),
+                      low=(0.0,) * 4, high=(1000.0,) * 4)
+    x = raster_input(Raster(bands, nodata=0.0), [2, 1, 0, 3], 8, stats)  # r, g, b, nir of Planet's order
+    assert x.shape == (4, 8, 8) and x.dtype == torch.float32
+    assert [float(x[c, 3, 3]) for c in range(4)] == [2.0, 1.0, 0.0, -1.0]
+    assert float(x[3, 0, 0]) == 0.0  # no data: the band's mean
+    small = raster_input(Raster(bands), [0], 4, stats)
+    assert small.shape == (1, 4, 4) and torch.allclose(small, torch.zeros(1, 4, 4))  # a flat band stays flat
+    ramp = Raster(np.arange(64, dtype=np.float32).reshape(1, 8, 8))
+    plain = raster_input(ramp, [0], 8, stats)
+    for seed in range(8):  # the flips and rotations augment_pixels draws from the same generator
+        flipped = raster_input(ramp, [0], 8, stats, random.Random(seed), "d4")
+        assert torch.equal(flipped, torch.from_numpy(np.ascontiguousarray(
+            augment_pixels(plain.numpy(), random.Random(seed), "d4"))))
+    with pytest.raises(QdeepError, match="--augment strong is for RGB images; multiband images take d4, flip, none"):
+        raster_input(ramp, [0], 8, stats, random.Random(0), "strong")

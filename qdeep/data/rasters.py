@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
 
 from qdeep.data.images import ImageDecodeError
 from qdeep.errors import QdeepError
+
+if TYPE_CHECKING:
+    import torch
 
 PLANET_BANDS = ("b", "g", "r", "nir")
 _GDAL_NODATA = 42113  # GDAL's TIFF tag for the no-data value, an ASCII number
@@ -178,3 +183,30 @@ def spectral_index(bands: np.ndarray, names: Sequence[str], index: str) -> np.nd
     total = a + b
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total != 0, (a - b) / total, np.nan)
+
+
+RASTER_AUGMENTS = ("d4", "flip", "none")  # colour jitter and crops (`strong`) are RGB's
+
+
+def raster_input(raster: Raster, bands: Sequence[int], size: int, stats: BandStats,
+                 rng: random.Random | None = None, kind: str = "d4") -> torch.Tensor:
+    """The network's input from an image's `bands` (0-based, in that order): each band normalised by
+    its `stats` (those of the data set's bands, indexed as the file's), no-data set to 0 (the
+    band's mean), resized to (size, size) (bilinear, antialiased) and, with `rng`, flipped and
+    rotated as `transforms.augment_pixels` does: a (len(bands), size, size) float32 tensor."""
+    import torch  # here: `qdeep synth`, which writes GeoTIFFs, does not need torch
+
+    from qdeep.data.transforms import augment_pixels
+
+    if kind not in RASTER_AUGMENTS:
+        raise QdeepError(f"--augment {kind} is for RGB images; multiband images take {', '.join(RASTER_AUGMENTS)}")
+    index = list(bands)
+    mean = np.asarray(stats.mean, dtype=np.float32)[index, None, None]
+    std = np.asarray(stats.std, dtype=np.float32)[index, None, None]
+    x = torch.from_numpy(np.nan_to_num((raster.as_float()[index] - mean) / std, nan=0.0))
+    if tuple(x.shape[1:]) != (size, size):
+        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)[0]
+    if rng is not None and kind != "none":
+        x = torch.from_numpy(np.ascontiguousarray(augment_pixels(x.numpy(), rng, kind)))
+    return x
