@@ -6,8 +6,10 @@ predict_proba; get_params/set_params/clone from BaseEstimator); no Ray here.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from sklearn.utils.validation import check_X_y
 from skops.io.exceptions import UntrustedTypesFoundException
 
 from qdeep import io
+from qdeep.data.images import ImageDecodeError
+from qdeep.data.rasters import Raster, spectral_index
 from qdeep.errors import QdeepError
 
 N_BINS = 26
@@ -34,6 +38,7 @@ KIND = "histogram_rf"
 # Cost (200 trees, 2000 rows, 3 labels, 2 cores): save 0.8 s, load 0.5 s, 6.0 MB, against joblib's
 # 0.24 s, 0.12 s, 4.3 MB; the arrays in a plain .npz would mean rebuilding sklearn's Tree by hand.
 MODEL_FILE = "forests.skops"
+FEATURES_FILE = "features.json"  # a multiband model's BandHistograms; none: RGB colour histograms
 OLD_MODEL_FILE = "forests.joblib"  # before skops: refused, never loaded
 TRUSTED_TYPES = [
     "sklearn.ensemble._forest.RandomForestClassifier",
@@ -49,6 +54,103 @@ def color_histogram(image: Image.Image) -> np.ndarray:
     counts = np.fromiter(image.histogram(), dtype=np.int64, count=768).reshape(3, 256)
     hist = np.add.reduceat(counts, _BIN_STARTS, axis=1) / counts[0].sum()
     return hist.reshape(-1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class BandHistograms:
+    """The features of a multiband image (a rasters.Raster): a 26-bin histogram of each band in
+    `bands` (0-based, of the file's) on that band's range [low, high] in the training images, then
+    one of each spectral index in `indices` on [-1, 1], each normalised to sum to 1, no-data samples
+    left out. Every image must have `count` bands of `dtype`, as `first` (the training set's first
+    image) has. Saved with the model (FEATURES_FILE), so that predict computes the same."""
+
+    bands: tuple[int, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    count: int
+    dtype: str
+    first: str
+    names: tuple[str, ...] = ()  # the file's band names, which the indices need
+    indices: tuple[str, ...] = ()
+
+    @property
+    def n_features(self) -> int:
+        return N_BINS * (len(self.bands) + len(self.indices))
+
+    def __call__(self, raster: Raster) -> np.ndarray:
+        count, dtype = raster.bands.shape[0], str(raster.bands.dtype)
+        if (count, dtype) != (self.count, self.dtype):
+            raise ImageDecodeError("image", f"has {count} band(s) of {dtype}; the training set's first image "
+                                            f"{self.first} has {self.count} of {self.dtype}")
+        values, out = raster.as_float(), []
+        for i in self.bands:
+            out.append(_normalised(values[i], self.low[i], self.high[i]))
+        for index in self.indices:
+            out.append(_normalised(spectral_index(values, self.names, index), -1.0, 1.0))
+        return np.concatenate(out).astype(np.float32)
+
+    def save(self, model_dir: Path) -> None:
+        io.write_json(model_dir / FEATURES_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> BandHistograms:
+        """The features `save` wrote; a file that is unreadable or not of this shape is one line naming it."""
+        saved = io.read_model_json(path, "model features")
+        try:
+            spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+            ok = (len(spec.low) == len(spec.high) == spec.count and all(0 <= b < spec.count for b in spec.bands)
+                  and spec.bands and np.dtype(spec.dtype).kind in "uif")
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise QdeepError(f"model features {path}: not the features of a `qdeep baseline` multiband model "
+                             f"({json.dumps(saved)[:200]})")
+        return spec
+
+
+SAMPLE = 64  # training images whose bands give the histograms' ranges
+
+
+def band_histograms(paths: list, bands: str | None = None, indices: str | None = None) -> BandHistograms:
+    """The multiband features for a data set whose training images are `paths`: the bands that
+    `bands` names (rasters.band_indices; Planet's b, g, r, nir names for 4-band images) and the
+    spectral `indices` (comma-separated), each band's range from up to SAMPLE images spread over
+    the set. Images that do not decode, or whose bands differ from the first one's, are left out
+    here (the features pass reports them as bad input)."""
+    from qdeep.data.rasters import INDICES, PLANET_BANDS, BandLayout, band_indices, band_statistics, read_raster
+
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(SAMPLE, len(paths))).round().astype(int)] if paths else []
+    rasters, layout = [], None
+    for path in picked:
+        try:
+            raster = read_raster(path)
+            layout = layout or BandLayout.of(raster, path)
+            layout.check(raster, path)
+        except ImageDecodeError:
+            continue
+        rasters.append(raster)
+    if layout is None:
+        raise QdeepError(f"none of {len(picked)} training images sampled decodes as a TIFF (--image-format tif)")
+    names = PLANET_BANDS if layout.count == len(PLANET_BANDS) else ()
+    wanted = tuple(i.strip().lower() for i in indices.split(",")) if indices else ()
+    unknown = [i for i in wanted if i not in INDICES]
+    if unknown:
+        raise QdeepError(f"--indices {indices}: unknown index {unknown[0]!r} (known: {', '.join(INDICES)})")
+    for index in wanted:
+        missing = [b for b in INDICES[index] if b not in names]
+        if missing:
+            raise QdeepError(f"--indices {index} needs the {' and '.join(missing)} band(s); images of {layout.count} "
+                             f"band(s) have no band names (4-band images are Planet's {', '.join(PLANET_BANDS)})")
+    stats = band_statistics(rasters)
+    return BandHistograms(tuple(band_indices(bands, layout.count, names)), stats.low, stats.high, layout.count,
+                          layout.dtype, layout.first, tuple(names), wanted)
+
+
+def _normalised(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A N_BINS-bin histogram of the non-NaN `values` on [low, high] (outliers in the end bins), summing to 1."""
+    valid = values[~np.isnan(values)]
+    counts, _ = np.histogram(np.clip(valid, low, high), bins=N_BINS, range=(low, high if high > low else low + 1))
+    return counts / max(int(counts.sum()), 1)
 
 
 class HistogramForest(BaseEstimator):
@@ -88,9 +190,10 @@ class HistogramForest(BaseEstimator):
         io.write_json(model_dir / "config.json", {"kind": KIND, "n_bins": N_BINS, "params": self.get_params()})
 
     @classmethod
-    def load(cls, model_dir: Path) -> "HistogramForest":
-        """The model `save` wrote; a file that is missing, old (joblib), corrupt or holds anything
-        but checked forests is one QdeepError line naming it. Nothing in the files is run."""
+    def load(cls, model_dir: Path, n_features: int = N_FEATURES) -> "HistogramForest":
+        """The model `save` wrote, over `n_features` features; a file that is missing, old (joblib),
+        corrupt or holds anything but checked forests is one QdeepError line naming it. Nothing in
+        the files is run."""
         model_dir = Path(model_dir)
         model = cls(**_read_params(model_dir / "config.json"))
         path = model_dir / MODEL_FILE
@@ -110,7 +213,7 @@ class HistogramForest(BaseEstimator):
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise QdeepError(f"cannot load baseline model {path}: not a skops file written by `qdeep baseline` "
                              f"({type(err).__name__}: {first})") from None
-        model.forests_ = _checked_forests(forests, path, model.n_jobs)
+        model.forests_ = _checked_forests(forests, path, model.n_jobs, n_features)
         return model
 
 
@@ -124,7 +227,7 @@ def _read_params(path: Path) -> dict:
     return params
 
 
-def _checked_forests(forests, path: Path, n_jobs: int) -> list:
+def _checked_forests(forests, path: Path, n_jobs: int, n_features: int = N_FEATURES) -> list:
     """`forests` if it is what `fit` builds (a list of forests or constant probabilities) with every
     tree's node indices in bounds (sklearn's predict follows them unchecked); else a QdeepError."""
     def bad(why: str):
@@ -138,7 +241,7 @@ def _checked_forests(forests, path: Path, n_jobs: int) -> list:
                 raise bad(f"label {j}: constant probability {forest!r} outside [0, 1]")
         elif isinstance(forest, RandomForestClassifier):
             try:
-                _check_forest(forest)
+                _check_forest(forest, n_features)
             except ValueError as err:
                 raise bad(f"label {j}: {err}") from None
             # this machine's settings, not the file's (no more threads than cores)
@@ -148,11 +251,11 @@ def _checked_forests(forests, path: Path, n_jobs: int) -> list:
     return forests
 
 
-def _check_forest(forest: RandomForestClassifier) -> None:
-    """ValueError unless `forest` is a fitted binary forest over N_FEATURES histogram bins whose
+def _check_forest(forest: RandomForestClassifier, n_features: int = N_FEATURES) -> None:
+    """ValueError unless `forest` is a fitted binary forest over `n_features` histogram bins whose
     trees only point forward to existing nodes and only test existing features."""
-    if getattr(forest, "n_features_in_", None) != N_FEATURES or getattr(forest, "n_outputs_", None) != 1:
-        raise ValueError(f"not a single-output forest over {N_FEATURES} features")
+    if getattr(forest, "n_features_in_", None) != n_features or getattr(forest, "n_outputs_", None) != 1:
+        raise ValueError(f"not a single-output forest over {n_features} features")
     if getattr(forest, "n_classes_", None) != 2 or len(np.asarray(getattr(forest, "classes_", []))) != 2:
         raise ValueError("not a two-class forest")
     trees = getattr(forest, "estimators_", None)
@@ -161,10 +264,10 @@ def _check_forest(forest: RandomForestClassifier) -> None:
     for i, est in enumerate(trees):
         tree = getattr(est, "tree_", None)
         if (not isinstance(est, DecisionTreeClassifier) or not isinstance(tree, Tree)
-                or getattr(est, "n_features_in_", None) != N_FEATURES or getattr(est, "n_outputs_", None) != 1
-                or getattr(est, "n_classes_", None) != 2 or tree.n_features != N_FEATURES or tree.n_outputs != 1
+                or getattr(est, "n_features_in_", None) != n_features or getattr(est, "n_outputs_", None) != 1
+                or getattr(est, "n_classes_", None) != 2 or tree.n_features != n_features or tree.n_outputs != 1
                 or list(tree.n_classes) != [2]):
-            raise ValueError(f"tree {i} is not a two-class decision tree over {N_FEATURES} features")
+            raise ValueError(f"tree {i} is not a two-class decision tree over {n_features} features")
         n = tree.node_count
         left, right, feature = tree.children_left, tree.children_right, tree.feature
         if n < 1 or not len(left) == len(right) == len(feature) == n or tree.value.shape != (n, 1, 2):
@@ -176,5 +279,5 @@ def _check_forest(forest: RandomForestClassifier) -> None:
         if (not np.array_equal(right == -1, leaf)
                 or ((left[inner] <= node[inner]) | (left[inner] >= n)).any()
                 or ((right[inner] <= node[inner]) | (right[inner] >= n)).any()
-                or ((feature[inner] < 0) | (feature[inner] >= N_FEATURES)).any()):
+                or ((feature[inner] < 0) | (feature[inner] >= n_features)).any()):
             raise ValueError(f"tree {i}: node links or features out of bounds")

@@ -159,6 +159,13 @@ class BaselineConfig:
     folds: int = option(5, "K of the K-fold cross-validation (>= 2)", int_range(2))
     trees: int = option(200, "trees per forest", positive_int)
     seed: int = option(0, "random seed", seed_int)
+    image_format: str = option("jpg", "jpg: 8-bit RGB (train-jpg/ of the Planet layout); tif: multiband GeoTIFFs "
+                               "(train-tif-v2/), a histogram of each band on its range in the training images",
+                               choices=("jpg", "tif"))
+    bands: str | None = option(None, "with --image-format tif: the bands to use, by name (b,g,r,nir for 4-band "
+                               "images, Planet's order) or number from 1 (default: every band)")
+    indices: str | None = option(None, "with --image-format tif: spectral indices whose histograms are features "
+                                 "too: ndvi, ndwi (comma-separated; they need named bands)")
 
 
 @dataclass

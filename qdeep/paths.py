@@ -15,7 +15,7 @@ from pathlib import Path
 from qdeep.config import NAMED_WEIGHTS
 from qdeep.data.images import IMAGE_EXTENSIONS, is_image_file
 from qdeep.data.pack import is_pack
-from qdeep.data.planet import TEST_DIRS, TRAIN_CSVS, TRAIN_DIR, train_csv
+from qdeep.data.planet import PLANET_FOLDERS, TRAIN_CSVS, train_csv
 from qdeep.errors import QdeepError
 from qdeep.io import child, exists, is_uri
 
@@ -68,20 +68,24 @@ def image_dir(path, option: str | None = "--images") -> Path:
     return root
 
 
-def planet_dir(path, option: str | None = "--data", split: str = "train") -> Path:
+def planet_dir(path, option: str | None = "--data", split: str = "train", image_format: str | None = "jpg") -> Path:
     """A Kaggle Planet layout: train_v2.csv (or train.csv) and train-jpg/ for `split` "train",
-    test-jpg/ (or test-jpg-additional/) for "test"."""
+    test-jpg/ (or test-jpg-additional/) for "test"; train-tif-v2/ and test-tif-v2/ for "tif"
+    (None: the test folders of any format)."""
     root = input_dir(path, option)
+    train_dir, test_dirs = PLANET_FOLDERS[image_format or "jpg"]
+    if image_format is None:
+        test_dirs = tuple(d for _, dirs in PLANET_FOLDERS.values() for d in dirs)
     if split == "train":
         csv = train_csv(root)
         if csv is None:
             raise QdeepError(f"{_name(path, option)}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet "
-                             "layout: train_v2.csv, train-jpg/)")
+                             f"layout: train_v2.csv, {train_dir}/)")
         input_file(csv)
-        if not (root / TRAIN_DIR).is_dir():
-            raise QdeepError(f"{_name(path, option)}: no {TRAIN_DIR}/ folder (expected the Kaggle Planet layout)")
-    elif not any((root / d).is_dir() for d in TEST_DIRS):
-        raise QdeepError(f"{_name(path, option)}: no {' or '.join(TEST_DIRS)}/ folder of test images")
+        if not (root / train_dir).is_dir():
+            raise QdeepError(f"{_name(path, option)}: no {train_dir}/ folder (expected the Kaggle Planet layout)")
+    elif not any((root / d).is_dir() for d in test_dirs):
+        raise QdeepError(f"{_name(path, option)}: no {' or '.join(test_dirs)}/ folder of test images")
     return root
 
 
@@ -93,7 +97,7 @@ def is_pack_or_uri(path) -> bool:
     return is_uri(path) or is_pack(path)
 
 
-def training_data(data=None, labels=None, images=None, packs: bool = False) -> None:
+def training_data(data=None, labels=None, images=None, packs: bool = False, image_format: str = "jpg") -> None:
     """`--data` a Planet layout (or, where the command reads `packs`, a pack: a folder or URI),
     `--labels` a CSV, `--images` a folder of images, where given."""
     if data and is_pack_or_uri(data):
@@ -102,7 +106,7 @@ def training_data(data=None, labels=None, images=None, packs: bool = False) -> N
                              f"(packs: {PACK_READERS})")
         return  # a pack is checked as it opens (its manifest, every shard's size)
     if data:
-        planet_dir(data, "--data")
+        planet_dir(data, "--data", image_format=image_format)
     if labels:
         input_file(labels, "--labels")
     if images:

@@ -72,11 +72,12 @@ def cmd_baseline(args) -> None:
     from qdeep.tracking import tracking_uri
     from qdeep.workflows.baseline import run_baseline
 
-    paths.training_data(args.data, args.labels, args.images, packs=True)
+    paths.training_data(args.data, args.labels, args.images, packs=True, image_format=args.image_format)
     _check_outputs(args)
     m = run_baseline(args.out, data=args.data, labels=args.labels, images=args.images, folds=args.folds,
                      seed=args.seed, trees=args.trees, on_bad_image=args.on_bad_image,
-                     tracking_uri=args.tracking_uri, address=args.address)
+                     tracking_uri=args.tracking_uri, address=args.address, image_format=args.image_format,
+                     bands=args.bands, indices=args.indices)
     print(summary_table(m["f2_oof"], m["per_label_f2"], m["thresholds"], m["label_counts"]))
     print(f"\n{m['n_images']} images, {m['n_skipped']} skipped; outputs in {args.out}")
     if m["n_skipped"]:
@@ -185,7 +186,7 @@ def cmd_predict(args) -> None:
     if args.images:
         paths.image_dir(args.images, "--images")
     if args.data and not paths.is_pack_or_uri(args.data):
-        paths.planet_dir(args.data, "--data", split="test")
+        paths.planet_dir(args.data, "--data", split="test", image_format=None)  # the model says which
     paths.output_file(args.out, "--out", _inputs(args))
     r = run_predict(args.model, args.out, images=args.images, data=args.data, on_bad_image=args.on_bad_image,
                     address=args.address, tta=args.tta, output_format=args.output_format, plugins=args.plugins)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="26-bin RGB histograms on Ray, one Random Forest per label, "
                                    "K-fold out-of-fold F2, per-label thresholds, a final model and submission.")
     _data_args(p)
-    add_fields(p, BaselineConfig(), ["folds", "trees", "seed"])
+    add_fields(p, BaselineConfig(), ["folds", "trees", "seed", "image_format", "bands", "indices"])
     p.add_argument("--out", required=True, metavar="OUT")
     _run_args(p)
     p.set_defaults(func=commands.cmd_baseline)

@@ -23,6 +23,10 @@ HEADER = ["image_name", "tags"]
 TRAIN_CSVS = ("train_v2.csv", "train.csv")
 TRAIN_DIR = "train-jpg"
 TEST_DIRS = ("test-jpg", "test-jpg-additional")
+# `--image-format`: the Planet layout's folders of each format (Kaggle shipped both): 8-bit RGB JPEGs,
+# or 4-band (blue, green, red, near-infrared) 16-bit GeoTIFFs
+PLANET_FOLDERS = {"jpg": (TRAIN_DIR, TEST_DIRS), "tif": ("train-tif-v2", ("test-tif-v2",))}
+IMAGE_FORMATS = tuple(PLANET_FOLDERS)
 SAMPLE_SUBMISSION = "sample_submission_v2.csv"
 DELIMITER = ","
 
@@ -98,16 +102,17 @@ def train_csv(data_dir: Path) -> Path | None:
     return next((data_dir / n for n in TRAIN_CSVS if (data_dir / n).exists()), None)
 
 
-def load_planet(data_dir: str | Path, policy: BadInputPolicy) -> Dataset:
-    """`DIR/train_v2.csv` (or train.csv) + `DIR/train-jpg/`, and test images when present."""
+def load_planet(data_dir: str | Path, policy: BadInputPolicy, image_format: str = "jpg") -> Dataset:
+    """`DIR/train_v2.csv` (or train.csv) + `DIR/train-jpg/` (`train-tif-v2/` for "tif"), and test
+    images when present."""
     data_dir = Path(data_dir).resolve()  # workers on other processes and nodes need absolute paths
     if not data_dir.is_dir():
         raise QdeepError(f"{data_dir}: data directory not found")
     csv_path = train_csv(data_dir)
     if csv_path is None:
         raise QdeepError(f"{data_dir}: no {' or '.join(TRAIN_CSVS)} (expected the Kaggle Planet layout)")
-    train = read_labeled(csv_path, data_dir / TRAIN_DIR, policy, recursive=False)
-    return Dataset(train=train, test=read_test(data_dir, policy), source=str(data_dir))
+    train = read_labeled(csv_path, data_dir / PLANET_FOLDERS[image_format][0], policy, recursive=False)
+    return Dataset(train=train, test=read_test(data_dir, policy, image_format), source=str(data_dir))
 
 
 def load_labeled_folder(labels_csv: str | Path, images_dir: str | Path, policy: BadInputPolicy) -> Dataset:
@@ -164,10 +169,12 @@ def read_labeled(csv_path: Path, images_dir: Path, policy: BadInputPolicy, recur
     return out
 
 
-def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
-    """Test images from test-jpg/ and test-jpg-additional/, in sample-submission order if given."""
+def read_test(data_dir: Path, policy: BadInputPolicy, image_format: str = "jpg") -> ImageSet:
+    """Test images from test-jpg/ and test-jpg-additional/ (test-tif-v2/ for "tif"), in
+    sample-submission order if given."""
     data_dir = Path(data_dir).resolve()
-    dirs = [data_dir / d for d in TEST_DIRS if (data_dir / d).is_dir()]
+    test_dirs = PLANET_FOLDERS[image_format][1]
+    dirs = [data_dir / d for d in test_dirs if (data_dir / d).is_dir()]
     by_name: dict[str, Path] = {}
     for d in dirs:
         for path in scan_images(d, policy, recursive=False):
@@ -179,7 +186,7 @@ def read_test(data_dir: Path, policy: BadInputPolicy) -> ImageSet:
     out = ImageSet()
     for line, name, _ in _read_rows(sample, policy, check_tags=False):
         if name not in by_name:
-            policy.report(f"{sample}:{line}", f"image {name!r} not found in {' or '.join(map(str, dirs)) or TEST_DIRS[0]}")
+            policy.report(f"{sample}:{line}", f"image {name!r} not found in {' or '.join(map(str, dirs)) or test_dirs[0]}")
             continue
         out.names.append(name)
         out.paths.append(by_name.pop(name))
@@ -240,13 +247,18 @@ def _records(csv_path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels: str | Path | None = None,
-                 images: str | Path | None = None) -> Dataset:
+                 images: str | Path | None = None, image_format: str = "jpg") -> Dataset:
     """`--data DIR` (Kaggle Planet layout, or a pack: a folder or URI), `--labels CSV --images DIR`,
-    or `--images DIR` alone (one sub-folder per class)."""
+    or `--images DIR` alone (one sub-folder per class). `image_format` chooses the Planet layout's
+    folders (the other layouts list whatever images they hold)."""
     if data and not (labels or images):
         from qdeep.data.pack import Pack, is_pack
 
-        return Pack(str(data)).dataset() if is_pack(data) else load_planet(data, policy)
+        if is_pack(data):
+            if image_format != "jpg":
+                raise QdeepError(f"--data {data}: a pack; packs of GeoTIFFs are not supported yet (use the folder)")
+            return Pack(str(data)).dataset()
+        return load_planet(data, policy, image_format)
     if labels and images and not data:
         return load_labeled_folder(labels, images, policy)
     if images and not (data or labels):

@@ -16,7 +16,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import ImageFilter
+
+from qdeep.data.drawing import Layer, bands, blob, curve, jittered, rotated_rect, smooth_noise
 
 PLANET_TAGS: tuple[str, ...] = (
     "agriculture",
@@ -50,115 +52,16 @@ _NIR_BLOW_DOWN = 60  # fallen trunks: dark in NIR, a faint trace in the visible 
 _RGB_BLOW_DOWN = 0.25  # the visible bands' share of blow-down's opacity in a 4-band tile
 
 
-# ---------------------------------------------------------------- drawing helpers
-
-
-class _Layer:
-    """A drawing surface the shape of the tile `img` (RGB, or RGB + NIR kept in an RGBA image's
-    fourth channel) plus coverage mask, so PIL can draw crisp shapes that are then composited
-    (optionally softened or shaded) onto the float tile. Each shape's `nir` is its NIR value, used
-    only when the tile has that band."""
-
-    def __init__(self, img: np.ndarray):
-        size, self.nir = img.shape[0], img.shape[2] == 4
-        self.rgb = Image.new("RGBA" if self.nir else "RGB", (size, size))
-        self.mask = Image.new("L", (size, size))
-        self._rgb_draw = ImageDraw.Draw(self.rgb)
-        self._mask_draw = ImageDraw.Draw(self.mask)
-
-    def _fill(self, colour, nir: float) -> tuple:
-        return (*colour, int(nir)) if self.nir else colour
-
-    def polygon(self, points, colour, nir: float) -> None:
-        self._rgb_draw.polygon(points, fill=self._fill(colour, nir))
-        self._mask_draw.polygon(points, fill=255)
-
-    def ellipse(self, box, colour, nir: float) -> None:
-        self._rgb_draw.ellipse(box, fill=self._fill(colour, nir))
-        self._mask_draw.ellipse(box, fill=255)
-
-    def line(self, points, colour, width: int, nir: float) -> None:
-        self._rgb_draw.line(points, fill=self._fill(colour, nir), width=width, joint="curve")
-        self._mask_draw.line(points, fill=255, width=width, joint="curve")
-
-    def composite(self, img: np.ndarray, opacity: float = 1.0, blur: float = 0.0,
-                  shade: np.ndarray | None = None, rgb_opacity: float = 1.0) -> np.ndarray:
-        """Blend onto ``img`` in place (the visible bands at `rgb_opacity` of the NIR band's
-        opacity when there is one); returns the alpha used (H, W)."""
-        mask = self.mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else self.mask
-        alpha = np.asarray(mask, dtype=np.float32) * (opacity / 255.0)
-        top = np.asarray(self.rgb, dtype=np.float32)
-        if shade is not None:
-            top = top * shade[..., None]
-        weight = alpha[..., None] * _bands(img, (rgb_opacity,) * 3, 1.0) if self.nir else alpha[..., None]
-        img += weight * (top - img)
-        return alpha
-
-
-def _bands(img: np.ndarray, rgb, nir: float) -> np.ndarray:
-    """A per-band value for `img`'s bands: `rgb`, and `nir` too when it has that band."""
-    return np.asarray((*rgb, nir) if img.shape[2] == 4 else rgb, dtype=np.float32)
-
-
-def _colour(rng: np.random.Generator, base, spread: float = 12.0) -> tuple[int, int, int]:
-    """Per-image colour jitter so the model learns a colour range, not one RGB value."""
-    c = np.clip(np.asarray(base, dtype=np.float64) + rng.normal(0.0, spread, 3), 0, 255)
-    return tuple(int(v) for v in c)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Zero-mean, unit-ish noise with features about ``size / cells`` pixels wide."""
-    cells = max(2, int(cells))
-    grid = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC))
-
-
-def _edge_point(rng: np.random.Generator, size: int, side: int) -> np.ndarray:
-    """A point just outside one tile edge, so lines cross the whole tile."""
-    t = rng.uniform(0.1, 0.9) * size
-    lo, hi = -0.05 * size, 1.05 * size
-    return np.array([(lo, t), (hi, t), (t, lo), (t, hi)][side])
-
-
-def _curve(rng: np.random.Generator, size: int, bend: float, n: int = 12,
-           start: np.ndarray | None = None, end: np.ndarray | None = None) -> list[tuple[float, float]]:
-    """A quadratic Bezier from edge to edge: straight when ``bend`` is 0, river-like when large."""
-    sides = rng.permutation(4)[:2]
-    p0 = _edge_point(rng, size, sides[0]) if start is None else start
-    p2 = _edge_point(rng, size, sides[1]) if end is None else end
-    mid = (p0 + p2) / 2
-    d = p2 - p0
-    normal = np.array([-d[1], d[0]]) / (np.hypot(*d) + 1e-9)
-    p1 = mid + normal * rng.uniform(-bend, bend) * size
-    t = np.linspace(0.0, 1.0, n)[:, None]
-    pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
-    return [tuple(p) for p in pts.tolist()]
-
-
-def _blob(rng: np.random.Generator, cx: float, cy: float, r: float, vertices: int,
-          irregularity: float) -> list[tuple[float, float]]:
-    """An irregular polygon: angular when ``vertices`` is small, patch-like when large."""
-    angles = np.sort(rng.uniform(0, 2 * math.pi, vertices))
-    radii = r * (1 + irregularity * rng.uniform(-1, 1, vertices))
-    return list(zip((cx + radii * np.cos(angles)).tolist(), (cy + radii * np.sin(angles)).tolist()))
-
-
-def _rotated_rect(cx: float, cy: float, w: float, h: float, angle: float) -> list[tuple[float, float]]:
-    c, s = math.cos(angle), math.sin(angle)
-    corners = ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))
-    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners]
-
-
 # ------------------------------------------------------------------- land cover
 
 
 def _draw_ground(size: int, rng: np.random.Generator, forest: bool, nir: bool = False) -> np.ndarray:
     """Mottled canopy (primary) or flat grey-olive scrub: the backdrop every other tag sits on."""
-    base = np.asarray(_colour(rng, _FOREST if forest else _SCRUB, 5), dtype=np.float32)
+    base = np.asarray(jittered(rng, _FOREST if forest else _SCRUB, 5), dtype=np.float32)
     if nir:
         base = np.append(base, np.float32(_NIR_FOREST if forest else _NIR_SCRUB))
-    crowns = _smooth_noise(rng, size, size // 3)          # individual tree crowns
-    stands = _smooth_noise(rng, size, max(3, size // 16))  # patches of taller/denser forest
+    crowns = smooth_noise(rng, size, size // 3)          # individual tree crowns
+    stands = smooth_noise(rng, size, max(3, size // 16))  # patches of taller/denser forest
     amp = (0.22, 0.10) if forest else (0.08, 0.10)
     shade = 1.0 + amp[0] * crowns + amp[1] * stands
     return base[None, None, :] * shade[..., None]
@@ -166,7 +69,7 @@ def _draw_ground(size: int, rng: np.random.Generator, forest: bool, nir: bool = 
 
 def _draw_fields(img, size, rng) -> None:
     """Agriculture: a rotated grid of large light fields covering a big share of the tile."""
-    layer = _Layer(img)
+    layer = Layer(img)
     angle = rng.uniform(-0.6, 0.6)
     cols, rows = int(rng.integers(2, 5)), int(rng.integers(2, 4))
     cw, ch = rng.uniform(0.14, 0.24, 2) * size
@@ -179,81 +82,81 @@ def _draw_fields(img, size, rng) -> None:
                 continue
             ox, oy = (i - (cols - 1) / 2) * cw, (j - (rows - 1) / 2) * ch
             fx, fy = cx + ox * c - oy * s, cy + ox * s + oy * c
-            colour = _colour(rng, _FIELD_COLOURS[int(rng.integers(len(_FIELD_COLOURS)))], 10)
-            layer.polygon(_rotated_rect(fx, fy, cw - gap, ch - gap, angle), colour, _NIR_FIELD)
+            colour = jittered(rng, _FIELD_COLOURS[int(rng.integers(len(_FIELD_COLOURS)))], 10)
+            layer.polygon(rotated_rect(fx, fy, cw - gap, ch - gap, angle), colour, _NIR_FIELD)
     layer.composite(img)
 
 
 def _draw_bare_ground(img, size, rng) -> None:
     """Bare ground: one or two brown/ochre soil patches."""
-    layer = _Layer(img)
+    layer = Layer(img)
     for _ in range(int(rng.integers(1, 3))):
         cx, cy = rng.uniform(0.15, 0.85, 2) * size
         r = rng.uniform(0.08, 0.18) * size
-        colour = _colour(rng, _SOIL_COLOURS[int(rng.integers(len(_SOIL_COLOURS)))], 10)
-        layer.polygon(_blob(rng, cx, cy, r, 9, 0.35), colour, _NIR_SOIL)
-    layer.composite(img, blur=size / 128, shade=1 + 0.08 * _smooth_noise(rng, size, size // 6))
+        colour = jittered(rng, _SOIL_COLOURS[int(rng.integers(len(_SOIL_COLOURS)))], 10)
+        layer.polygon(blob(rng, cx, cy, r, 9, 0.35), colour, _NIR_SOIL)
+    layer.composite(img, blur=size / 128, shade=1 + 0.08 * smooth_noise(rng, size, size // 6))
 
 
 def _draw_cultivation(img, size, rng) -> None:
     """Cultivation: a few small irregular clearings inside the forest."""
-    layer = _Layer(img)
+    layer = Layer(img)
     for _ in range(int(rng.integers(2, 6))):
         cx, cy = rng.uniform(0.1, 0.9, 2) * size
         r = rng.uniform(0.03, 0.07) * size
         green = rng.random() < 0.6
         base = (112, 148, 72) if green else (140, 112, 72)
-        layer.polygon(_blob(rng, cx, cy, r, 7, 0.4), _colour(rng, base, 10), _NIR_FIELD if green else _NIR_SOIL)
+        layer.polygon(blob(rng, cx, cy, r, 7, 0.4), jittered(rng, base, 10), _NIR_FIELD if green else _NIR_SOIL)
     layer.composite(img)
 
 
 def _draw_blow_down(img, size, rng) -> None:
     """Blow down: a patch of lighter canopy with parallel streaks of fallen trunks."""
-    layer = _Layer(img)
+    layer = Layer(img)
     cx, cy = rng.uniform(0.25, 0.75, 2) * size
-    layer.polygon(_blob(rng, cx, cy, rng.uniform(0.1, 0.2) * size, 10, 0.3),
-                  _colour(rng, (104, 122, 72), 8), _NIR_BLOW_DOWN)
+    layer.polygon(blob(rng, cx, cy, rng.uniform(0.1, 0.2) * size, 10, 0.3),
+                  jittered(rng, (104, 122, 72), 8), _NIR_BLOW_DOWN)
     theta = rng.uniform(0, math.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * math.pi / max(2.5, 4 * size / 128))
-    streaks = 1.0 + 0.22 * np.sin(phase + 1.5 * _smooth_noise(rng, size, 6))
+    streaks = 1.0 + 0.22 * np.sin(phase + 1.5 * smooth_noise(rng, size, 6))
     layer.composite(img, blur=0.6, shade=streaks, rgb_opacity=_RGB_BLOW_DOWN)
 
 
 def _draw_water(img, size, rng) -> None:
     """Water: a winding river band, or sometimes a lake."""
-    layer = _Layer(img)
-    colour = _colour(rng, _WATER_COLOURS[int(rng.integers(len(_WATER_COLOURS)))], 6)
+    layer = Layer(img)
+    colour = jittered(rng, _WATER_COLOURS[int(rng.integers(len(_WATER_COLOURS)))], 6)
     if rng.random() < 0.7:
         width = max(3, int(rng.uniform(0.06, 0.14) * size))
-        layer.line(_curve(rng, size, bend=0.35, n=16), colour, width, _NIR_WATER)
+        layer.line(curve(rng, size, bend=0.35, n=16), colour, width, _NIR_WATER)
     else:
         cx, cy = rng.uniform(0.25, 0.75, 2) * size
-        layer.polygon(_blob(rng, cx, cy, rng.uniform(0.12, 0.22) * size, 12, 0.25), colour, _NIR_WATER)
+        layer.polygon(blob(rng, cx, cy, rng.uniform(0.12, 0.22) * size, 12, 0.25), colour, _NIR_WATER)
     layer.composite(img, blur=0.7)
 
 
 def _draw_conventional_mine(img, size, rng) -> None:
     """Conventional mine: a large angular open pit stepped with concentric terraces."""
-    layer = _Layer(img)
+    layer = Layer(img)
     cx, cy = rng.uniform(0.3, 0.7, 2) * size
-    outline = np.asarray(_blob(rng, cx, cy, rng.uniform(0.2, 0.32) * size, int(rng.integers(5, 8)), 0.25))
-    base = np.asarray(_colour(rng, (176, 166, 148), 10), dtype=np.float64)
+    outline = np.asarray(blob(rng, cx, cy, rng.uniform(0.2, 0.32) * size, int(rng.integers(5, 8)), 0.25))
+    base = np.asarray(jittered(rng, (176, 166, 148), 10), dtype=np.float64)
     for k, scale in enumerate((1.0, 0.78, 0.56, 0.34)):
         pts = (outline - (cx, cy)) * scale + (cx, cy)
         tone = base + (-18 if k % 2 else 12)
         layer.polygon([tuple(p) for p in pts.tolist()], tuple(int(v) for v in np.clip(tone, 0, 255)), 150)
     if rng.random() < 0.5:  # flooded pit bottom
         pts = (outline - (cx, cy)) * 0.15 + (cx, cy)
-        layer.polygon([tuple(p) for p in pts.tolist()], _colour(rng, (60, 120, 120), 10), _NIR_WATER)
+        layer.polygon([tuple(p) for p in pts.tolist()], jittered(rng, (60, 120, 120), 10), _NIR_WATER)
     layer.composite(img)
 
 
 def _draw_artisinal_mine(img, size, rng) -> None:
     """Artisanal mine: muddy pits and turquoise/ochre pools strung along a stream."""
-    layer = _Layer(img)
-    stream = _curve(rng, size, bend=0.3, n=16)
-    layer.line(stream, _colour(rng, (150, 112, 70), 10), max(2, int(0.03 * size)), _NIR_SOIL)
+    layer = Layer(img)
+    stream = curve(rng, size, bend=0.3, n=16)
+    layer.line(stream, jittered(rng, (150, 112, 70), 10), max(2, int(0.03 * size)), _NIR_SOIL)
     pts = np.asarray(stream)
     lo, hi = len(pts) // 4, 3 * len(pts) // 4
     for _ in range(int(rng.integers(5, 12))):
@@ -262,27 +165,27 @@ def _draw_artisinal_mine(img, size, rng) -> None:
         kind = rng.random()
         base = (176, 110, 60) if kind < 0.5 else (76, 172, 160) if kind < 0.8 else (192, 152, 72)
         wet = 0.5 <= kind < 0.8  # turquoise pools
-        layer.polygon(_blob(rng, x, y, r, 6, 0.35), _colour(rng, base, 10), _NIR_WATER if wet else _NIR_SOIL)
+        layer.polygon(blob(rng, x, y, r, 6, 0.35), jittered(rng, base, 10), _NIR_WATER if wet else _NIR_SOIL)
     layer.composite(img)
 
 
 def _draw_slash_burn(img, size, rng) -> None:
     """Slash and burn: small charcoal-black scars with a grey smoke plume."""
-    scars, smoke = _Layer(img), _Layer(img)
+    scars, smoke = Layer(img), Layer(img)
     for _ in range(int(rng.integers(1, 4))):
         cx, cy = rng.uniform(0.15, 0.85, 2) * size
         r = rng.uniform(0.03, 0.07) * size
-        scars.polygon(_blob(rng, cx, cy, r, 7, 0.4), _colour(rng, (24, 21, 19), 4), 15)
+        scars.polygon(blob(rng, cx, cy, r, 7, 0.4), jittered(rng, (24, 21, 19), 4), 15)
         sx, sy = np.array([cx, cy]) + rng.normal(0, r, 2)
-        smoke.ellipse((sx - 1.5 * r, sy - r, sx + 1.5 * r, sy + r), _colour(rng, (150, 150, 148), 8), 150)
+        smoke.ellipse((sx - 1.5 * r, sy - r, sx + 1.5 * r, sy + r), jittered(rng, (150, 150, 148), 8), 150)
     scars.composite(img)
     smoke.composite(img, opacity=0.5, blur=0.06 * size)
 
 
 def _draw_selective_logging(img, size, rng) -> None:
     """Selective logging: thin winding skid trails with small log-landing clearings."""
-    layer = _Layer(img)
-    colour = _colour(rng, (158, 124, 86), 10)
+    layer = Layer(img)
+    colour = jittered(rng, (158, 124, 86), 10)
     for _ in range(int(rng.integers(1, 4))):
         p = rng.uniform(0.1, 0.9, 2) * size
         heading = rng.uniform(0, 2 * math.pi)
@@ -301,27 +204,27 @@ def _draw_selective_logging(img, size, rng) -> None:
 
 def _draw_roads(img, size, rng) -> None:
     """Roads: thin, light tan/grey lines, straight or gently curving, crossing the tile."""
-    layer = _Layer(img)
-    colour = _colour(rng, (186, 172, 146), 12)
+    layer = Layer(img)
+    colour = jittered(rng, (186, 172, 146), 12)
     for _ in range(int(rng.integers(1, 3))):
         width = max(1, int(round(rng.uniform(1, 3) * size / 128)))
-        layer.line(_curve(rng, size, bend=rng.uniform(0, 0.2)), colour, width, 150)
+        layer.line(curve(rng, size, bend=rng.uniform(0, 0.2)), colour, width, 150)
     layer.composite(img)
 
 
 def _draw_habitation(img, size, rng) -> None:
     """Habitation: a cleared lot with a cluster of small bright roofs."""
-    ground, roofs = _Layer(img), _Layer(img)
+    ground, roofs = Layer(img), Layer(img)
     cx, cy = rng.uniform(0.2, 0.8, 2) * size
     spread = rng.uniform(0.05, 0.1) * size
-    ground.polygon(_blob(rng, cx, cy, 2 * spread, 9, 0.3), _colour(rng, (148, 140, 116), 8), 130)
+    ground.polygon(blob(rng, cx, cy, 2 * spread, 9, 0.3), jittered(rng, (148, 140, 116), 8), 130)
     angle = rng.uniform(0, math.pi / 2)
     palette, nirs = ((228, 228, 222), (170, 170, 166), (186, 86, 64)), (225, 165, 150)
     for _ in range(int(rng.integers(8, 26))):
         x, y = np.array([cx, cy]) + rng.normal(0, spread, 2)
         w, h = rng.uniform(2, 5, 2) * size / 128
         kind = int(rng.integers(3))
-        roofs.polygon(_rotated_rect(x, y, w, h, angle), _colour(rng, palette[kind], 8), nirs[kind])
+        roofs.polygon(rotated_rect(x, y, w, h, angle), jittered(rng, palette[kind], 8), nirs[kind])
     ground.composite(img, opacity=0.6, blur=0.04 * size)
     roofs.composite(img)
 
@@ -346,15 +249,15 @@ def _draw_blooming(img, size, rng) -> None:
 
 def _apply_haze(img, size, rng) -> None:
     """Haze: a low-contrast bluish-grey veil over the whole tile."""
-    veil = _bands(img, _colour(rng, (184, 192, 206), 6), 150)
-    strength = rng.uniform(0.4, 0.6) * (1 + 0.12 * _smooth_noise(rng, size, 4))
-    img += np.clip(strength, 0, 0.8)[..., None] * _bands(img, (1, 1, 1), 0.4) * (veil - img)  # NIR sees through
+    veil = bands(img, jittered(rng, (184, 192, 206), 6), 150)
+    strength = rng.uniform(0.4, 0.6) * (1 + 0.12 * smooth_noise(rng, size, 4))
+    img += np.clip(strength, 0, 0.8)[..., None] * bands(img, (1, 1, 1), 0.4) * (veil - img)  # NIR sees through
 
 
 def _draw_partial_clouds(img, size, rng) -> None:
     """Partly cloudy: a few soft white blobs covering roughly 15-50 % of the tile."""
     target = rng.uniform(0.15, 0.5)
-    layer = _Layer(img)
+    layer = Layer(img)
     white = int(rng.uniform(232, 250))
     colour = (white, white, min(255, white + 2))
     covered = 0.0
@@ -367,15 +270,15 @@ def _draw_partial_clouds(img, size, rng) -> None:
         layer.ellipse((cx - r * rng.uniform(0.8, 1.6), cy - r, cx + r * rng.uniform(0.8, 1.6), cy + r), colour, white)
         covered = float(np.count_nonzero(np.asarray(layer.mask))) / (size * size)
     layer.composite(img, opacity=0.95, blur=0.04 * size,
-                    shade=1 - 0.05 * np.abs(_smooth_noise(rng, size, 8)))
+                    shade=1 - 0.05 * np.abs(smooth_noise(rng, size, 8)))
 
 
 def _draw_overcast(img, size, rng) -> None:
     """Cloudy: an almost unbroken white/grey deck with at most a few small gaps."""
     grey = rng.uniform(196, 238)
-    deck = np.float32(grey) * (1 + 0.04 * _smooth_noise(rng, size, 5))[..., None]
-    deck = deck * _bands(img, (0.98, 0.99, 1.01), 1.0)
-    gaps = _Layer(img)
+    deck = np.float32(grey) * (1 + 0.04 * smooth_noise(rng, size, 5))[..., None]
+    deck = deck * bands(img, (0.98, 0.99, 1.01), 1.0)
+    gaps = Layer(img)
     for _ in range(int(rng.integers(0, 3))):
         cx, cy = rng.uniform(0, 1, 2) * size
         r = rng.uniform(0.04, 0.1) * size

@@ -147,11 +147,12 @@ def _filled(n: int, blocks: dict[int, np.ndarray]) -> np.ndarray:
     return out
 
 
-def _featurize_chunk(fn: Callable, paths: Sequence[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def _featurize_chunk(fn: Callable, paths: Sequence[str], decode: Callable = load_rgb
+                     ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     feats, errors = {}, []
     for i, path in enumerate(paths):
         try:
-            feats[i] = np.asarray(fn(load_rgb(path)), dtype=np.float32)[None]
+            feats[i] = np.asarray(fn(decode(path)), dtype=np.float32)[None]
         except FileNotFoundError:
             raise not_visible([path], 1) from None
         except ImageDecodeError as exc:
@@ -160,9 +161,10 @@ def _featurize_chunk(fn: Callable, paths: Sequence[str]) -> tuple[np.ndarray, li
 
 
 def map_images(
-    fn: Callable, paths: Sequence[str | Path], desc: str = "images", chunk_size: int = 128
+    fn: Callable, paths: Sequence[str | Path], desc: str = "images", chunk_size: int = 128, decode: Callable = load_rgb
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """fn(RGB PIL image) -> 1-D array, for every path, on Ray tasks.
+    """fn(decode(path)) -> 1-D array, for every path, on Ray tasks (`decode`: to an RGB PIL image
+    by default; `rasters.read_raster` for multiband images).
 
     Returns the (n, d) float32 features (NaN rows for failures) and (index, reason) failures.
     """
@@ -173,7 +175,7 @@ def map_images(
         return np.zeros((0, 0), dtype=np.float32), []
     remote = ray.remote(num_cpus=1)(_featurize_chunk)
     fn_ref = ray.put(fn)
-    pending = {remote.remote(fn_ref, paths[s : s + chunk_size]): s for s in range(0, len(paths), chunk_size)}
+    pending = {remote.remote(fn_ref, paths[s : s + chunk_size], decode): s for s in range(0, len(paths), chunk_size)}
     chunks, errors = {}, []
     with tqdm(total=len(paths), desc=desc, unit="img") as bar:
         while pending:
@@ -190,17 +192,17 @@ def map_images(
 
 
 def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc: str,
-                   pack: str | None = None) -> tuple[np.ndarray, ImageSet]:
-    """Features of every decodable image; undecodable ones go to the policy and are left out. Images
-    some node cannot see stop the run (`ImagesNotVisible`), whatever the policy. With `pack`, the
-    images are its images of those names (all decodable: checked when it was packed)."""
+                   pack: str | None = None, decode: Callable = load_rgb) -> tuple[np.ndarray, ImageSet]:
+    """Features fn(decode(path)) of every decodable image; undecodable ones go to the policy and are
+    left out. Images some node cannot see stop the run (`ImagesNotVisible`), whatever the policy.
+    With `pack`, the images are its images of those names (all decodable: checked when it was packed)."""
     if pack:
         from qdeep.data.pack import Pack
         from qdeep.distributed.ingest import pack_features
 
         return pack_features(fn, Pack(pack), images.names), images
     check_visible_everywhere(images.paths)
-    x, errors = map_images(fn, images.paths, desc=desc)
+    x, errors = map_images(fn, images.paths, desc=desc, decode=decode)
     keep = np.ones(len(images), dtype=bool)
     for i, reason in errors:
         origin = images.origins[i] if images.origins else None

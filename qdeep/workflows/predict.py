@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from qdeep import io
+from qdeep.baseline import FEATURES_FILE, BandHistograms, HistogramForest, color_histogram
 from qdeep.baseline import KIND as HISTOGRAM_RF
-from qdeep.baseline import HistogramForest, color_histogram
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.pack import Pack, is_pack
+from qdeep.data.images import load_rgb
 from qdeep.data.planet import read_test
+from qdeep.data.rasters import read_raster
 from qdeep.distributed.predict import CNN_KIND, CNNPredictor
 from qdeep.distributed.session import log_beside, ray_session
 from qdeep.distributed.tasks import image_features
@@ -31,14 +33,21 @@ PREDICTORS.register(CNN_KIND)(CNNPredictor)
 
 @PREDICTORS.register(HISTOGRAM_RF)
 class HistogramPredictor:
-    """Loads OUT/model of `qdeep baseline`: features on Ray, forests on the driver."""
+    """Loads OUT/model of `qdeep baseline`: features on Ray, forests on the driver. A multiband
+    model (its FEATURES_FILE) reads GeoTIFFs (`image_format` tif) and computes the same bands' histograms."""
 
     def __init__(self, model_dir: Path, tta: bool = False):  # tta: CNNs only
-        self.model = HistogramForest.load(model_dir)
+        self.features = BandHistograms.load(model_dir / FEATURES_FILE) if (model_dir / FEATURES_FILE).exists() else None
+        self.image_format = "tif" if self.features else "jpg"
+        if self.features:
+            self.model = HistogramForest.load(model_dir, self.features.n_features)
+        else:
+            self.model = HistogramForest.load(model_dir)
         self.num_labels = len(self.model.forests_)
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
-        x, kept = image_features(color_histogram, images, policy, "histograms")
+        fn, decode = (self.features, read_raster) if self.features else (color_histogram, load_rgb)
+        x, kept = image_features(fn, images, policy, "histograms", decode=decode)
         return self.model.predict_proba(x), kept
 
 
@@ -137,7 +146,7 @@ def _predict(model: Path, out, images, data, on_bad_image, address, output_forma
         names = pack.rows("test", ["image"])["image"].to_pylist()
         todo = ImageSet(names=names, paths=[f"{pack.uri}:{name}" for name in names])
     else:
-        todo = read_test(Path(data), policy)
+        todo = read_test(Path(data), policy, getattr(predictor, "image_format", "jpg"))
     if not len(todo):
         raise QdeepError(f"{images or data}: no images to predict")
     with ray_session(address, log=log_beside(out)):
