@@ -24,7 +24,8 @@ from skops.io.exceptions import UntrustedTypesFoundException
 
 from qdeep import io
 from qdeep.data.images import ImageDecodeError
-from qdeep.data.rasters import Raster, spectral_index
+from qdeep.data.folders import spread
+from qdeep.data.rasters import BandLayout, Raster, spectral_index
 from qdeep.errors import QdeepError
 
 N_BINS = 26
@@ -78,10 +79,7 @@ class BandHistograms:
         return N_BINS * (len(self.bands) + len(self.indices))
 
     def __call__(self, raster: Raster) -> np.ndarray:
-        count, dtype = raster.bands.shape[0], str(raster.bands.dtype)
-        if (count, dtype) != (self.count, self.dtype):
-            raise ImageDecodeError("image", f"has {count} band(s) of {dtype}; the training set's first image "
-                                            f"{self.first} has {self.count} of {self.dtype}")
+        BandLayout(self.count, self.dtype, self.first, "training set").check(raster, "image")  # the caller names the file
         values, out = raster.as_float(), []
         for i in self.bands:
             out.append(_normalised(values[i], self.low[i], self.high[i]))
@@ -117,9 +115,9 @@ def band_histograms(paths: list, bands: str | None = None, indices: str | None =
     spectral `indices` (comma-separated), each band's range from up to SAMPLE images spread over
     the set. Images that do not decode, or whose bands differ from the first one's, are left out
     here (the features pass reports them as bad input)."""
-    from qdeep.data.rasters import INDICES, PLANET_BANDS, BandLayout, band_indices, band_statistics, read_raster
+    from qdeep.data.rasters import INDICES, PLANET_BANDS, band_indices, band_statistics, read_raster
 
-    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(SAMPLE, len(paths))).round().astype(int)] if paths else []
+    picked = spread(paths, SAMPLE)
     rasters, layout = [], None
     for path in picked:
         try:

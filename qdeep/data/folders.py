@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from qdeep.data.images import IMAGE_EXTENSIONS, BadInputPolicy, is_image_file
 from qdeep.errors import QdeepError
@@ -28,3 +31,10 @@ def scan_images(root: str | Path, policy: BadInputPolicy, recursive: bool = True
         else:
             policy.report(str(path), f"unsupported file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
     return images
+
+
+def spread(items: Sequence, n: int) -> list:
+    """Up to n of `items` evenly spread over the list, first and last included."""
+    if len(items) <= n:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]

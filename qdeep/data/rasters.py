@@ -96,6 +96,7 @@ class BandLayout:
     count: int
     dtype: str
     first: str  # that first image, named in errors
+    of_set: str = "data set"  # whose first image it is, in errors ("training set" for a saved model's)
 
     @classmethod
     def of(cls, raster: Raster, where: str | Path) -> BandLayout:
@@ -104,7 +105,7 @@ class BandLayout:
     def check(self, raster: Raster, where: str | Path) -> None:
         count, dtype = raster.bands.shape[0], str(raster.bands.dtype)
         if (count, dtype) != (self.count, self.dtype):
-            raise ImageDecodeError(where, f"has {count} band(s) of {dtype}; the data set's first image "
+            raise ImageDecodeError(where, f"has {count} band(s) of {dtype}; the {self.of_set}'s first image "
                                           f"{self.first} has {self.count} of {self.dtype}")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdeep.data import BadInputPolicy, ImageSet
+from qdeep.data.folders import spread
 from qdeep.data.images import ImageDecodeError, load_rgb
 from qdeep.distributed.storage import PROBE_TIMEOUT_S, alive_nodes, on_each_node
 from qdeep.errors import QdeepError
@@ -41,17 +42,10 @@ def not_visible(missing: Sequence[str], checked: int) -> ImagesNotVisible:
         "same path (NFS), or run where every node sees them")
 
 
-def spread(paths: Sequence[str], n: int = VISIBILITY_SAMPLE) -> list[str]:
-    """Up to n paths evenly spread over the list, first and last included."""
-    if len(paths) <= n:
-        return list(paths)
-    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, n).round()]
-
-
 def require_visible(paths: Sequence[str]) -> None:
     """Raise `ImagesNotVisible` naming this node if any of an evenly spread sample of `paths` is
     missing here. Run where the images will be read: a Ray Train worker, a task pinned to a node."""
-    sample = spread([str(p) for p in paths])
+    sample = spread([str(p) for p in paths], VISIBILITY_SAMPLE)
     missing = [p for p in sample if not Path(p).exists()]
     if missing:
         raise not_visible(missing, len(sample))
@@ -66,7 +60,7 @@ def check_visible_everywhere(paths: Sequence[str]) -> None:
     nodes = alive_nodes()
     if len(nodes) < 2 or not paths:
         return
-    done = on_each_node(require_visible, [n["NodeID"] for n in nodes], spread([str(p) for p in paths]))
+    done = on_each_node(require_visible, [n["NodeID"] for n in nodes], spread([str(p) for p in paths], VISIBILITY_SAMPLE))
     for ref in filter(None, done.values()):
         try:
             ray.get(ref)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qdeep import io
-from qdeep.baseline import FEATURES_FILE, BandHistograms, HistogramForest, color_histogram
+from qdeep.baseline import FEATURES_FILE, N_FEATURES, BandHistograms, HistogramForest, color_histogram
 from qdeep.baseline import KIND as HISTOGRAM_RF
 from qdeep.data import BadInputPolicy, ImageSet, image_id, scan_images
 from qdeep.data.pack import Pack, is_pack
@@ -39,10 +39,7 @@ class HistogramPredictor:
     def __init__(self, model_dir: Path, tta: bool = False):  # tta: CNNs only
         self.features = BandHistograms.load(model_dir / FEATURES_FILE) if (model_dir / FEATURES_FILE).exists() else None
         self.image_format = "tif" if self.features else "jpg"
-        if self.features:
-            self.model = HistogramForest.load(model_dir, self.features.n_features)
-        else:
-            self.model = HistogramForest.load(model_dir)
+        self.model = HistogramForest.load(model_dir, self.features.n_features if self.features else N_FEATURES)
         self.num_labels = len(self.model.forests_)
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy) -> tuple[np.ndarray, ImageSet]:
