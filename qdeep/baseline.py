@@ -23,8 +23,6 @@ from sklearn.utils.validation import check_X_y
 from skops.io.exceptions import UntrustedTypesFoundException
 
 from qdeep import io
-from qdeep.data.images import ImageDecodeError
-from qdeep.data.folders import spread
 from qdeep.data.rasters import BandLayout, Raster, spectral_index
 from qdeep.errors import QdeepError
 
@@ -106,30 +104,15 @@ class BandHistograms:
         return spec
 
 
-SAMPLE = 64  # training images whose bands give the histograms' ranges
-
-
 def band_histograms(paths: list, bands: str | None = None, indices: str | None = None) -> BandHistograms:
     """The multiband features for a data set whose training images are `paths`: the bands that
     `bands` names (rasters.band_indices; Planet's b, g, r, nir names for 4-band images) and the
-    spectral `indices` (comma-separated), each band's range from up to SAMPLE images spread over
-    the set. Images that do not decode, or whose bands differ from the first one's, are left out
-    here (the features pass reports them as bad input)."""
-    from qdeep.data.rasters import INDICES, PLANET_BANDS, band_indices, band_statistics, read_raster
+    spectral `indices` (comma-separated), each band's range from a sample of the set
+    (rasters.sample_rasters)."""
+    from qdeep.data.rasters import INDICES, PLANET_BANDS, band_indices, band_names, band_statistics, sample_rasters
 
-    picked = spread(paths, SAMPLE)
-    rasters, layout = [], None
-    for path in picked:
-        try:
-            raster = read_raster(path)
-            layout = layout or BandLayout.of(raster, path)
-            layout.check(raster, path)
-        except ImageDecodeError:
-            continue
-        rasters.append(raster)
-    if layout is None:
-        raise QdeepError(f"none of {len(picked)} training images sampled decodes as a TIFF (--image-format tif)")
-    names = PLANET_BANDS if layout.count == len(PLANET_BANDS) else ()
+    rasters, layout = sample_rasters(paths)
+    names = band_names(layout.count)
     wanted = tuple(i.strip().lower() for i in indices.split(",")) if indices else ()
     unknown = [i for i in wanted if i not in INDICES]
     if unknown:

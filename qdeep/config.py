@@ -11,11 +11,30 @@ from qdeep.options import (crop_fraction, fraction, fraction_closed, freeze_spec
                            non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")  # --weights besides a PATH
+IMAGE_FORMATS = ("jpg", "tif")  # 8-bit RGB (any Pillow format; Planet's train-jpg/), multiband GeoTIFFs
+BAND_INITS = ("rgb-copy", "tile", "mean", "zero", "parallel")  # models.bands: a new band's first kernels
 
 
 def option(default, help: str, type=None, choices=None, **kwargs):
     """A dataclass field whose metadata says how the CLI takes it (`help` gets its default appended)."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, **kwargs})
+
+
+# The multiband options every CNN command shares (train, tune, ladder, deepcluster, features).
+def image_format_option():
+    return option("jpg", "jpg: 8-bit RGB (train-jpg/ of the Planet layout); tif: multiband GeoTIFFs (train-tif-v2/), "
+                  "each band normalised by its statistics in the training images", choices=IMAGE_FORMATS)
+
+
+def bands_option():
+    return option(None, "with --image-format tif: the bands the network takes, in order, by name (b,g,r,nir for "
+                  "4-band images, Planet's order) or number from 1 (default: every band)")
+
+
+def band_init_option():
+    return option("rgb-copy", "with bands beyond r,g,b: the first convolution's kernels for the new bands (the RGB "
+                  "bands keep the pretrained ones): rgb-copy (random), tile (timm's in_chans), mean, zero, parallel "
+                  "(a second convolution, as Raster Vision)", choices=BAND_INITS)
 
 
 @dataclass
@@ -36,6 +55,11 @@ class TrainConfig:
     min_lr_factor: float = option(0.0, "cosine: the lr decays to this fraction of --lr", fraction_closed)
     weight_decay: float = 1e-4
     image_size: int | None = option(None, "input side in pixels (default: the architecture's own)", image_size)
+    image_format: str = image_format_option()
+    bands: str | None = bands_option()
+    band_init: str = band_init_option()
+    frozen_stem: bool = option(False, "with --freeze and new bands: keep the adapted first convolution frozen too "
+                               "(by default it trains: its new kernels were never learnt)")
     crop: float = option(0.0, "random crops of up to this fraction of the side", crop_fraction)
     augment: str = option("d4", "d4: flips and 90-degree rotations (tiles seen from above); flip: left-right flips "
                           "only (images with an up); strong: random-resized crops, flips and colour jitter; none",
@@ -161,7 +185,7 @@ class BaselineConfig:
     seed: int = option(0, "random seed", seed_int)
     image_format: str = option("jpg", "jpg: 8-bit RGB (train-jpg/ of the Planet layout); tif: multiband GeoTIFFs "
                                "(train-tif-v2/), a histogram of each band on its range in the training images",
-                               choices=("jpg", "tif"))
+                               choices=IMAGE_FORMATS)
     bands: str | None = option(None, "with --image-format tif: the bands to use, by name (b,g,r,nir for 4-band "
                                "images, Planet's order) or number from 1 (default: every band)")
     indices: str | None = option(None, "with --image-format tif: spectral indices whose histograms are features "
@@ -188,6 +212,9 @@ class FeaturesConfig:
     batch_size: int = option(64, "images per batch", positive_int)
     image_size: int | None = option(None, "input side in pixels (default: the architecture's own)", image_size)
     rows_per_shard: int = option(50_000, "descriptors per feature-store shard", positive_int)
+    image_format: str = image_format_option()
+    bands: str | None = bands_option()
+    band_init: str = band_init_option()
 
 
 LADDER_OPTIONS = list(LadderConfig.__dataclass_fields__)
@@ -197,7 +224,8 @@ FEATURES_OPTIONS = list(FeaturesConfig.__dataclass_fields__)
 # The CLI's view of DeepCluster's pseudo-label training: the TrainConfig fields `qdeep deepcluster`
 # takes, two under names of their own, with its own help.
 DEEPCLUSTER_TRAIN_OPTIONS = ["epochs", "val_fraction", "balance", "freeze", "lr", "optimizer", "augment",
-                             "bn_stats", "batch_size", "image_size", "loader_workers", "seed"]
+                             "bn_stats", "batch_size", "image_size", "image_format", "bands", "band_init",
+                             "frozen_stem", "loader_workers", "seed"]
 DEEPCLUSTER_HELP = {
     "epochs": {"flag": "--epochs-per-iteration", "help": "training epochs on each iteration's pseudo-labels"},
     "val_fraction": {"flag": "--ctrl-fraction", "help": "images never trained on, scoring the pseudo-label task"},

@@ -112,17 +112,19 @@ def rung_chart(f2: dict[str, float], path: str | Path, ylabel: str) -> None:
         ax.set_ylabel(ylabel)
 
 
-def cluster_grid(paths: list[str], path: str | Path, title: str, cols: int = 4, thumb: int = 96) -> None:
-    """Up to cols x cols member images (nearest to the centre first) on one PNG."""
+def cluster_grid(paths: list, path: str | Path, title: str, cols: int = 4, thumb: int = 96, load=None) -> None:
+    """Up to cols x cols member images (nearest to the centre first) on one PNG; `load`: a path or
+    bytes -> RGB PIL image (default `load_rgb`; multiband images: `InputBands.preview`)."""
     from PIL import Image, ImageDraw
 
     from qdeep.data.images import load_rgb
 
+    load = load or load_rgb
     rows = max(1, -(-len(paths) // cols))
     sheet = Image.new("RGB", (cols * thumb, rows * thumb + 18), "white")
     ImageDraw.Draw(sheet).text((4, 3), title, fill="black")
     for i, p in enumerate(paths):
-        image = load_rgb(p).resize((thumb, thumb))
+        image = load(p).resize((thumb, thumb))
         sheet.paste(image, ((i % cols) * thumb, 18 + (i // cols) * thumb))
     with io.atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

@@ -170,6 +170,7 @@ def descriptors(n: int, work: Path) -> np.ndarray:
 
     cache = work / f"descriptors_{n}.npy"
     if not cache.exists():
+        from qdeep.data.inputs import model_input
         from qdeep.data.loader import ImageDataset, make_loader
         from qdeep.models import build_model, embed
 
@@ -180,7 +181,7 @@ def descriptors(n: int, work: Path) -> np.ndarray:
         model = build_model("efficientnet_lite0", None, "bundled").eval()
         spec = model.qdeep_arch
         paths = sorted(str(p) for p in images.rglob("*.jpg"))
-        loader = make_loader(ImageDataset(paths, None, 64, spec.mean, spec.std), 256, shuffle=False, workers=2,
+        loader = make_loader(ImageDataset(paths, None, model_input(spec, 64, None)), 256, shuffle=False, workers=2,
                              world_size=1, rank=0, seed=0)
         with torch.no_grad():
             np.save(cache, np.concatenate([embed(model, x).numpy() for _, x, _ in loader]))

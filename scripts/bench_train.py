@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from qdeep.config import TrainConfig
+from qdeep.data.inputs import model_input
 from qdeep.data.loader import ImageDataset, make_loader
 from qdeep.distributed.worker import lr_factor, make_optimizer, train_one_epoch
 from qdeep.models import build_model
@@ -31,7 +32,7 @@ def plain_loop(config: dict, paths, y, epochs: int = 2) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config["arch"], y.shape[1], config["weights"], config["freeze"]).to(device)
     spec = model.qdeep_arch
-    data = ImageDataset(paths, y.astype(np.float32), config["image_size"], spec.mean, spec.std, train=True, seed=0)
+    data = ImageDataset(paths, y.astype(np.float32), model_input(spec, config["image_size"], None), train=True, seed=0)
     loader = make_loader(data, config["batch_size"], shuffle=True, workers=config["loader_workers"], world_size=1,
                          rank=0, seed=0)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])

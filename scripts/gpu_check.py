@@ -80,6 +80,7 @@ def resnet_figures(batch: int, n_images: int, steps: int) -> None:
     import torch
 
     from qdeep.config import TrainConfig
+    from qdeep.data.inputs import model_input
     from qdeep.data.loader import ImageDataset, make_loader
     from qdeep.distributed.worker import make_optimizer, train_one_epoch
     from qdeep.models import build_model
@@ -133,7 +134,7 @@ def resnet_figures(batch: int, n_images: int, steps: int) -> None:
         y = (np.random.default_rng(0).random((len(paths), n_labels)) < 0.3).astype(np.float32)
         model = build_model("resnet50", n_labels, "none", "none").to(device)
         spec = model.qdeep_arch
-        data = ImageDataset(paths, y, size, spec.mean, spec.std, train=True, augment="d4")
+        data = ImageDataset(paths, y, model_input(spec, size, None), train=True, augment="d4")
         piped = {}
         for workers in sorted({TrainConfig().loader_workers, cores}):
             loader = make_loader(data, batch, shuffle=True, workers=workers, world_size=1, rank=0, seed=0)

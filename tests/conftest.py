@@ -191,6 +191,14 @@ def planet_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def planet4(tmp_path_factory):
+    """A small synthetic Planet layout with its 4-band 16-bit GeoTIFFs (train-tif-v2/, test-tif-v2/)."""
+    out = tmp_path_factory.mktemp("planet4")
+    write_synthetic_planet(out, n=60, size=32, seed=2, n_test=8, bands=4)
+    return out
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the case if the command starts or joins Ray (even while the session's Ray is up): bad

@@ -7,7 +7,7 @@ import torch
 
 from qdeep.errors import QdeepError
 from qdeep.models import build_model
-from qdeep.models.bands import BAND_INITS, ParallelStem, adapt_bands, first_conv, trainable_stem
+from qdeep.models.bands import BAND_INITS, ParallelStem, adapt_bands, first_conv
 from qdeep.models.freeze import apply_freeze
 from qdeep.models.zoo import list_archs
 
@@ -69,9 +69,8 @@ def test_parallel_adds_a_trainable_convolution_over_the_new_bands():
     with torch.no_grad():
         stem.extra.weight.zero_()
         assert torch.allclose(four(x), rgb(x[:, [2, 1, 0]]), rtol=1e-4, atol=1e-5)
-    apply_freeze(four, "head")  # a frozen backbone...
-    assert not stem.extra.weight.requires_grad
-    trainable_stem(four)  # ...still trains its adapted stem (its new kernels were never learnt)
+    apply_freeze(four, "head")  # a frozen backbone still trains its adapted stem (its new kernels were never learnt)
+    assert stem.extra.weight.requires_grad and not four.blocks[0][0].conv_dw.weight.requires_grad
     four.train()
     four(x).sum().backward()
     assert stem.extra.weight.grad is not None and stem.extra.weight.grad.abs().sum() > 0
@@ -85,7 +84,8 @@ def test_rgb_stays_as_it_is_and_bad_requests_are_refused():
     rgb, same = _pair()
     assert adapt_bands(same, ["r", "g", "b"], "tile") is same and same.conv1 is not None and same.conv1.in_channels == 3
     assert not hasattr(same, "qdeep_stem")
-    trainable_stem(same)  # nothing adapted: nothing to do
+    apply_freeze(same, "head")  # nothing adapted: the stem is frozen with the rest
+    assert not same.conv1.weight.requires_grad
     with pytest.raises(QdeepError, match="--band-init must be one of rgb-copy, tile, mean, zero, parallel"):
         adapt_bands(_pair()[1], PLANET, "copy")
     with pytest.raises(QdeepError, match="distinct"):
@@ -95,3 +95,23 @@ def test_rgb_stays_as_it_is_and_bad_requests_are_refused():
     nir_only = adapt_bands(_pair()[1], ["nir", "swir"], "mean")  # no RGB band: every kernel is new
     assert nir_only.conv1.in_channels == 2
     assert BAND_INITS == ("rgb-copy", "tile", "mean", "zero", "parallel")
+
+
+def test_build_model_adapts_then_loads_either_kind_of_weights_file(tmp_path):
+    """A file of RGB kernels (ImageNet's, a 3-band model's) loads before the stem is adapted; a
+    multiband model's own file loads into the adapted stem; a frozen stem stays frozen when asked."""
+    rgb, _ = _pair()
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pt")
+    four = build_model("resnet18", 5, str(tmp_path / "rgb.pt"), "head", bands=PLANET, band_init="zero").eval()
+    assert four.conv1.in_channels == 4 and four.conv1.weight.requires_grad and not four.layer1[0].conv1.weight.requires_grad
+    x = torch.rand(2, 4, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(four(x), rgb(x[:, [2, 1, 0]]), rtol=1e-4, atol=1e-5)
+    for init in ("rgb-copy", "parallel"):
+        saved = build_model("resnet18", 5, "none", bands=PLANET, band_init=init).eval()
+        torch.save(saved.state_dict(), tmp_path / f"{init}.pt")
+        again = build_model("resnet18", 5, str(tmp_path / f"{init}.pt"), bands=PLANET, band_init=init).eval()
+        with torch.no_grad():
+            assert torch.equal(again(x), saved(x))
+    frozen = build_model("resnet18", 5, "none", "head", bands=PLANET, frozen_stem=True)
+    assert not frozen.conv1.weight.requires_grad

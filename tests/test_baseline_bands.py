@@ -18,13 +18,6 @@ from qdeep.data.synth import write_synthetic_planet
 from qdeep.errors import QdeepError
 
 
-@pytest.fixture(scope="module")
-def planet4(tmp_path_factory):
-    out = tmp_path_factory.mktemp("planet4")
-    write_synthetic_planet(out, n=60, size=32, seed=2, n_test=8, bands=4)
-    return out
-
-
 @pytest.mark.unit
 def test_band_histograms_of_a_raster(planet4, tmp_path):
     paths = sorted((planet4 / "train-tif-v2").glob("*.tif"))

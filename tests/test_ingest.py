@@ -14,6 +14,7 @@ import torch
 
 from qdeep.config import TrainConfig
 from qdeep.data import BadInputPolicy
+from qdeep.data.inputs import RGBInput
 from qdeep.data.loader import Decoder
 from qdeep.data.pack import Pack, Row, write_manifest, write_shard
 from qdeep.data.synth import write_synthetic_classes
@@ -40,8 +41,8 @@ def _batch(paths, refs=None):
 def test_bytes_and_paths_decode_alike_inline_or_in_threads(images):
     paths = images[:6]
     data = [open(p, "rb").read() for p in paths]
-    inline = list(Decoder(32, MEAN, STD, y_dtype=np.int64)([_batch(paths)]))
-    threaded = list(Decoder(32, MEAN, STD, threads=2, y_dtype=np.int64)([_batch(paths, data)]))
+    inline = list(Decoder(RGBInput(32, MEAN, STD), y_dtype=np.int64)([_batch(paths)]))
+    threaded = list(Decoder(RGBInput(32, MEAN, STD), threads=2, y_dtype=np.int64)([_batch(paths, data)]))
     (rows, x, y), (rows2, x2, y2) = inline[0], threaded[0]
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(rows, rows2) and torch.equal(y, y2) and y.dtype == torch.int64
@@ -53,13 +54,13 @@ def test_batches_come_out_in_order_one_decoded_ahead(images):
     batches = [_batch(images[i:i + 3]) for i in range(0, 9, 3)]
     for b, start in zip(batches, range(0, 9, 3)):
         b["row"] = np.arange(start, start + 3)
-    out = list(Decoder(24, MEAN, STD, threads=2)(iter(batches)))
+    out = list(Decoder(RGBInput(24, MEAN, STD), threads=2)(iter(batches)))
     assert [r.tolist() for r, _, _ in out] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
 
 @pytest.mark.unit
 def test_augmentation_is_drawn_per_epoch_and_row(images):
-    decode = Decoder(32, MEAN, STD, train=True, crop=0.5, seed=3, threads=2)
+    decode = Decoder(RGBInput(32, MEAN, STD), train=True, crop=0.5, seed=3, threads=2)
     batch = _batch(images[:8])
     first = next(decode([batch], epoch=0))[1]
     again = next(decode([batch], epoch=0))[1]

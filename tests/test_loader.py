@@ -163,6 +163,7 @@ def test_image_dataset_decodes_paths_or_a_packs_bytes_alike(tmp_path):
     import torch
     from PIL import Image
 
+    from qdeep.data.inputs import RGBInput
     from qdeep.data.loader import ImageDataset
 
     rng = np.random.default_rng(1)
@@ -173,8 +174,8 @@ def test_image_dataset_decodes_paths_or_a_packs_bytes_alike(tmp_path):
     data = pa.array([open(p, "rb").read() for p in paths], pa.binary())
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     for train in (False, True):
-        from_files = ImageDataset(paths, None, 8, mean, std, train=train, seed=3)
-        from_bytes = ImageDataset(data, None, 8, mean, std, train=train, seed=3)
+        from_files = ImageDataset(paths, None, RGBInput(8, mean, std), train=train, seed=3)
+        from_bytes = ImageDataset(data, None, RGBInput(8, mean, std), train=train, seed=3)
         assert len(from_bytes) == 3 and from_bytes.paths is data  # kept as one array, not a list of objects
         for key in [(0, 0), (1, 2), (4, 1)]:
             (i, x, _), (j, y, _) = from_files[key], from_bytes[key]

@@ -88,7 +88,7 @@ def cmd_baseline(args) -> None:
 def cmd_train(args) -> None:
     from qdeep.workflows.train import run_train
 
-    paths.training_data(args.data, args.labels, args.images, packs=True)
+    paths.training_data(args.data, args.labels, args.images, packs=True, image_format=args.image_format)
     paths.weights_file(args.weights)
     _check_outputs(args)
     config = _training(args, **pick(args, ["arch", "weights", "freeze", "lr", "refit"]))
@@ -107,7 +107,7 @@ def cmd_train(args) -> None:
 def cmd_tune(args) -> None:
     from qdeep.workflows.tune import run_tune
 
-    paths.training_data(args.data, args.labels, args.images, packs=True)
+    paths.training_data(args.data, args.labels, args.images, packs=True, image_format=args.image_format)
     for weights in args.weights:
         paths.weights_file(weights)
     if args.space:
@@ -129,7 +129,7 @@ def cmd_tune(args) -> None:
 def cmd_ladder(args) -> None:
     from qdeep.workflows.ladder import run_ladder
 
-    paths.training_data(args.data, args.labels, args.images, packs=True)
+    paths.training_data(args.data, args.labels, args.images, packs=True, image_format=args.image_format)
     paths.weights_file(args.weights)
     _check_outputs(args)
     run_ladder(args.out, _training(args, lr=args.lr), data=args.data, labels=args.labels,
@@ -149,7 +149,8 @@ def cmd_features(args) -> None:
     _check_outputs(args)
     store = extract_features(args.images, args.arch, args.weights, args.out, batch_size=args.batch_size,
                              image_size=args.image_size, rows_per_shard=args.rows_per_shard,
-                             on_bad_image=args.on_bad_image, address=args.address)
+                             on_bad_image=args.on_bad_image, address=args.address, image_format=args.image_format,
+                             bands=args.bands, band_init=args.band_init)
     print(f"wrote {store.total_rows} descriptors of dim {store.dim} in {len(store.shards)} shard(s) to {args.out}")
 
 

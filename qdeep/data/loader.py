@@ -14,8 +14,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qdeep.data.images import load_rgb
-from qdeep.data.transforms import train_input
+from qdeep.data.inputs import RasterInput, RGBInput
 
 
 class ImageDataset(Dataset):
@@ -23,13 +22,12 @@ class ImageDataset(Dataset):
     workers. Keys are (epoch, index) pairs, so augmentation differs per epoch even in persistent
     loader processes, which never see attribute changes made in the trainer."""
 
-    def __init__(self, paths: Sequence[str] | pa.BinaryArray, targets: np.ndarray | None, size: int, mean, std,
+    def __init__(self, paths: Sequence[str] | pa.BinaryArray, targets: np.ndarray | None, read: RGBInput | RasterInput,
                  train: bool = False, crop: float = 0.0, seed: int = 0, augment: str = "d4"):
         # image paths, or encoded images' bytes as one Arrow array (a pack's: one buffer, which
         # forked loader processes share, where a list of bytes objects would be copied page by page)
         self.paths = paths if isinstance(paths, pa.Array) else list(paths)
-        self.targets = targets
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.targets, self.read = targets, read  # `read`: an image's input tensor (data.inputs)
         self.train, self.crop, self.seed, self.augment = train, crop, seed, augment
 
     def __len__(self) -> int:
@@ -40,7 +38,7 @@ class ImageDataset(Dataset):
         rng = random.Random(hash((self.seed, epoch, i))) if self.train else None
         ref = self.paths[i]
         ref = ref.as_py() if isinstance(ref, pa.Scalar) else ref
-        x = train_input(load_rgb(ref), self.size, self.mean, self.std, rng, self.crop, self.augment)
+        x = self.read(ref, rng, self.crop, self.augment)
         y = torch.as_tensor(self.targets[i]) if self.targets is not None else torch.zeros(0)
         return i, x, y
 
@@ -104,15 +102,15 @@ class Decoder:
     one being trained on. A row's augmentation is drawn from (seed, epoch, row): every epoch sees
     other flips and crops, the same on a rerun."""
 
-    def __init__(self, size: int, mean, std, train: bool = False, crop: float = 0.0, seed: int = 0,
+    def __init__(self, read: RGBInput | RasterInput, train: bool = False, crop: float = 0.0, seed: int = 0,
                  augment: str = "d4", threads: int = 0, y_dtype=np.float32):
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.read = read  # an image's input tensor (data.inputs)
         self.train, self.crop, self.seed, self.augment, self.y_dtype = train, crop, seed, augment, y_dtype
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 0 else None
 
     def one(self, ref, row: int, epoch: int) -> torch.Tensor:
         rng = random.Random(hash((self.seed, epoch, row))) if self.train else None
-        return train_input(load_rgb(ref), self.size, self.mean, self.std, rng, self.crop, self.augment)
+        return self.read(ref, rng, self.crop, self.augment)
 
     def __call__(self, batches: Iterable[dict], epoch: int = 0) -> Iterator[tuple]:
         def start(batch):

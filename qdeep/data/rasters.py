@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tifffile
 
+from qdeep.data.folders import spread
 from qdeep.data.images import ImageDecodeError
 from qdeep.errors import QdeepError
 
@@ -109,6 +110,33 @@ class BandLayout:
                                           f"{self.first} has {self.count} of {self.dtype}")
 
 
+SAMPLE = 64  # training images whose bands give a data set's statistics and ranges
+
+
+def sample_rasters(paths: Sequence, n: int = SAMPLE) -> tuple[list[Raster], BandLayout]:
+    """Up to `n` of the images at `paths`, spread over the list, and the layout of the first that
+    decodes. Images that do not decode, or whose bands differ from that first one's, are left out
+    here (the pass over every image reports them as bad input)."""
+    picked = spread(paths, n)
+    rasters, layout = [], None
+    for path in picked:
+        try:
+            raster = read_raster(path)
+            layout = layout or BandLayout.of(raster, path)
+            layout.check(raster, path)
+        except ImageDecodeError:
+            continue
+        rasters.append(raster)
+    if layout is None:
+        raise QdeepError(f"none of {len(picked)} training images sampled decodes as a TIFF (--image-format tif)")
+    return rasters, layout
+
+
+def band_names(count: int) -> tuple[str, ...]:
+    """What the bands of images with `count` bands are called: Planet's for 4, else nothing known."""
+    return PLANET_BANDS if count == len(PLANET_BANDS) else ()
+
+
 def band_indices(spec: str | None, count: int, names: Sequence[str] = ()) -> list[int]:
     """The 0-based bands that `--bands` selects, in its order: comma-separated names (of `names`,
     e.g. PLANET_BANDS) or 1-based numbers, as GDAL and rasterio number bands; None: every band."""
@@ -190,14 +218,15 @@ RASTER_AUGMENTS = ("d4", "flip", "none")  # colour jitter and crops (`strong`) a
 
 
 def raster_input(raster: Raster, bands: Sequence[int], size: int, stats: BandStats,
-                 rng: random.Random | None = None, kind: str = "d4") -> torch.Tensor:
+                 rng: random.Random | None = None, kind: str = "d4", crop: float = 0.0) -> torch.Tensor:
     """The network's input from an image's `bands` (0-based, in that order): each band normalised by
     its `stats` (those of the data set's bands, indexed as the file's), no-data set to 0 (the
     band's mean), resized to (size, size) (bilinear, antialiased) and, with `rng`, flipped and
-    rotated as `transforms.augment_pixels` does: a (len(bands), size, size) float32 tensor."""
+    rotated as `transforms.augment_pixels` does (with `crop`, randomly cropped as `transforms.augment`
+    does): a (len(bands), size, size) float32 tensor."""
     import torch  # here: `qdeep synth`, which writes GeoTIFFs, does not need torch
 
-    from qdeep.data.transforms import augment_pixels
+    from qdeep.data.transforms import augment, augment_pixels
 
     if kind not in RASTER_AUGMENTS:
         raise QdeepError(f"--augment {kind} is for RGB images; multiband images take {', '.join(RASTER_AUGMENTS)}")
@@ -208,6 +237,8 @@ def raster_input(raster: Raster, bands: Sequence[int], size: int, stats: BandSta
     if tuple(x.shape[1:]) != (size, size):
         x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False)[0]
-    if rng is not None and kind != "none":
+    if rng is not None and crop:
+        x = augment(x, rng, crop, kind)
+    elif rng is not None and kind != "none":
         x = torch.from_numpy(np.ascontiguousarray(augment_pixels(x.numpy(), rng, kind)))
     return x

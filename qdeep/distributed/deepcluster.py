@@ -27,6 +27,7 @@ from qdeep import io
 from qdeep.clustering.deepcluster import Clustering, cluster_store, sample_rows
 from qdeep.clustering.kmeans import choose_pca_dim, ground_truth_scores, nmi
 from qdeep.clustering.store import DEFAULT_ROWS_PER_SHARD, FeatureStore, finish_store, write_rank_shards
+from qdeep.data.inputs import InputBands, model_input
 from qdeep.data.loader import ImageDataset, make_loader, uniform_class_sample
 from qdeep.distributed.comm import barrier, broadcast_from_rank0, gather_to_rank0, sum_across_workers
 from qdeep.distributed.ingest import collection_from
@@ -168,9 +169,11 @@ def deepcluster_func(config: dict) -> None:
 
     targets = TARGETS.get("pseudo")([str(i) for i in range(k)])
     validation = VALIDATIONS.get("accuracy")()
-    bare = build_model(config["arch"], k, network(out, config["weights"], first), config["freeze"]).to(device)
+    bands = InputBands.from_dict(config["input_bands"], "run config") if config.get("input_bands") else None
+    bare = build_model(config["arch"], k, network(out, config["weights"], first), config["freeze"],
+                       bands and bands.names, config["band_init"], config["frozen_stem"]).to(device)
     spec = bare.qdeep_arch
-    size = config["image_size"] or spec.input_size
+    read = model_input(spec, config["image_size"], bands)
     body_state = None
     if first > 1:  # the body's optimizer state (momentum) of the iteration before
         state = io.read_bytes(io.child(iteration_dir(out, first - 1), OPTIMIZER_FILE))
@@ -181,14 +184,13 @@ def deepcluster_func(config: dict) -> None:
     labels = np.zeros(len(ids), dtype=np.int64)
     batch = worker_batch(config["batch_size"], world)
     loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
-    mean, std = spec.mean, spec.std
-    every = make_loader(ImageDataset(refs, None, size, mean, std), batch, shuffle=False, **loader_args)
+    every = make_loader(ImageDataset(refs, None, read), batch, shuffle=False, **loader_args)
     plan = (lambda epoch: train_rows[uniform_class_sample(labels[train_rows], seed=config["seed"] + epoch)]) \
         if config["balance"] == "uniform" else (lambda epoch: train_rows)
-    augmented = ImageDataset(refs, None, size, mean, std, train=True, crop=config["crop"], seed=config["seed"],
+    augmented = ImageDataset(refs, None, read, train=True, crop=config["crop"], seed=config["seed"],
                              augment=config["augment"])
     train_loader = make_loader(augmented, batch, shuffle=True, plan=plan, **loader_args)
-    ctrl_loader = make_loader(ImageDataset(refs, None, size, mean, std), batch, shuffle=False,
+    ctrl_loader = make_loader(ImageDataset(refs, None, read), batch, shuffle=False,
                               plan=lambda epoch: ctrl_rows, **loader_args)
 
     def with_labels(loader, rows=None):
@@ -208,7 +210,7 @@ def deepcluster_func(config: dict) -> None:
             callback.on_iteration_start(rank, t)
         store = embed_into_store(bare, every, ids, io.child(folder, "features"), rank, device,
                                  {"arch": config["arch"], "weights": network(out, config["weights"], t),
-                                  "weights_sha256": weights_sha256(bare), "image_size": size})
+                                  "weights_sha256": weights_sha256(bare), "image_size": read.size})
         embedded = time.time()
         clustering, where = None, None
         if rank == 0:

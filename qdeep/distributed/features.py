@@ -1,6 +1,7 @@
 """Descriptors of every image (penultimate, globally pooled CNN features) into a feature store.
 
-A Ray Data pipeline: decode and resize in CPU tasks, then embed in an actor pool (`tasks.model_stage`:
+A Ray Data pipeline: decode and resize in CPU tasks (multiband images: their bands normalised
+there, as float32), then embed in an actor pool (`tasks.model_stage`:
 GPU actors when the cluster has GPUs, else one actor per CPU, into which Ray Data fuses the
 decoding), then Arrow shards written as the rows arrive (`write_store_from_dataset`, one shard per
 batch), at a local path or a URI. `store_dataset` reads a store back as a Ray Data dataset.
@@ -20,6 +21,7 @@ from qdeep.clustering.shards import features_to_numpy, write_shard
 from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
                                     finish_store, shard_table, staging_dir)
 from qdeep.data.images import load_rgb
+from qdeep.data.inputs import InputBands, RasterInput
 from qdeep.data.pack import Pack
 from qdeep.data.transforms import to_uint8
 from qdeep.distributed.prepare import try_input_size
@@ -29,19 +31,23 @@ from qdeep.errors import QdeepError
 from qdeep.models import build_model, embed, weights_sha256
 
 
-def load_backbone(arch: str, weights: str) -> torch.nn.Module:
-    """The network whose penultimate layer describes images (its ImageNet head is not used)."""
-    return build_model(arch, None, weights, "none").eval()
+def load_backbone(arch: str, weights: str, bands: InputBands | None = None, band_init: str = "rgb-copy"
+                  ) -> torch.nn.Module:
+    """The network whose penultimate layer describes images (its ImageNet head is not used), its
+    first convolution adapted to `bands` (None: RGB) by `band_init`."""
+    return build_model(arch, None, weights, "none", bands and bands.names, band_init).eval()
 
 
-def decode(batch: dict, size: int) -> dict:
+def decode(batch: dict, size: int, bands: InputBands | None = None) -> dict:
     """CPU stage: paths, or a pack's image bytes (`data`), -> resized uint8 pixels (N, 3, size, size),
-    a quarter of float32's bytes through the object store. A function, so that Ray Data runs it in
-    tasks on the free CPUs beside GPU actors, or fuses it into each CPU actor. The actor normalises
-    on its device."""
+    a quarter of float32's bytes through the object store; multiband images (`bands`) -> their
+    normalised float32 input. A function, so that Ray Data runs it in tasks on the free CPUs beside
+    GPU actors, or fuses it into each CPU actor. The actor normalises RGB pixels on its device."""
     sources = batch["path"] if "path" in batch else batch["data"]
+    read = (lambda source, name: RasterInput(size, bands)(source, name=name).numpy()) if bands else \
+        (lambda source, name: to_uint8(load_rgb(source, name), size))
     try:
-        pixels = np.stack([to_uint8(load_rgb(source, name), size) for source, name in zip(sources, batch["image"])])
+        pixels = np.stack([read(source, name) for source, name in zip(sources, batch["image"])])
     except FileNotFoundError as exc:
         raise not_visible([exc.filename], len(sources)) from None
     return {"image": batch["image"], "pixels": pixels}
@@ -73,9 +79,9 @@ def _read_pack_shards(batch: dict, pack: Pack):
 class Embedder:
     """Actor stage: one backbone per actor, pixels -> descriptors (float32)."""
 
-    def __init__(self, arch: str, weights: str):
+    def __init__(self, arch: str, weights: str, bands: InputBands | None = None, band_init: str = "rgb-copy"):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_backbone(arch, weights).to(self.device)
+        self.model = load_backbone(arch, weights, bands, band_init).to(self.device)
         spec = self.model.qdeep_arch
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
@@ -83,7 +89,8 @@ class Embedder:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         x = torch.from_numpy(np.require(batch["pixels"], requirements="W")).to(self.device)
-        x = (x.float() / 255 - self.mean) / self.std
+        if x.dtype == torch.uint8:  # RGB pixels; multiband input comes normalised
+            x = (x.float() / 255 - self.mean) / self.std
         with torch.autocast(self.device, enabled=self.device == "cuda"):
             features = embed(self.model, x).float().cpu().numpy()
         return {"image": batch["image"], "features": features}
@@ -91,16 +98,20 @@ class Embedder:
 
 def embed_images(rows, n_images: int, root: Path | str, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
-                 use_gpu: bool | None = None, max_gpu_actors: int = 1):
+                 use_gpu: bool | None = None, max_gpu_actors: int = 1, bands: InputBands | None = None,
+                 band_init: str = "rgb-copy"):
     """Descriptors of `n_images` already-checked images under `root` (`rows`: `folder_rows` or
     `pack_images`) into the store at `out` (call inside a Ray session), on `tasks.model_stage`'s
-    actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked."""
-    model = load_backbone(arch, weights)
+    actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked. Multiband images: the
+    `bands` a network adapted by `band_init` takes."""
+    model = load_backbone(arch, weights, bands, band_init)
     size = image_size or model.qdeep_arch.input_size
-    dim = try_input_size(lambda x: embed(model, x), arch, size).shape[1]
-    identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size}
-    ds = (rows.map_batches(decode, fn_kwargs={"size": size}, batch_size=batch_size)
-          .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights},
+    dim = try_input_size(lambda x: embed(model, x), arch, size, len(bands.index) if bands else 3).shape[1]
+    identity = {"arch": arch, "weights": weights, "weights_sha256": weights_sha256(model), "image_size": size,
+                **({"bands": list(bands.names), "band_init": band_init} if bands else {})}
+    ds = (rows.map_batches(decode, fn_kwargs={"size": size, "bands": bands}, batch_size=batch_size)
+          .map_batches(Embedder, fn_constructor_kwargs={"arch": arch, "weights": weights, "bands": bands,
+                                                        "band_init": band_init},
                        **model_stage(n_images, batch_size, use_gpu, max_gpu_actors)))
     return write_store_from_dataset(ds, out, dim, identity, rows_per_shard=rows_per_shard,
                                     extra={"image_root": str(root), **(extra or {})})

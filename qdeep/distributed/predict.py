@@ -10,9 +10,9 @@ import pyarrow as pa
 import torch
 
 from qdeep.data import BadInputPolicy, ImageSet
-from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.data.images import ImageDecodeError
+from qdeep.data.inputs import InputBands, model_input
 from qdeep.data.pack import Pack
-from qdeep.data.transforms import to_tensor
 from qdeep.distributed.ingest import pack_join
 from qdeep.distributed.tasks import (check_visible_everywhere, model_stage, not_visible, raise_user_error,
                                      raising_udf_errors)
@@ -37,6 +37,8 @@ def read_config(model_dir: Path) -> dict:
     size = config.get("image_size")
     if size is not None and not _positive_int(size):
         raise QdeepError(f"model config {path}: image_size must be a positive integer or null, not {size!r}")
+    bands = config.get("bands")
+    config["bands"] = InputBands.from_dict(bands, f"model config {path}") if bands is not None else None
     return config
 
 
@@ -57,7 +59,9 @@ def load_exported(model_dir: Path, device: str = "cpu", config: dict | None = No
         raise QdeepError(f"{model_dir}: no model.pt (not a complete `qdeep train` model directory)")
     state = read_state_dict(path, "model file")
     try:
-        model = build_model(config["arch"], config["num_labels"], "none", "none")
+        bands = config["bands"]
+        model = build_model(config["arch"], config["num_labels"], "none", "none", bands and bands.names,
+                            config.get("band_init", "rgb-copy"))
     except QdeepError as err:  # e.g. an arch this qdeep does not know
         raise QdeepError(f"model config {model_dir / 'config.json'}: {err}") from None
     load_strict(model, state, path, "model file")
@@ -71,8 +75,7 @@ class CNNInference:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         config = read_config(Path(model_dir))
         self.model = load_exported(Path(model_dir), self.device, config)
-        spec = self.model.qdeep_arch
-        self.size, self.mean, self.std = config["image_size"] or spec.input_size, spec.mean, spec.std
+        self.read = model_input(self.model.qdeep_arch, config["image_size"], config["bands"])
         self.tta, self.num_labels = tta, config["num_labels"]
         self.targets = load_targets(Path(model_dir) / "labels.json")
 
@@ -80,7 +83,7 @@ class CNNInference:
         tensors, errors = [], []
         for ref in batch["ref"]:  # a path, or a pack's bytes
             try:
-                tensors.append(to_tensor(load_rgb(ref), self.size, self.mean, self.std))
+                tensors.append(self.read(ref))
                 errors.append("")
             except FileNotFoundError:  # listed by the driver, missing on this node
                 raise not_visible([ref], len(batch["ref"])) from None
@@ -111,6 +114,7 @@ class CNNPredictor:
         config = read_config(model_dir)
         load_exported(model_dir, config=config)
         self.num_labels = config["num_labels"]
+        self.image_format = "tif" if config["bands"] else "jpg"  # which of a Planet layout's test folders
 
     def predict_proba(self, images: ImageSet, policy: BadInputPolicy, pack: Pack | None = None
                       ) -> tuple[np.ndarray, ImageSet]:

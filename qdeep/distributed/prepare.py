@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from qdeep.config import NAMED_WEIGHTS, TrainConfig
-from qdeep.data import BadInputPolicy, load_dataset
+from qdeep.data import BadInputPolicy, load_dataset, load_rgb
+from qdeep.data.inputs import InputBands, input_bands
 from qdeep.data.pack import Pack, is_pack
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
@@ -35,6 +36,7 @@ class TrainingData:
     source: str
     validation: str  # the validation part that scores this data
     pack: str | None = None  # the pack the images are in (`paths` are then their names in it)
+    bands: InputBands | None = None  # multiband images (`--image-format tif`): what the network takes; None: RGB
 
     @property
     def sizes(self) -> dict:
@@ -52,6 +54,8 @@ def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainCon
     when not given, its weights path absolute (workers and trials run in other directories, maybe on
     other nodes), its parts and freeze depth known."""
     parse_freeze(config.freeze)
+    if config.bands and config.image_format != "tif":
+        raise QdeepError("--bands is for multiband images: add --image-format tif")
     task = config.task or (Pack(str(data)).task if data and is_pack(data) else infer_task(data, labels, images))
     targets = TARGETS.get(task)
     validation = config.validation or targets.validation
@@ -64,18 +68,23 @@ def settle(config: TrainConfig, data=None, labels=None, images=None) -> TrainCon
 
 
 def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error", val_fraction: float = 0.2,
-                 seed: int = 0, task: str = "multilabel", validation: str | None = None) -> TrainingData:
+                 seed: int = 0, task: str = "multilabel", validation: str | None = None, image_format: str = "jpg",
+                 bands: str | None = None) -> TrainingData:
     """Load, decode-check (on Ray: call inside a Ray session), encode and split the training images:
-    a folder's, or a pack's (`--data PACK`: its training rows, decoding checked when it was packed)."""
+    a folder's, or a pack's (`--data PACK`: its training rows, decoding checked when it was packed).
+    Multiband images (`image_format` tif) also get their InputBands (`bands` selects), and every
+    image is checked to have the bands of the first."""
     policy = BadInputPolicy(on_bad_image)
-    dataset = load_dataset(policy, data=data, labels=labels, images=images)
-    train = dataset.train if dataset.pack else check_images(dataset.train, policy)
+    dataset = load_dataset(policy, data=data, labels=labels, images=images, image_format=image_format)
+    chosen = input_bands(image_format, dataset.train.paths, bands)
+    train = dataset.train if dataset.pack else check_images(dataset.train, policy,
+                                                             decode=chosen.read if chosen else load_rgb)
     names, tags, origins = [str(p) for p in train.paths], train.tags, train.origins
     targets = TARGETS.get(task).from_labels(tags)
     y = targets.encode(tags, origins)
     validation = validation or targets.validation
     is_val = VALIDATIONS.get(validation)().holdout(y, val_fraction, seed)
-    return TrainingData(targets, names, y, is_val, policy, dataset.source, validation, pack=dataset.pack)
+    return TrainingData(targets, names, y, is_val, policy, dataset.source, validation, pack=dataset.pack, bands=chosen)
 
 
 def resolve_weight_path(weights: str) -> str:
@@ -83,19 +92,22 @@ def resolve_weight_path(weights: str) -> str:
     return weights if weights.strip().lower() in NAMED_WEIGHTS or is_uri(weights) else str(Path(weights).resolve())
 
 
-def check_model(config: TrainConfig, num_labels: int) -> None:
-    """Fail on the driver, in one line, on a bad arch, freeze depth, fit strategy, weights or input
-    size, not in every worker."""
-    model = build_model(config.arch, num_labels, config.weights, config.freeze).eval()
+def check_model(config: TrainConfig, num_labels: int, bands: InputBands | None = None) -> None:
+    """Fail on the driver, in one line, on a bad arch, freeze depth, fit strategy, weights, band
+    adaptation or input size, not in every worker."""
+    model = build_model(config.arch, num_labels, config.weights, config.freeze, bands and bands.names,
+                        config.band_init, config.frozen_stem).eval()
     FIT_STRATEGIES.get(config.fit_strategy)().stages(config.as_dict())
-    try_input_size(model, config.arch, config.image_size or model.qdeep_arch.input_size)
+    try_input_size(model, config.arch, config.image_size or model.qdeep_arch.input_size,
+                   len(bands.index) if bands else 3)
 
 
-def try_input_size(run, arch: str, size: int):
-    """`run` (a model, or a function of one) on one blank size x size image; one line if `arch` cannot take it."""
+def try_input_size(run, arch: str, size: int, channels: int = 3):
+    """`run` (a model, or a function of one) on one blank image of `channels` x size x size; one
+    line if `arch` cannot take it."""
     try:
         with torch.no_grad():
-            return run(torch.zeros(1, 3, size, size))
+            return run(torch.zeros(1, channels, size, size))
     except RuntimeError as exc:
         raise QdeepError(f"{arch} cannot take {size}x{size} px input ({str(exc).splitlines()[0]}); "
                          "use a larger --image-size") from None
@@ -118,6 +130,7 @@ def loop_config(config: TrainConfig, data: TrainingData, mlflow_uri: str | None,
         "n_train": int(train.sum()),
         "n_val": int(data.is_val.sum()),
         "train_on_all": train_on_all,
+        "input_bands": data.bands.to_dict() if data.bands else None,
         "loss_weights": weights,
         "plugins": list(plugins or []),
         "launch_id": uuid.uuid4().hex,

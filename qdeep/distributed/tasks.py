@@ -213,6 +213,8 @@ def _decode_only(image) -> np.ndarray:
     return np.zeros(0, dtype=np.float32)
 
 
-def check_images(images: ImageSet, policy: BadInputPolicy, desc: str = "checking images") -> ImageSet:
-    """Decode every image once on Ray so bad files meet the policy before training starts."""
-    return image_features(_decode_only, images, policy, desc)[1]
+def check_images(images: ImageSet, policy: BadInputPolicy, desc: str = "checking images",
+                 decode: Callable = load_rgb) -> ImageSet:
+    """Decode every image once on Ray (with `decode`: RGB, or a multiband `InputBands.read`) so bad
+    files meet the policy before training starts."""
+    return image_features(_decode_only, images, policy, desc, decode=decode)[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdeep.data.inputs import InputBands, model_input
 from qdeep.data.loader import Decoder
 from qdeep.distributed.comm import broadcast_buffers, broadcast_from_rank0, gather, gather_to_rank0, sum_across_workers
 from qdeep.distributed.ingest import shard_batches
@@ -47,13 +48,14 @@ def train_func(config: dict) -> None:
     validation = VALIDATIONS.get(config["validation"])()
     stages = FIT_STRATEGIES.get(config["fit_strategy"])().stages(config)
 
-    bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze)
-    spec = bare.qdeep_arch
-    size = config["image_size"] or spec.input_size
+    bands = InputBands.from_dict(config["input_bands"], "run config") if config.get("input_bands") else None
+    bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze, bands and bands.names,
+                       config.get("band_init", "rgb-copy"), config.get("frozen_stem", False))
+    read = model_input(bare.qdeep_arch, config["image_size"], bands)
     threads = config["loader_workers"]
-    augmented = Decoder(size, spec.mean, spec.std, train=True, crop=config["crop"], seed=config["seed"],
+    augmented = Decoder(read, train=True, crop=config["crop"], seed=config["seed"],
                         augment=config.get("augment", "d4"), threads=threads, y_dtype=targets.dtype)
-    plain = Decoder(size, spec.mean, spec.std, threads=threads, y_dtype=targets.dtype)
+    plain = Decoder(read, threads=threads, y_dtype=targets.dtype)
     batch = worker_batch(config["batch_size"], world)
     steps = -(-(config["n_train"] // world) // batch)  # equal shares; about that with --balance uniform
     schedule = lr_factor(config, config["epochs"] * steps)

@@ -12,8 +12,8 @@ kernels stay on the RGB bands wherever those are; the new bands' kernels come fr
   parallel  a second convolution of the same shape over the new bands alone, added to the pretrained
             one over the RGB bands (as Raster Vision does); randomly initialised
 
-A frozen backbone still trains its adapted first layer (`trainable_stem`), since the new kernels
-were never learnt. Works for every architecture of the zoo: the first `nn.Conv2d` over 3 channels,
+A frozen backbone still trains its adapted first layer (`freeze.apply_freeze` reads `qdeep_stem`),
+since the new kernels were never learnt. Works for every architecture of the zoo: the first `nn.Conv2d` over 3 channels,
 copied with its class (timm's TF-"same"-padded stems stay so); Inception-v3's own input transform
 (ImageNet statistics to Google's [-1, 1]) goes on applying to the RGB bands alone.
 """
@@ -27,9 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from qdeep.config import BAND_INITS
 from qdeep.errors import QdeepError
 
-BAND_INITS = ("rgb-copy", "tile", "mean", "zero", "parallel")
+__all__ = ["BAND_INITS", "ParallelStem", "adapt_bands", "first_conv"]
 RGB = ("r", "g", "b")  # the order of the pretrained kernels' input channels
 
 
@@ -118,11 +119,3 @@ def adapt_bands(model: nn.Module, bands: Sequence[str], strategy: str = "rgb-cop
     model.set_submodule(name, new)
     model.qdeep_stem = name
     return model
-
-
-def trainable_stem(model: nn.Module) -> None:
-    """Make the adapted first layer train (after freezing): its new kernels were never learnt.
-    Nothing changes for a model whose input was not adapted."""
-    stem = getattr(model, "qdeep_stem", None)
-    if stem is not None:
-        model.get_submodule(stem).requires_grad_(True)

@@ -23,10 +23,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def apply_freeze(model: nn.Module, freeze: str) -> None:
-    """Set ``requires_grad`` for ``freeze``; the stem stays frozen for ``head`` and ``last:N``."""
+    """Set ``requires_grad`` for ``freeze``; the stem stays frozen for ``head`` and ``last:N``,
+    except a first convolution adapted to new bands (``bands.adapt_bands``: its new kernels were
+    never learnt), which always trains."""
     parts = _trained_parts(model, freeze)
-    unwrap(model).requires_grad_(parts is None)
-    for module in parts or []:
+    bare = unwrap(model)
+    bare.requires_grad_(parts is None)
+    adapted = getattr(bare, "qdeep_stem", None)
+    for module in [*(parts or []), *([bare.get_submodule(adapted)] if adapted else [])]:
         module.requires_grad_(True)
 
 

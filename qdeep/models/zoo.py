@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from qdeep.config import NAMED_WEIGHTS
 from qdeep.errors import QdeepError
+from qdeep.models.bands import adapt_bands, first_conv
 from qdeep.models.freeze import apply_freeze, parse_freeze, unwrap
 from qdeep.models.weights import imagenet_model, library_model, load_bundled, load_strict, read_file
 from qdeep.registry import Registry
@@ -275,24 +277,36 @@ def _create(spec: ArchSpec, weights: str) -> nn.Module:
     return model
 
 
-def _from_file(spec: ArchSpec, path: str, num_labels: int | None) -> nn.Module:
+def _from_file(spec: ArchSpec, path: str, num_labels: int | None, bands: Sequence[str] | None = None,
+               band_init: str = "rgb-copy") -> nn.Module:
     """Random init, then the file (with whatever head it was saved with: ImageNet's, or one
-    trained by qdeep), then a new head of `num_labels` unless the file's already has that size."""
+    trained by qdeep), then a new head of `num_labels` unless the file's already has that size.
+    With `bands`, the first convolution is adapted before the file loads if the file's is (a
+    multiband qdeep model), after it if the file's takes RGB."""
     state = read_file(path)
     state = {k: v for k, v in state.items() if not k.startswith(spec.ignore_keys)}
     model = _create(spec, "none")
+    stem = state.get(first_conv(model)[0] + ".weight")
+    rgb_file = stem is not None and stem.ndim == 4 and stem.shape[1] == 3
+    if bands and not rgb_file:
+        adapt_bands(model, bands, band_init)
     head = state.get(spec.head_path + ".weight")
     rows = None if head is None else head.shape[0]
     if rows is not None and rows != model.get_submodule(spec.head_path).out_features:
         _replace_head(model, spec, rows)
     load_strict(model, state, path)
+    if bands and rgb_file:
+        adapt_bands(model, bands, band_init)
     if num_labels is not None and rows != num_labels:
         _replace_head(model, spec, num_labels)
     return model
 
 
-def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze: str = "none") -> nn.Module:
-    """``arch`` with ``weights``, a head of ``num_labels`` logits (None: keep ImageNet's) and ``freeze``."""
+def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze: str = "none",
+                bands: Sequence[str] | None = None, band_init: str = "rgb-copy", frozen_stem: bool = False) -> nn.Module:
+    """``arch`` with ``weights``, a head of ``num_labels`` logits (None: keep ImageNet's) and ``freeze``.
+    ``bands`` (None: RGB) names the input channels, the first convolution adapted by ``band_init``
+    (``models.bands``); frozen blocks leave it training unless ``frozen_stem``."""
     parse_freeze(freeze)
     if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
         raise QdeepError(f"num_labels must be a positive integer, got {num_labels!r}")
@@ -300,11 +314,15 @@ def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze
     choice = str(weights).strip()
     if choice.lower() in NAMED_WEIGHTS:
         model = _create(spec, choice.lower())
+        if bands:
+            adapt_bands(model, bands, band_init)
         if num_labels is not None:
             _replace_head(model, spec, num_labels)
     else:
-        model = _from_file(spec, choice, num_labels)
+        model = _from_file(spec, choice, num_labels, bands, band_init)
     model.qdeep_arch = spec
+    if frozen_stem:
+        model.qdeep_stem = None
     apply_freeze(model, freeze)
     return model
 

@@ -26,7 +26,8 @@ from qdeep import io, tracking
 from qdeep.clustering.deepcluster import Clustering
 from qdeep.clustering.kmeans import nmi
 from qdeep.config import DeepClusterConfig
-from qdeep.data import BadInputPolicy, ImageSet, scan_images
+from qdeep.data import BadInputPolicy, ImageSet, load_rgb, scan_images
+from qdeep.data.inputs import InputBands, input_bands
 from qdeep.data.pack import Pack, is_pack
 from qdeep.data.planet import load_class_folders, load_planet, read_labeled
 from qdeep.distributed import driver
@@ -57,6 +58,7 @@ class Collection:
     is_ctrl: np.ndarray
     truth: list[str] | None  # one ground-truth class per image, when labels were given
     policy: BadInputPolicy
+    bands: InputBands | None = None  # multiband images (`--image-format tif`): what the network takes
 
     @property
     def pack(self) -> Pack | None:
@@ -82,7 +84,7 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)  # rank 0 logs from whichever node it runs on
         coll = collect(images, config, labels, data, on_bad_image)
-        check_model(config.train_config(config.train.weights), config.k)
+        check_model(config.train_config(config.train.weights), config.k, coll.bands)
         settings = {**config.fingerprint(), "n_images": len(coll.ids)}
         parent_id = io.claim_run(child(out, STATE_FILE), settings, f"{out} holds a DeepCluster run with other settings",
                                  "--out").get("mlflow_run_id")
@@ -136,7 +138,10 @@ def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_im
     """Every decodable image under `images` (or every image of the pack `images`: its training and
     test rows), the ctrl split, and ground truth when given (a pack's labels, when every image has some)."""
     policy = BadInputPolicy(on_bad_image)
+    image_format, bands = config.train.image_format, None
     if is_pack(images):
+        if image_format != "jpg":
+            raise QdeepError(f"--images {images}: a pack; packs of GeoTIFFs are not supported yet (use the folder)")
         source, paths = str(io.resolved(images)), None
         meta = Pack(source).read(("image", "tags"))
         ids, tags = meta["image"].to_pylist(), meta["tags"].to_pylist()
@@ -147,26 +152,30 @@ def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_im
         root = Path(images).resolve()
         source = str(root)
         found = scan_images(root, policy)
-        checked = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy)
+        bands = input_bands(image_format, found, config.train.bands)
+        checked = check_images(ImageSet(names=[str(p) for p in found], paths=found), policy,
+                               decode=bands.read if bands else load_rgb)
         paths = [str(p) for p in checked.paths]
         ids = [p.relative_to(root).as_posix() for p in checked.paths]
-        truth = ground_truth(paths, root, labels, data, policy) if (labels or data) else None
+        truth = ground_truth(paths, root, labels, data, policy, image_format) if (labels or data) else None
     n = len(ids)
     if n < max(config.k, config.final_k) * 2:
         raise QdeepError(f"{source}: {n} images are too few for k={config.k} / final-k={config.final_k}")
     rng = np.random.default_rng(config.train.seed)
     is_ctrl = np.zeros(n, dtype=bool)
     is_ctrl[rng.choice(n, max(1, round(n * config.train.val_fraction)), replace=False)] = True
-    return Collection(source, ids, paths, is_ctrl, truth, policy)
+    return Collection(source, ids, paths, is_ctrl, truth, policy, bands)
 
 
-def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=None) -> list[str]:
+def ground_truth(paths: list[str], root: Path, labels=None, data=None, policy=None, image_format: str = "jpg"
+                 ) -> list[str]:
     """One class per image: its folder in a folder-per-class `--data DIR`, or its tag combination
-    in a Planet CSV (`--labels CSV` over the images folder, or `--data DIR` in the Planet layout)."""
+    in a Planet CSV (`--labels CSV` over the images folder, or `--data DIR` in the Planet layout,
+    whose `image_format` folder the images are in)."""
     if labels:
         known = read_labeled(Path(labels).resolve(), root, policy, recursive=True)
     elif (Path(data) / "train_v2.csv").is_file() or (Path(data) / "train.csv").is_file():
-        known = load_planet(data, policy).train
+        known = load_planet(data, policy, image_format).train
     else:
         known = load_class_folders(data, policy).train
     by_path = {str(p): " ".join(sorted(tags)) for p, tags in zip(known.paths, known.tags)}
@@ -191,7 +200,8 @@ def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, stor
     pack = coll.pack
     rows = pack_images(pack) if pack else folder_rows(Path(coll.source), coll.paths)
     store = embed_images(rows, len(coll.ids), coll.source, config.train.arch, weights, store_dir, batch_size=64,
-                         image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus)
+                         image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus,
+                         bands=coll.bands, band_init=config.train.band_init)
     ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
     return in_order(ids, clustering, coll.ids), where
 
@@ -204,7 +214,8 @@ def run_loop(out: str | Path, coll: Collection, config: DeepClusterConfig, worke
     _remove_run(storage_path, name)  # its reports belong to an earlier launch; the iterations are in OUT
     loop = {**config.train_config(config.train.weights).as_dict(), "out": str(out), "k": config.k,
             "iterations": config.iterations, "pca": config.pca, "use_gpu": use_gpu, "score_metric": "ctrl_acc",
-            "plugins": list(plugins or []), "launch_id": uuid.uuid4().hex}
+            "plugins": list(plugins or []), "launch_id": uuid.uuid4().hex,
+            "input_bands": coll.bands.to_dict() if coll.bands else None}
     images = collection_dataset(coll.ids, coll.is_ctrl, coll.truth, paths=coll.paths,
                                 pack=coll.source if coll.paths is None else None)
     trainer = driver.make_trainer(loop, workers, name, storage_path, driver.default_max_failures(workers, max_failures),
@@ -274,7 +285,8 @@ def write_outputs(folder: Path, out: str | Path, coll: Collection, history: list
     with atomic_dir(folder / "grids") as grids:
         for c, (size, nearest) in enumerate(shown):
             refs = [images[coll.ids[i]] for i in nearest] if pack else [coll.paths[i] for i in nearest]
-            cluster_grid(refs, grids / f"cluster_{c:02d}.png", f"cluster {c}: {size} images")
+            cluster_grid(refs, grids / f"cluster_{c:02d}.png", f"cluster {c}: {size} images",
+                         load=coll.bands.preview if coll.bands else load_rgb)
     deepcluster_curves(history, folder / "curves.png")
     deepcluster_sizes(history, metrics["final"]["sizes"], folder / "sizes.png")
     write_json(folder / "metrics.json", metrics)

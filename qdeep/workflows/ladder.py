@@ -7,6 +7,11 @@
 
 Does deep learning beat the colour model, pretraining beat scratch, fine-tuning beat a frozen
 backbone, and for which labels?
+
+On multiband images with bands beyond the visible (`--image-format tif`, e.g. Planet's b, g, r, nir)
+the four rungs take the r, g, b bands, and two more take every band: `histogram_rf_all_bands`, and
+`finetune_all_bands` (the frozen rung's network, its first convolution adapted by `--band-init`):
+what do the other bands add?
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from qdeep import io, tracking
-from qdeep.baseline import HistogramForest, color_histogram
+from qdeep.baseline import HistogramForest, band_histograms, color_histogram
 from qdeep.config import LadderConfig, TrainConfig
-from qdeep.data import ImageSet
+from qdeep.data import ImageSet, load_rgb
+from qdeep.data.rasters import read_raster
 from qdeep.distributed.prepare import TrainingData, prepare_data, settle
 from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.storage import check_shared_tracking
@@ -28,14 +34,20 @@ from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_heatmap, rung_chart
 from qdeep.workflows.train import run_train
 
-RUNGS = ("histogram_rf", "scratch", "frozen", "finetune")
+RUNGS = ("histogram_rf", "histogram_rf_all_bands", "scratch", "frozen", "finetune", "finetune_all_bands")
+VISIBLE = ("r", "g", "b")
 
 
 def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
     """The baseline on the ladder's split, scored exactly as the CNNs' validation is. One forest per
-    label; a one-class-per-image task gets one forest per class (its one-hot columns)."""
+    label; a one-class-per-image task gets one forest per class (its one-hot columns). Multiband
+    images: a histogram of each of the data's bands."""
     images = ImageSet(names=data.paths, paths=[Path(p) for p in data.paths])
-    x, _ = image_features(color_histogram, images, data.policy, "histograms", data.pack)
+    fn, decode = color_histogram, load_rgb
+    if data.bands:
+        fn = band_histograms(data.paths, ",".join(str(i + 1) for i in data.bands.index))
+        decode = read_raster
+    x, _ = image_features(fn, images, data.policy, "histograms", data.pack, decode)
     train, val = ~data.is_val, data.is_val
     columns = data.y if data.y.ndim == 2 else np.eye(len(data.targets), dtype=np.uint8)[data.y]
     forest = HistogramForest(n_estimators=trees, random_state=seed).fit(x[train], columns[train])
@@ -60,25 +72,34 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
     with ray_session(address, log=log_in(out)):
         check_shared_tracking(tracking_uri)  # before the parent run; each rung checks its storage
         prepared = prepare_data(data, labels, images, on_bad_image, base.val_fraction, base.seed, base.task,
-                                base.validation)
+                                base.validation, base.image_format, base.bands)
+        every_band, visible = prepared, prepared
+        if prepared.bands and prepared.bands.extra and prepared.bands.only(VISIBLE):
+            visible = replace(prepared, bands=prepared.bands.only(VISIBLE))
         validation = VALIDATIONS.get(prepared.validation)
         metric, prefix = validation.metric, validation.per_label_metric
         params = {**base.as_dict(), "arch": arch, "scratch_arch": scratch_arch, "weights": weights,
                   "workers": workers, "trees": trees, "source": prepared.source, **prepared.sizes}
         with tracking.mlflow_run("ladder", params, uri=tracking_uri):
             results = {}
-            with tracking.mlflow_run("histogram_rf", {"trees": trees, **prepared.sizes}, uri=tracking_uri):
-                results["histogram_rf"] = histogram_rung(prepared, trees, base.seed)
-                tracking.log_metrics({prepared.score_metric: results["histogram_rf"]["score"]})
+            forests = {"histogram_rf": visible, **({"histogram_rf_all_bands": every_band} if visible is not every_band
+                                                   else {})}
+            for rung, data_ in forests.items():
+                with tracking.mlflow_run(rung, {"trees": trees, **prepared.sizes}, uri=tracking_uri):
+                    results[rung] = histogram_rung(data_, trees, base.seed)
+                    tracking.log_metrics({prepared.score_metric: results[rung]["score"]})
+            finetune = replace(base, arch=arch, weights=io.child(out, "frozen/model/model.pt"), freeze="last:2",
+                               fit_strategy="single")
             configs = {
-                "scratch": replace(base, arch=scratch_arch, weights="none", freeze="none", fit_strategy="single"),
-                "frozen": replace(base, arch=arch, weights=weights, freeze="head", fit_strategy="single"),
-                "finetune": replace(base, arch=arch, weights=io.child(out, "frozen/model/model.pt"),
-                                    freeze="last:2", fit_strategy="single"),
+                "scratch": (replace(base, arch=scratch_arch, weights="none", freeze="none", fit_strategy="single"),
+                            visible),
+                "frozen": (replace(base, arch=arch, weights=weights, freeze="head", fit_strategy="single"), visible),
+                "finetune": (finetune, visible),
+                **({"finetune_all_bands": (finetune, every_band)} if visible is not every_band else {}),
             }
-            for rung, config in configs.items():
+            for rung, (config, data_) in configs.items():
                 m = run_train(io.child(out, rung), config, workers=workers, name=rung, tracking_uri=tracking_uri,
-                              prepared=prepared, plugins=plugins)
+                              prepared=data_, plugins=plugins)
                 results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
             tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
             with io.outputs(out) as local:

@@ -54,8 +54,8 @@ def run_train(
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)
         prepared = prepared or prepare_data(data, labels, images, on_bad_image, config.val_fraction, config.seed,
-                                            config.task, config.validation)
-        check_model(config, len(prepared.targets))
+                                            config.task, config.validation, config.image_format, config.bands)
+        check_model(config, len(prepared.targets), prepared.bands)
         driver.claim_run(storage_path, name, {**config.as_dict(), **prepared.sizes,
                                               "labels": prepared.targets.vocabulary, "workers": workers})
         params = {**config.as_dict(), "workers": workers, "source": prepared.source, "name": name,
@@ -98,7 +98,8 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
         io.write_json(model_dir / "config.json", {
             "kind": CNN_KIND, "task": data.targets.kind, "arch": config.arch, "image_size": config.image_size,
             "num_labels": len(vocab), "weights": config.weights, "freeze": config.freeze,
-            "epoch": best["epoch"], **scores})
+            "image_format": config.image_format, "bands": data.bands.to_dict() if data.bands else None,
+            "band_init": config.band_init, "epoch": best["epoch"], **scores})
     history = latest["history"]
     metrics = {
         **scores,

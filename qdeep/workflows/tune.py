@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qdeep import io, tracking
 from qdeep.config import SWEEP_OPTIONS, SWEPT, Sweep, pick
+from qdeep.data.inputs import InputBands
 from qdeep.distributed.prepare import check_model, prepare_data, resolve_weight_path, settle
 from qdeep.distributed.session import log_in, quiet, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
@@ -44,10 +45,10 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
         check_shared_storage(storage_path)
         check_shared_tracking(tracking_uri)
         prepared = prepare_data(data, labels, images, on_bad_image, sweep.base.val_fraction, sweep.base.seed,
-                                sweep.base.task, sweep.base.validation)
+                                sweep.base.task, sweep.base.validation, sweep.base.image_format, sweep.base.bands)
         metric, prefix = prepared.score_metric, VALIDATIONS.get(prepared.validation).per_label_metric
         vocab = prepared.targets.vocabulary
-        _check_grid(sweep, len(vocab))
+        _check_grid(sweep, len(vocab), prepared.bands)
         settings = {"space": sweep.space, **sweep.base.as_dict(),
                     **pick(sweep, [o for o in SWEEP_OPTIONS if o != "max_concurrent"])}
         record = f"{experiment}/{SWEEP_FILE}"  # local, NFS or s3://, like the trials
@@ -133,7 +134,7 @@ def _check_gpus(sweep: Sweep) -> None:
                          f"(CPU) or a multiple of --workers-per-trial ({workers}, {2 * workers}, ...)")
 
 
-def _check_grid(sweep: Sweep, num_labels: int) -> None:
+def _check_grid(sweep: Sweep, num_labels: int, bands: InputBands | None = None) -> None:
     """Every listed (arch, weights, freeze) must build before any trial starts."""
     def options(key):
         value = sweep.space.get(key, getattr(sweep.base, key))
@@ -142,7 +143,7 @@ def _check_grid(sweep: Sweep, num_labels: int) -> None:
         return value if isinstance(value, list) else [value]
 
     for arch, weights, freeze in itertools.product(*map(options, ("arch", "weights", "freeze"))):
-        check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels)
+        check_model(replace(sweep.base, arch=arch, weights=weights, freeze=freeze), num_labels, bands)
 
 
 def _rows(grid, vocab: list[str], epochs: int, metric: str, prefix: str) -> list[dict]:
