@@ -104,14 +104,16 @@ class BandHistograms:
         return spec
 
 
-def band_histograms(paths: list, bands: str | None = None, indices: str | None = None) -> BandHistograms:
+def band_histograms(paths: list, bands: str | None = None, indices: str | None = None, pack=None) -> BandHistograms:
     """The multiband features for a data set whose training images are `paths`: the bands that
     `bands` names (rasters.band_indices; Planet's b, g, r, nir names for 4-band images) and the
     spectral `indices` (comma-separated), each band's range from a sample of the set
-    (rasters.sample_rasters)."""
-    from qdeep.data.rasters import INDICES, PLANET_BANDS, band_indices, band_names, band_statistics, sample_rasters
+    (rasters.training_sample; `pack`: a `data.pack.Pack` holding them, `paths` their names)."""
+    from qdeep.data.rasters import (INDICES, PLANET_BANDS, band_indices, band_names, band_statistics, sample_rasters,
+                                    training_sample)
 
-    rasters, layout = sample_rasters(paths)
+    sources, names = training_sample(paths, pack)
+    rasters, layout = sample_rasters(sources, names=names)
     names = band_names(layout.count)
     wanted = tuple(i.strip().lower() for i in indices.split(",")) if indices else ()
     unknown = [i for i in wanted if i not in INDICES]

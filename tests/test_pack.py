@@ -145,3 +145,23 @@ def test_a_pack_in_a_bucket_and_its_damaged_shards(ray_cluster, planet, s3_bucke
     assert main(["pack", "--data", str(planet), "--out", uri]) == 0  # replaces the damaged pack
     assert len(Pack(uri).files()) == 1
     assert fs.get_file_info(pyarrow.fs.FileSelector(inner)).__len__() == 2  # one shard and the manifest
+
+
+@pytest.mark.unit
+def test_a_shard_of_geotiffs_keeps_their_bytes_and_checks_their_bands(planet4, tmp_path):
+    from qdeep.data.pack import Row, write_shard
+    from qdeep.data.rasters import BandLayout, write_geotiff
+
+    tifs = sorted((planet4 / "train-tif-v2").glob("*.tif"))[:3]
+    three = tmp_path / "three.tif"
+    write_geotiff(three, np.ones((3, 8, 8), dtype=np.uint16))
+    rows = [Row(p.stem, str(p), "train", ["clear"], None) for p in [*tifs, three]]
+    out = tmp_path / "pack"
+    out.mkdir()
+    listing, failures = write_shard(str(out), 0, rows, BandLayout(4, "uint16", str(tifs[0]), "training set"))
+    assert listing["rows"] == 3 and len(failures) == 1 and failures[0][0] == 3
+    assert failures[0][1].startswith("has 3 band(s) of uint16; the training set's first image")
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(out / listing["file"]).column("data").to_pylist()
+    assert data == [p.read_bytes() for p in tifs]  # 16-bit, 4 bands: unchanged

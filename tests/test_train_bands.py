@@ -27,7 +27,7 @@ def test_train_on_every_band_then_predict_from_the_geotiffs(planet4, ray_cluster
     assert main(["train", "--data", str(planet4), *PLANET, "--band-init", "mean", "--arch", "resnet18",
                  "--freeze", "last:1", "--out", str(out), "--tracking-uri", sqlite_uri, *SMALL]) == 0
     config = json.loads((out / "model" / "config.json").read_text())
-    assert config["image_format"] == "tif" and config["band_init"] == "mean"
+    assert config["image_format"] == "tif" and config["band_init"] == "mean" and config["in_chans"] == 4
     assert config["bands"]["names"] == ["r", "g", "b", "nir"] and config["bands"]["index"] == [2, 1, 0, 3]
     state = torch.load(out / "model" / "model.pt", weights_only=True)
     assert state["conv1.weight"].shape == (64, 4, 7, 7)
@@ -101,3 +101,26 @@ def test_deepcluster_over_every_band(planet4, ray_cluster, tmp_path, sqlite_uri)
     assert manifest["model"]["bands"] == ["r", "g", "b", "nir"] and manifest["total_rows"] == 60
     assert pq.read_table(out / "assignments.parquet").num_rows == 60
     assert sorted(p.name for p in (out / "grids").iterdir()) == [f"cluster_{c:02d}.png" for c in range(3)]
+
+
+def test_a_pack_of_geotiffs_trains_predicts_and_fits_the_forest(planet4, ray_cluster, tmp_path, sqlite_uri, capsys):
+    pack = tmp_path / "pack"
+    assert main(["pack", "--data", str(planet4), "--image-format", "tif", "--out", str(pack)]) == 0
+    manifest = json.loads((pack / "pack.json").read_text())
+    assert manifest["image_format"] == "tif" and manifest["bands"]["count"] == 4
+    assert manifest["counts"] == {"train": 60, "test": 8, "skipped": 0}
+    capsys.readouterr()
+    assert main(["train", "--data", str(pack), "--out", str(tmp_path / "no"), "--tracking-uri", sqlite_uri]) == 2
+    assert "a pack of tif images, not jpg (add --image-format tif)" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(pack), *PLANET, "--arch", "resnet18", "--out", str(out),
+                 "--tracking-uri", sqlite_uri, *SMALL]) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["bands"]["names"] == ["r", "g", "b", "nir"] and config["bands"]["first"].startswith(f"{pack}:")
+    assert main(["predict", "--model", str(out / "model"), "--data", str(pack), "--out", str(tmp_path / "s.csv")]) == 0
+    rows = list(csv.reader(open(tmp_path / "s.csv")))
+    assert [r[0] for r in rows[1:]] == [f"test_{i}" for i in range(8)]
+    assert main(["baseline", "--data", str(pack), "--image-format", "tif", "--indices", "ndvi", "--folds", "2",
+                 "--trees", "10", "--out", str(tmp_path / "forest"), "--tracking-uri", sqlite_uri]) == 0
+    forest = json.loads((tmp_path / "forest" / "metrics.json").read_text())
+    assert forest["n_images"] == 60 and forest["n_test"] == 8 and forest["n_features"] == 5 * 26

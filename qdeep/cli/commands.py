@@ -58,10 +58,10 @@ def cmd_pack(args) -> None:
     from qdeep.data.pack import MANIFEST, describe
     from qdeep.workflows.pack import run_pack
 
-    paths.training_data(args.data, args.labels, args.images)
+    paths.training_data(args.data, args.labels, args.images, image_format=args.image_format)
     _check_outputs(args)
     manifest = run_pack(args.out, data=args.data, labels=args.labels, images=args.images, shard_mb=args.shard_mb,
-                        on_bad_image=args.on_bad_image, address=args.address)
+                        on_bad_image=args.on_bad_image, address=args.address, image_format=args.image_format)
     print(f"packed {describe(manifest)} into {args.out}")
     if manifest["skipped"]:
         print(f"skipped inputs are listed in {child(args.out, MANIFEST)}")

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "variables). `--data` and `--images` of every command take the pack.")
     _data_args(p)
     p.add_argument("--out", required=True, metavar="URI", help="a folder or a bucket prefix (s3://, gs://, ...)")
+    add_fields(p, BaselineConfig(), ["image_format"], image_format={
+        "help": "jpg: images Pillow decodes to RGB (train-jpg/ of the Planet layout); tif: multiband GeoTIFFs "
+                "(train-tif-v2/), their bytes unchanged, every image checked to have the first one's bands"})
     p.add_argument("--shard-mb", type=positive_float, default=DEFAULT_SHARD_MB,
                    help=f"at most about how many MB of images a shard holds (default {DEFAULT_SHARD_MB}); smaller, "
                         "down to 16, when that gives every CPU of the cluster a shard to pack and later to read")

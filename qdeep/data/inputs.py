@@ -16,7 +16,7 @@ from PIL import Image
 
 from qdeep.data.images import load_rgb
 from qdeep.data.rasters import (PLANET_BANDS, BandLayout, BandStats, Raster, band_indices, band_names,
-                                band_statistics, raster_input, read_raster, sample_rasters)
+                                band_statistics, raster_input, read_raster, sample_rasters, training_sample)
 from qdeep.data.transforms import train_input
 from qdeep.config import IMAGE_FORMATS
 from qdeep.errors import QdeepError
@@ -36,10 +36,11 @@ class InputBands:
     first: str
 
     @classmethod
-    def of(cls, paths: Sequence, spec: str | None = None) -> InputBands:
+    def of(cls, sources: Sequence, spec: str | None = None, names: Sequence[str] | None = None) -> InputBands:
         """The bands that `spec` (`--bands`: names or 1-based numbers; None: all) selects of the
-        images at `paths` (the training set's), their statistics from a sample of them."""
-        rasters, layout = sample_rasters(paths)
+        training images `sources` (paths, or files' bytes called `names`), their statistics from a
+        sample of them."""
+        rasters, layout = sample_rasters(sources, names=names)
         known = band_names(layout.count)
         index = tuple(band_indices(spec, layout.count, known))
         stats = band_statistics(rasters)
@@ -137,15 +138,17 @@ def model_input(arch_spec, size: int | None, bands: InputBands | None):
     return RasterInput(size, bands) if bands else RGBInput(size, tuple(arch_spec.mean), tuple(arch_spec.std))
 
 
-def input_bands(image_format: str, paths: Sequence, spec: str | None = None) -> InputBands | None:
-    """A data set's InputBands for `--image-format tif` (None for jpg, which takes no `--bands`)."""
+def input_bands(image_format: str, paths: Sequence, spec: str | None = None, pack=None) -> InputBands | None:
+    """A data set's InputBands for `--image-format tif` (None for jpg, which takes no `--bands`):
+    from its training images at `paths`, or in `pack` (a `data.pack.Pack`; `paths` are then names in it)."""
     if image_format not in IMAGE_FORMATS:
         raise QdeepError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     if image_format == "jpg":
         if spec:
             raise QdeepError("--bands is for multiband images: add --image-format tif")
         return None
-    return InputBands.of(paths, spec)
+    sources, names = training_sample(paths, pack)
+    return InputBands.of(sources, spec, names)
 
 
 __all__ = ["IMAGE_FORMATS", "InputBands", "PLANET_BANDS", "RGBInput", "RasterInput", "input_bands", "model_input"]

@@ -5,9 +5,11 @@ opening every small image (ray-project/ray#37499, #40686), and any node reads th
 A pack is a folder (or prefix) of `part-00000.parquet` ... and `pack.json`, written last. Each row
 is one image: `image` (its name: the CSV's image_name, or its path below a class folder), `split`
 (train or test), `tags` (its labels; null for test images), `origin` (where its labels came from:
-"file.csv:12", or its path) and `data`, the file's bytes as they were (never re-encoded). The
-manifest holds the format, the source and its layout, counts, the label vocabulary, each shard's
-file, rows, bytes and sha256, and the inputs skipped under `--on-bad-image skip`.
+"file.csv:12", or its path) and `data`, the file's bytes as they were (never re-encoded: GeoTIFFs
+keep every band and sample). The manifest holds the format, the source and its layout, the images'
+format (`image_format`: jpg, any image Pillow decodes to RGB; tif, multiband GeoTIFFs of one band
+layout, `bands`), counts, the label vocabulary, each shard's file, rows, bytes and sha256, and the
+inputs skipped under `--on-bad-image skip`.
 
 The manifest is written last and removed first when a pack is replaced, so an interrupted `qdeep
 pack` never leaves a pack that passes `Pack`'s check; `Pack` checks every shard's size against the
@@ -30,6 +32,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from qdeep.data.images import ImageDecodeError, load_rgb
+from qdeep.data.rasters import BandLayout, read_raster
 from qdeep.data.planet import Dataset, ImageSet
 from qdeep.errors import QdeepError
 from qdeep.io import basename, child, filesystem, read_json, write_json
@@ -80,15 +83,20 @@ def plan_shards(sizes: Sequence[int], shard_bytes: int) -> list[range]:
     return groups
 
 
-def write_shard(out: str, index: int, rows: Sequence[Row]) -> tuple[dict | None, list[tuple[int, str]]]:
-    """The rows whose files decode as shard `index` of the pack at `out`: (its listing {file, rows,
-    bytes, sha256, splits: {train: n, test: n}}, or None if no row decoded; [(position in `rows`, reason)] of those that did not).
+def write_shard(out: str, index: int, rows: Sequence[Row], bands: BandLayout | None = None
+                ) -> tuple[dict | None, list[tuple[int, str]]]:
+    """The rows whose files decode as shard `index` of the pack at `out` (as RGB images, or with
+    `bands` as GeoTIFFs of that layout): (its listing {file, rows, bytes, sha256, splits: {train: n,
+    test: n}}, or None if no row decoded; [(position in `rows`, reason)] of those that did not).
     A file that does not exist raises FileNotFoundError: the caller listed it, so it is not bad input."""
     kept, failures = [], []
     for i, row in enumerate(rows):
         data = Path(row.path).read_bytes()
         try:
-            load_rgb(io.BytesIO(data))
+            if bands:
+                bands.check(read_raster(data, row.path), row.path)
+            else:
+                load_rgb(io.BytesIO(data))
         except ImageDecodeError as exc:
             failures.append((i, exc.reason))
             continue
@@ -141,13 +149,15 @@ def remove_shards(out: str, shards: Sequence[dict]) -> None:
 
 
 def write_manifest(out: str, shards: Sequence[dict], source: str, layout: str, labels: Sequence[str],
-                   skipped: Sequence[dict]) -> dict:
+                   skipped: Sequence[dict], bands: BandLayout | None = None) -> dict:
     """The manifest, last: the pack at `out` is complete from here on."""
     counts = {"train": 0, "test": 0}
     for shard in shards:
         for split, n in shard["splits"].items():
             counts[split] += n
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": source, "layout": layout,
+                "image_format": "tif" if bands else "jpg",
+                **({"bands": {"count": bands.count, "dtype": bands.dtype, "first": bands.first}} if bands else {}),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "counts": {**counts, "skipped": len(skipped)}, "labels": sorted(labels),
                 "shards": [{k: s[k] for k in ("file", "rows", "bytes", "sha256")} for s in shards],
@@ -192,6 +202,18 @@ class Pack:
     @property
     def layout(self) -> str:
         return self.manifest["layout"]
+
+    @property
+    def image_format(self) -> str:
+        """jpg (images Pillow decodes to RGB) or tif (multiband GeoTIFFs); packs from before GeoTIFFs: jpg."""
+        return self.manifest.get("image_format", "jpg")
+
+    def check_format(self, image_format: str, what: str, hint: str | None = None) -> None:
+        """A one-line error unless it holds `image_format` images (what the command was told to read;
+        `hint`: what to do instead, by default the option that reads its images)."""
+        if image_format != self.image_format:
+            hint = hint or ("add --image-format tif" if self.image_format == "tif" else "leave out --image-format tif")
+            raise QdeepError(f"{what}: a pack of {self.image_format} images, not {image_format} ({hint})")
 
     @property
     def task(self) -> str:

@@ -255,9 +255,9 @@ def load_dataset(policy: BadInputPolicy, data: str | Path | None = None, labels:
         from qdeep.data.pack import Pack, is_pack
 
         if is_pack(data):
-            if image_format != "jpg":
-                raise QdeepError(f"--data {data}: a pack; packs of GeoTIFFs are not supported yet (use the folder)")
-            return Pack(str(data)).dataset()
+            pack = Pack(str(data))
+            pack.check_format(image_format, f"--data {data}")
+            return pack.dataset()
         return load_planet(data, policy, image_format)
     if labels and images and not data:
         return load_labeled_folder(labels, images, policy)

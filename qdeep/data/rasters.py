@@ -113,17 +113,29 @@ class BandLayout:
 SAMPLE = 64  # training images whose bands give a data set's statistics and ranges
 
 
-def sample_rasters(paths: Sequence, n: int = SAMPLE) -> tuple[list[Raster], BandLayout]:
-    """Up to `n` of the images at `paths`, spread over the list, and the layout of the first that
-    decodes. Images that do not decode, or whose bands differ from that first one's, are left out
-    here (the pass over every image reports them as bad input)."""
-    picked = spread(paths, n)
+def training_sample(paths: Sequence, pack=None) -> tuple[list, list[str]]:
+    """Up to SAMPLE of a data set's training images spread over `paths`: (their paths, or with
+    `pack`, a `data.pack.Pack` whose names `paths` are, their bytes; and what to call them)."""
+    picked = spread(paths, SAMPLE)
+    if pack is None:
+        return picked, [str(p) for p in picked]
+    found = pack.images(picked)
+    return [found[name] for name in picked], [f"{pack.uri}:{name}" for name in picked]
+
+
+def sample_rasters(sources: Sequence, n: int = SAMPLE, names: Sequence[str] | None = None
+                   ) -> tuple[list[Raster], BandLayout]:
+    """Up to `n` of the images `sources` (paths, or files' bytes called `names`), spread over the
+    list, and the layout of the first that decodes. Images that do not decode, or whose bands differ
+    from that first one's, are left out here (the pass over every image reports them as bad input)."""
+    picked = spread(range(len(sources)), n)
     rasters, layout = [], None
-    for path in picked:
+    for i in picked:
+        source, name = sources[i], names[i] if names is not None else str(sources[i])
         try:
-            raster = read_raster(path)
-            layout = layout or BandLayout.of(raster, path)
-            layout.check(raster, path)
+            raster = read_raster(source, name)
+            layout = layout or BandLayout.of(raster, name)
+            layout.check(raster, name)
         except ImageDecodeError:
             continue
         rasters.append(raster)

@@ -139,13 +139,14 @@ def _read_and_join(batch: dict, pack: Pack, wanted: pa.Table) -> pa.Table:
     return joined.take(np.random.default_rng().permutation(joined.num_rows))  # a new order at every epoch
 
 
-def pack_features(fn, pack: Pack, names: list[str]) -> np.ndarray:
-    """fn(RGB PIL image) -> 1-D array for each image of the pack named in `names`, in that order, in
-    Ray Data tasks that read the shards (decoding was checked when the pack was made)."""
+def pack_features(fn, pack: Pack, names: list[str], decode=None) -> np.ndarray:
+    """fn(decode(image bytes)) -> 1-D array for each image of the pack named in `names`, in that
+    order, in Ray Data tasks that read the shards (decoding was checked when the pack was made);
+    `decode`: to an RGB PIL image (default) or a raster (`rasters.read_raster`)."""
     if not names:
         return np.zeros((0, 0), dtype=np.float32)
     wanted = pa.table({"row": np.arange(len(names)), "image": pa.array(names, pa.string())})
-    ds = pack_join(pack, wanted).map_batches(_featurize, fn_kwargs={"fn": fn}, batch_format="numpy")
+    ds = pack_join(pack, wanted).map_batches(_featurize, fn_kwargs={"fn": fn, "decode": decode}, batch_format="numpy")
     batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     rows = np.concatenate([b["row"] for b in batches]) if batches else np.zeros(0, np.int64)
     if len(np.unique(rows)) != len(names):
@@ -155,10 +156,11 @@ def pack_features(fn, pack: Pack, names: list[str]) -> np.ndarray:
     return x
 
 
-def _featurize(batch: dict, fn) -> dict:
+def _featurize(batch: dict, fn, decode=None) -> dict:
     from qdeep.data.images import load_rgb
 
-    x = np.stack([np.asarray(fn(load_rgb(ref)), dtype=np.float32) for ref in batch["ref"]])
+    decode = decode or load_rgb
+    x = np.stack([np.asarray(fn(decode(ref)), dtype=np.float32) for ref in batch["ref"]])
     return {"row": batch["row"], "x": x}
 
 

@@ -10,28 +10,30 @@ from tqdm.auto import tqdm
 
 from qdeep.data import BadInputPolicy
 from qdeep.data.pack import Row, plan_shards, remove_shards, shard_bytes_for, shard_name, write_shard
+from qdeep.data.rasters import BandLayout
 from qdeep.distributed.tasks import check_visible_everywhere, not_visible, raise_user_error
 
 
-def _shard_task(out: str, index: int, rows: Sequence[Row]):
+def _shard_task(out: str, index: int, rows: Sequence[Row], bands: BandLayout | None = None):
     try:
-        return write_shard(out, index, rows)
+        return write_shard(out, index, rows, bands)
     except FileNotFoundError as exc:
         raise not_visible([exc.filename], 1) from None
 
 
-def pack_rows(rows: Sequence[Row], out: str, shard_bytes: int, policy: BadInputPolicy) -> tuple[list[dict], list[bool]]:
+def pack_rows(rows: Sequence[Row], out: str, shard_bytes: int, policy: BadInputPolicy,
+              bands: BandLayout | None = None) -> tuple[list[dict], list[bool]]:
     """Shards of at most about `shard_bytes` at `out` (in row order; smaller when that keeps every CPU of
-    the cluster packing: `shard_bytes_for`) and which rows are in them; images that do not decode go to
-    `policy`. Nothing is left at `out` if this raises (a bad image under the error
-    policy, Ctrl+C, a node that does not see the images)."""
+    the cluster packing: `shard_bytes_for`) and which rows are in them; images that do not decode (with
+    `bands`: as GeoTIFFs of that layout) go to `policy`. Nothing is left at `out` if this raises (a bad
+    image under the error policy, Ctrl+C, a node that does not see the images)."""
     import ray
 
     check_visible_everywhere([r.path for r in rows])
     sizes = [os.path.getsize(r.path) for r in rows]
     groups = plan_shards(sizes, shard_bytes_for(sum(sizes), int(ray.cluster_resources().get("CPU", 1)), shard_bytes))
     task = ray.remote(num_cpus=1)(_shard_task)
-    pending = {task.remote(out, i, [rows[j] for j in group]): i for i, group in enumerate(groups)}
+    pending = {task.remote(out, i, [rows[j] for j in group], bands): i for i, group in enumerate(groups)}
     listings: dict[int, dict] = {}
     kept = [True] * len(rows)
     try:

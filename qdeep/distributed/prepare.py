@@ -76,7 +76,7 @@ def prepare_data(data=None, labels=None, images=None, on_bad_image: str = "error
     image is checked to have the bands of the first."""
     policy = BadInputPolicy(on_bad_image)
     dataset = load_dataset(policy, data=data, labels=labels, images=images, image_format=image_format)
-    chosen = input_bands(image_format, dataset.train.paths, bands)
+    chosen = input_bands(image_format, dataset.train.paths, bands, Pack(dataset.pack) if dataset.pack else None)
     train = dataset.train if dataset.pack else check_images(dataset.train, policy,
                                                              decode=chosen.read if chosen else load_rgb)
     names, tags, origins = [str(p) for p in train.paths], train.tags, train.origins

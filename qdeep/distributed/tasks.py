@@ -194,7 +194,7 @@ def image_features(fn: Callable, images: ImageSet, policy: BadInputPolicy, desc:
         from qdeep.data.pack import Pack
         from qdeep.distributed.ingest import pack_features
 
-        return pack_features(fn, Pack(pack), images.names), images
+        return pack_features(fn, Pack(pack), images.names, decode), images
     check_visible_everywhere(images.paths)
     x, errors = map_images(fn, images.paths, desc=desc, decode=decode)
     keep = np.ones(len(images), dtype=bool)

@@ -12,6 +12,7 @@ from qdeep import io, tracking
 from qdeep.config import BaselineConfig
 from qdeep.baseline import N_BINS, N_FEATURES, HistogramForest, band_histograms, color_histogram
 from qdeep.data import BadInputPolicy, load_dataset, load_rgb
+from qdeep.data.pack import Pack
 from qdeep.data.rasters import read_raster
 from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.tasks import image_features
@@ -51,7 +52,8 @@ def run_baseline(
     _check_folds(folds, len(dataset.train), dataset.source)
     features, fn, decode = None, color_histogram, load_rgb
     if image_format == "tif":
-        features = fn = band_histograms(dataset.train.paths, bands, indices)
+        features = fn = band_histograms(dataset.train.paths, bands, indices,
+                                        Pack(dataset.pack) if dataset.pack else None)
         decode = read_raster
     with ray_session(address, log=log_in(out)):
         x, train = image_features(fn, dataset.train, policy, "histograms (train)", dataset.pack, decode)

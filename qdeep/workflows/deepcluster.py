@@ -140,11 +140,14 @@ def collect(images, config: DeepClusterConfig, labels=None, data=None, on_bad_im
     policy = BadInputPolicy(on_bad_image)
     image_format, bands = config.train.image_format, None
     if is_pack(images):
-        if image_format != "jpg":
-            raise QdeepError(f"--images {images}: a pack; packs of GeoTIFFs are not supported yet (use the folder)")
         source, paths = str(io.resolved(images)), None
-        meta = Pack(source).read(("image", "tags"))
+        pack = Pack(source)
+        pack.check_format(image_format, f"--images {images}")
+        meta = pack.read(("image", "split", "tags"))
         ids, tags = meta["image"].to_pylist(), meta["tags"].to_pylist()
+        if image_format == "tif":  # statistics from its training images, as a folder's from all
+            train = [i for i, split in zip(ids, meta["split"].to_pylist()) if split == "train"]
+            bands = input_bands(image_format, train or ids, config.train.bands, pack)
         if len(set(ids)) != len(ids):
             raise QdeepError(f"pack {source}: its image names are not unique (a test image named like a training one)")
         truth = None if None in tags else [" ".join(sorted(t)) for t in tags]

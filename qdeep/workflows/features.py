@@ -26,12 +26,14 @@ def extract_features(images: str | Path, arch: str, weights: str, out: str | Pat
     Multiband images (`image_format` tif): the `bands` chosen, the network's first convolution
     adapted by `band_init`, each band normalised by its statistics in a sample of the images."""
     if is_pack(images):
-        if image_format != "jpg":
-            raise QdeepError(f"--images {images}: a pack; packs of GeoTIFFs are not supported yet (use the folder)")
         pack = Pack(str(images))
+        pack.check_format(image_format, f"--images {images}")
+        names = pack.read(("image",))["image"].to_pylist()
+        chosen = input_bands(image_format, names, bands, pack)
         with ray_session(address, log=log_beside(out)):
             return embed_images(pack_images(pack), pack.total, pack.uri, arch, weights, out, batch_size, image_size,
-                                rows_per_shard, extra={"n_skipped": 0, "skipped": [], "pack": pack.uri})
+                                rows_per_shard, extra={"n_skipped": 0, "skipped": [], "pack": pack.uri},
+                                bands=chosen, band_init=band_init)
     root = Path(images).resolve()
     policy = BadInputPolicy(on_bad_image)
     found = scan_images(root, policy)

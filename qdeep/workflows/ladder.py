@@ -25,6 +25,7 @@ from qdeep import io, tracking
 from qdeep.baseline import HistogramForest, band_histograms, color_histogram
 from qdeep.config import LadderConfig, TrainConfig
 from qdeep.data import ImageSet, load_rgb
+from qdeep.data.pack import Pack
 from qdeep.data.rasters import read_raster
 from qdeep.distributed.prepare import TrainingData, prepare_data, settle
 from qdeep.distributed.session import log_in, ray_session
@@ -45,7 +46,8 @@ def histogram_rung(data: TrainingData, trees: int, seed: int) -> dict:
     images = ImageSet(names=data.paths, paths=[Path(p) for p in data.paths])
     fn, decode = color_histogram, load_rgb
     if data.bands:
-        fn = band_histograms(data.paths, ",".join(str(i + 1) for i in data.bands.index))
+        fn = band_histograms(data.paths, ",".join(str(i + 1) for i in data.bands.index),
+                             pack=Pack(data.pack) if data.pack else None)
         decode = read_raster
     x, _ = image_features(fn, images, data.policy, "histograms", data.pack, decode)
     train, val = ~data.is_val, data.is_val

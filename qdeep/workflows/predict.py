@@ -140,6 +140,7 @@ def _predict(model: Path, out, images, data, on_bad_image, address, output_forma
         if not isinstance(predictor, CNNPredictor):
             raise QdeepError(f"--data {data}: a pack; only a `qdeep train` model predicts from a pack")
         pack = Pack(str(data))
+        pack.check_format(predictor.image_format, f"--data {data}", f"the model {model} reads {predictor.image_format}")
         names = pack.rows("test", ["image"])["image"].to_pylist()
         todo = ImageSet(names=names, paths=[f"{pack.uri}:{name}" for name in names])
     else:

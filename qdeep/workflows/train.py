@@ -98,7 +98,8 @@ def export(out: Path, outcome: driver.TrainOutcome, data: TrainingData, config: 
         io.write_json(model_dir / "config.json", {
             "kind": CNN_KIND, "task": data.targets.kind, "arch": config.arch, "image_size": config.image_size,
             "num_labels": len(vocab), "weights": config.weights, "freeze": config.freeze,
-            "image_format": config.image_format, "bands": data.bands.to_dict() if data.bands else None,
+            "image_format": config.image_format, "in_chans": len(data.bands.index) if data.bands else 3,
+            "bands": data.bands.to_dict() if data.bands else None,
             "band_init": config.band_init, "epoch": best["epoch"], **scores})
     history = latest["history"]
     metrics = {
