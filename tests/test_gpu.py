@@ -113,3 +113,19 @@ def test_features_on_a_gpu_actor_equal_the_cpu_result(planet_dir, ray_cluster, t
     cosine = (feats * expected).sum(1) / (np.linalg.norm(feats, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() > 0.999
     np.testing.assert_allclose(feats, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_multiband_training_and_prediction_on_the_gpu(planet4, ray_cluster, tmp_path, sqlite_uri):
+    """4-band 16-bit GeoTIFFs through AMP on one GPU worker, the NIR band in a parallel stem; predict
+    on the GPU too (its actor takes the GPU when one is free)."""
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(planet4), "--image-format", "tif", "--bands", "r,g,b,nir", "--band-init",
+                 "parallel", "--freeze", "last:1", "--gpu", "yes", "--workers", "1", "--epochs", "2", "--out", str(out),
+                 "--tracking-uri", sqlite_uri, *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 2 and 0 < metrics["val_f2"] <= 1
+    state = torch.load(out / "model" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["conv1.extra.weight"].shape == (64, 1, 7, 7)
+    assert main(["predict", "--model", str(out / "model"), "--data", str(planet4), "--out",
+                 str(tmp_path / "sub.csv")]) == 0
+    assert len((tmp_path / "sub.csv").read_text().splitlines()) == 1 + 8

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qdeep.data.images import load_rgb
-from qdeep.data.rasters import (PLANET_BANDS, BandLayout, BandStats, Raster, band_indices, band_names,
-                                band_statistics, raster_input, read_raster, sample_rasters, training_sample)
-from qdeep.data.transforms import train_input
 from qdeep.config import IMAGE_FORMATS
+from qdeep.data.images import load_rgb
+from qdeep.data.rasters import (BandLayout, BandStats, Raster, band_indices, band_names, band_statistics,
+                                raster_input, read_raster, sample_rasters, training_sample)
+from qdeep.data.transforms import train_input
 from qdeep.errors import QdeepError
 
 
@@ -151,4 +151,4 @@ def input_bands(image_format: str, paths: Sequence, spec: str | None = None, pac
     return InputBands.of(sources, spec, names)
 
 
-__all__ = ["IMAGE_FORMATS", "InputBands", "PLANET_BANDS", "RGBInput", "RasterInput", "input_bands", "model_input"]
+__all__ = ["IMAGE_FORMATS", "InputBands", "RGBInput", "RasterInput", "input_bands", "model_input"]

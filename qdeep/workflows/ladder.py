@@ -86,9 +86,9 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
             results = {}
             forests = {"histogram_rf": visible, **({"histogram_rf_all_bands": every_band} if visible is not every_band
                                                    else {})}
-            for rung, data_ in forests.items():
+            for rung, rung_data in forests.items():
                 with tracking.mlflow_run(rung, {"trees": trees, **prepared.sizes}, uri=tracking_uri):
-                    results[rung] = histogram_rung(data_, trees, base.seed)
+                    results[rung] = histogram_rung(rung_data, trees, base.seed)
                     tracking.log_metrics({prepared.score_metric: results[rung]["score"]})
             finetune = replace(base, arch=arch, weights=io.child(out, "frozen/model/model.pt"), freeze="last:2",
                                fit_strategy="single")
@@ -99,9 +99,9 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                 "finetune": (finetune, visible),
                 **({"finetune_all_bands": (finetune, every_band)} if visible is not every_band else {}),
             }
-            for rung, (config, data_) in configs.items():
+            for rung, (config, rung_data) in configs.items():
                 m = run_train(io.child(out, rung), config, workers=workers, name=rung, tracking_uri=tracking_uri,
-                              prepared=data_, plugins=plugins)
+                              prepared=rung_data, plugins=plugins)
                 results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
             tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
             with io.outputs(out) as local:
