@@ -13,6 +13,9 @@ from qdeep.options import (crop_fraction, fraction, fraction_closed, freeze_spec
 NAMED_WEIGHTS = ("none", "imagenet", "bundled")  # --weights besides a PATH
 IMAGE_FORMATS = ("jpg", "tif")  # 8-bit RGB (any Pillow format; Planet's train-jpg/), multiband GeoTIFFs
 BAND_INITS = ("rgb-copy", "tile", "mean", "zero", "parallel")  # models.bands: a new band's first kernels
+# `mean`: of the five, with `tile` and `parallel`, the only ones whose NIR kernels learnt the tag that NIR shows
+# in a 5-epoch fine-tuning (scripts/bench_bands.py, README Benchmarks), at less cost in overall F2 than `tile`
+DEFAULT_BAND_INIT = "mean"
 
 
 def option(default, help: str, type=None, choices=None, **kwargs):
@@ -32,9 +35,9 @@ def bands_option():
 
 
 def band_init_option():
-    return option("rgb-copy", "with bands beyond r,g,b: the first convolution's kernels for the new bands (the RGB "
-                  "bands keep the pretrained ones): rgb-copy (random), tile (timm's in_chans), mean, zero, parallel "
-                  "(a second convolution, as Raster Vision)", choices=BAND_INITS)
+    return option(DEFAULT_BAND_INIT, "with bands beyond r,g,b: the first convolution's kernels for the new bands (the "
+                  "RGB bands keep the pretrained ones): rgb-copy (random), tile (timm's in_chans), mean (of the RGB "
+                  "kernels), zero, parallel (a second convolution, as Raster Vision)", choices=BAND_INITS)
 
 
 @dataclass

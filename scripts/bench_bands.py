@@ -34,6 +34,20 @@ Measured 2026-12-07 (2 cores; synthetic set, seed 1, 1,500 training and 500 test
     tif r,g,b        test F2 0.9422  blow_down F2 0.000  (71 s)
     tif r,g,b,nir    test F2 0.9566  blow_down F2 1.000  (84 s)
     tif +ndvi,ndwi   test F2 0.9657  blow_down F2 0.972  (72 s)
+  CNN, --freeze none --epochs 5 --seeds 0,1 (117-158 s a run):
+    jpg                       test F2 0.9437 / 0.9556  blow_down F2 0.122 / 0.172
+    tif r,g,b                 test F2 0.9459 / 0.9547  blow_down F2 0.104 / 0.312
+    tif r,g,b,nir rgb-copy    test F2 0.9528 / 0.9468  blow_down F2 0.238 / 0.000
+    tif r,g,b,nir tile        test F2 0.9413 / 0.9419  blow_down F2 0.857 / 0.758
+    tif r,g,b,nir mean        test F2 0.9470 / 0.9439  blow_down F2 0.417 / 0.469
+    tif r,g,b,nir zero        test F2 0.9485 / 0.9480  blow_down F2 0.000 / 0.172
+    tif r,g,b,nir parallel    test F2 0.9459 / 0.9444  blow_down F2 0.303 / 0.333
+  CNN, --freeze last:2 --epochs 3, seed 0 (79-90 s a run): jpg 0.9411 (blow_down 0.128), tif r,g,b
+  0.9302 (0.132), with nir: rgb-copy 0.9319 (0.000), tile 0.9078 (0.306), mean 0.9171 (0.000), zero
+  0.9290 (0.366), parallel 0.9276 (0.147).
+  Decode, one thread, 500 tiles (--parts decode; --size 256 for the second pair):
+    64 px   decode: JPEG 11547 img/s, GeoTIFF 6547 (0.57x); decode + input: 6364, 3794 (0.60x)
+    256 px  decode: JPEG 2349 img/s, GeoTIFF 4657 (1.82x); decode + input: 1656, 1626 (0.94x)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch
 from qdeep.clustering.shards import features_to_numpy, write_shard
 from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
                                     finish_store, shard_table, staging_dir)
+from qdeep.config import DEFAULT_BAND_INIT
 from qdeep.data.images import load_rgb
 from qdeep.data.inputs import InputBands, RasterInput
 from qdeep.data.pack import Pack
@@ -31,7 +32,7 @@ from qdeep.errors import QdeepError
 from qdeep.models import build_model, embed, weights_sha256
 
 
-def load_backbone(arch: str, weights: str, bands: InputBands | None = None, band_init: str = "rgb-copy"
+def load_backbone(arch: str, weights: str, bands: InputBands | None = None, band_init: str = DEFAULT_BAND_INIT
                   ) -> torch.nn.Module:
     """The network whose penultimate layer describes images (its ImageNet head is not used), its
     first convolution adapted to `bands` (None: RGB) by `band_init`."""
@@ -79,7 +80,7 @@ def _read_pack_shards(batch: dict, pack: Pack):
 class Embedder:
     """Actor stage: one backbone per actor, pixels -> descriptors (float32)."""
 
-    def __init__(self, arch: str, weights: str, bands: InputBands | None = None, band_init: str = "rgb-copy"):
+    def __init__(self, arch: str, weights: str, bands: InputBands | None = None, band_init: str = DEFAULT_BAND_INIT):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_backbone(arch, weights, bands, band_init).to(self.device)
         spec = self.model.qdeep_arch
@@ -99,7 +100,7 @@ class Embedder:
 def embed_images(rows, n_images: int, root: Path | str, arch: str, weights: str, out: str | Path, batch_size: int = 64,
                  image_size: int | None = None, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, extra: dict | None = None,
                  use_gpu: bool | None = None, max_gpu_actors: int = 1, bands: InputBands | None = None,
-                 band_init: str = "rgb-copy"):
+                 band_init: str = DEFAULT_BAND_INIT):
     """Descriptors of `n_images` already-checked images under `root` (`rows`: `folder_rows` or
     `pack_images`) into the store at `out` (call inside a Ray session), on `tasks.model_stage`'s
     actors: GPU ones when the cluster has GPUs (use_gpu None) or when asked. Multiband images: the

@@ -11,6 +11,7 @@ import torch
 
 from qdeep.data import BadInputPolicy, ImageSet
 from qdeep.data.images import ImageDecodeError
+from qdeep.config import DEFAULT_BAND_INIT
 from qdeep.data.inputs import InputBands, model_input
 from qdeep.data.pack import Pack
 from qdeep.distributed.ingest import pack_join
@@ -61,7 +62,7 @@ def load_exported(model_dir: Path, device: str = "cpu", config: dict | None = No
     try:
         bands = config["bands"]
         model = build_model(config["arch"], config["num_labels"], "none", "none", bands and bands.names,
-                            config.get("band_init", "rgb-copy"))
+                            config.get("band_init", DEFAULT_BAND_INIT))
     except QdeepError as err:  # e.g. an arch this qdeep does not know
         raise QdeepError(f"model config {model_dir / 'config.json'}: {err}") from None
     load_strict(model, state, path, "model file")

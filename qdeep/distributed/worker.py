@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdeep.config import DEFAULT_BAND_INIT
 from qdeep.data.inputs import InputBands, model_input
 from qdeep.data.loader import Decoder
 from qdeep.distributed.comm import broadcast_buffers, broadcast_from_rank0, gather, gather_to_rank0, sum_across_workers
@@ -50,7 +51,7 @@ def train_func(config: dict) -> None:
 
     bands = InputBands.from_dict(config["input_bands"], "run config") if config.get("input_bands") else None
     bare = build_model(config["arch"], len(targets), config["weights"], stages[0].freeze, bands and bands.names,
-                       config.get("band_init", "rgb-copy"), config.get("frozen_stem", False))
+                       config.get("band_init", DEFAULT_BAND_INIT), config.get("frozen_stem", False))
     read = model_input(bare.qdeep_arch, config["image_size"], bands)
     threads = config["loader_workers"]
     augmented = Decoder(read, train=True, crop=config["crop"], seed=config["seed"],

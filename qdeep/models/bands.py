@@ -9,6 +9,9 @@ kernels stay on the RGB bands wherever those are; the new bands' kernels come fr
             3 / bands, whatever the bands are (timm's `in_chans`)
   mean      the mean of the RGB kernels
   zero      zeros: the network starts as the RGB one and learns what the new bands add
+
+The default is `mean` (config.DEFAULT_BAND_INIT): in scripts/bench_bands.py's 5-epoch fine-tuning the
+NIR kernels of `rgb-copy` and `zero` never learnt the tag that only NIR shows; `mean`'s did.
   parallel  a second convolution of the same shape over the new bands alone, added to the pretrained
             one over the RGB bands (as Raster Vision does); randomly initialised
 
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qdeep.config import BAND_INITS
+from qdeep.config import BAND_INITS, DEFAULT_BAND_INIT
 from qdeep.errors import QdeepError
 
 __all__ = ["BAND_INITS", "ParallelStem", "adapt_bands", "first_conv"]
@@ -76,7 +79,7 @@ class ParallelStem(nn.Module):
         return self.rgb(x.index_select(1, self.rgb_index)) + self.extra(x.index_select(1, self.extra_index))
 
 
-def adapt_bands(model: nn.Module, bands: Sequence[str], strategy: str = "rgb-copy") -> nn.Module:
+def adapt_bands(model: nn.Module, bands: Sequence[str], strategy: str = DEFAULT_BAND_INIT) -> nn.Module:
     """`model` (in place, and returned) taking `bands` as its input channels; see the module's doc."""
     if strategy not in BAND_INITS:
         raise QdeepError(f"--band-init must be one of {', '.join(BAND_INITS)}, got {strategy!r}")

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qdeep.config import NAMED_WEIGHTS
+from qdeep.config import DEFAULT_BAND_INIT, NAMED_WEIGHTS
 from qdeep.errors import QdeepError
 from qdeep.models.bands import adapt_bands, first_conv
 from qdeep.models.freeze import apply_freeze, parse_freeze, unwrap
@@ -278,7 +278,7 @@ def _create(spec: ArchSpec, weights: str) -> nn.Module:
 
 
 def _from_file(spec: ArchSpec, path: str, num_labels: int | None, bands: Sequence[str] | None = None,
-               band_init: str = "rgb-copy") -> nn.Module:
+               band_init: str = DEFAULT_BAND_INIT) -> nn.Module:
     """Random init, then the file (with whatever head it was saved with: ImageNet's, or one
     trained by qdeep), then a new head of `num_labels` unless the file's already has that size.
     With `bands`, the first convolution is adapted before the file loads if the file's is (a
@@ -303,7 +303,8 @@ def _from_file(spec: ArchSpec, path: str, num_labels: int | None, bands: Sequenc
 
 
 def build_model(arch: str, num_labels: int | None, weights: str = "none", freeze: str = "none",
-                bands: Sequence[str] | None = None, band_init: str = "rgb-copy", frozen_stem: bool = False) -> nn.Module:
+                bands: Sequence[str] | None = None, band_init: str = DEFAULT_BAND_INIT,
+                frozen_stem: bool = False) -> nn.Module:
     """``arch`` with ``weights``, a head of ``num_labels`` logits (None: keep ImageNet's) and ``freeze``.
     ``bands`` (None: RGB) names the input channels, the first convolution adapted by ``band_init``
     (``models.bands``); frozen blocks leave it training unless ``frozen_stem``."""
