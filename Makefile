@@ -55,9 +55,10 @@ demo: $(STAMP)
 	$(BIN)/qdeep synth --multiclass --out $(DEMO)/scenes --n 100 --size 64 --seed 0
 	$(BIN)/qdeep deepcluster --images $(DEMO)/scenes --data $(DEMO)/scenes --k 5 --iterations 3 --final-k 10 \
 		--image-size 64 --freeze last:2 --out $(DEMO)/deepcluster $(TRACK)
-	@echo; echo "Ladder table: $(DEMO)/ladder/ladder.md, plots: $(DEMO)/ladder/*.png"
-	@echo "DeepCluster grids: $(DEMO)/deepcluster/grids/, curves: $(DEMO)/deepcluster/curves.png"
+	@echo; echo "Ladder report: $(CURDIR)/$(DEMO)/ladder/report.html"
 	@echo "MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlflow.db"
+	@echo "DeepCluster report (every group's members, palette, texture, saliency; open it in a browser):"
+	@echo "$(CURDIR)/$(DEMO)/deepcluster/report.html"
 
 # Every tier (the gpu tests skip, with the reason, where torch sees no GPU): what CI runs.
 test: $(STAMP)

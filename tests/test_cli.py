@@ -17,7 +17,8 @@ def _run(*args, cwd=None):
     return subprocess.run([QDEEP, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-COMMANDS = ["synth", "pack", "baseline", "train", "tune", "ladder", "features", "deepcluster", "predict", "compare"]
+COMMANDS = ["synth", "pack", "baseline", "train", "tune", "ladder", "features", "deepcluster", "profile", "predict",
+            "compare"]
 
 
 def test_the_help_tests_cover_every_command():
@@ -113,6 +114,13 @@ def test_a_bad_option_is_one_line_before_anything_starts(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == ["qdeep: error: --folds '1': expected an integer >= 2 (see 'qdeep baseline --help')"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_needs_a_finished_deepcluster_run(tmp_path):
+    r = _run("profile", "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"qdeep: error: {tmp_path} holds no finished DeepCluster run (no metrics.json): run qdeep deepcluster first"]
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
 
 
 def test_predict_rejects_a_folder_that_is_not_a_model(tmp_path):

@@ -69,7 +69,7 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert final["purity_true"] > 0.5  # pretrained descriptors separate the scene classes
 
     table = pq.read_table(out / "assignments.parquet")
-    assert table.column_names == ["image", "cluster", "iter_1", "iter_2"] and table.num_rows == 80
+    assert table.column_names == ["image", "cluster", "distance", "iter_1", "iter_2"] and table.num_rows == 80
     images = table.column("image").to_pylist()
     assert set(images) == {f"{c}/{c}_{i}.jpg" for c in SCENE_CLASSES for i in range(16)}
     assert np.array_equal(table.column("iter_1").to_numpy(), labels_1)
@@ -84,6 +84,7 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
             shown = min(int((clusters == c).sum()), 16)
             assert grid.size == (4 * 96, 18 + max(1, -(-shown // 4)) * 96), (c, shown, grid.size)
     assert (out / "curves.png").stat().st_size > 0 and (out / "sizes.png").stat().st_size > 0
+    _check_report(out, clusters, table.column("iter_2").to_numpy())
 
     mlflow.set_tracking_uri(sqlite_uri)
     runs = mlflow.search_runs(experiment_names=["qdeep"], output_format="list")
@@ -100,10 +101,39 @@ def test_two_iterations_interrupted_then_resumed(ray_cluster, tmp_path, sqlite_u
     assert params["k"] == params["nb_clusters"] == "5" and params["models_dir"].endswith("iterations")
     assert params["iterations"] == "2" and Path(params["data_dir"]).is_dir()
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"metrics.json", "assignments.parquet", "curves.png", "sizes.png", "grids", "sizes"} <= artifacts
+    assert {"metrics.json", "assignments.parquet", "curves.png", "sizes.png", "grids", "sizes", "report.html",
+            "profiles"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent, "sizes")} == {"sizes/iter_01.json", "sizes/iter_02.json"}
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {"iteration-1", "iteration-2"} <= children
+
+
+def _check_report(out: Path, clusters: np.ndarray, last: np.ndarray) -> None:
+    """OUT/profiles/ and OUT/report.html, as a person sees it in Chromium: every non-empty group with
+    its grid, palette, descriptors, words and saliency, every picture loaded, nothing fetched."""
+    from browser import open_report
+
+    from qdeep.profiles import FEATURES
+
+    profiles = json.loads((out / "profiles" / "profiles.json").read_text())
+    present = sorted(set(clusters.tolist()))  # an empty group has no members to profile
+    assert [g["group"] for g in profiles["groups"]] == present and profiles["features"] == list(FEATURES)
+    for g in profiles["groups"]:
+        assert g["size"] == int((clusters == g["group"]).sum()) and g["words"]
+        assert abs(sum(c["share"] for c in g["palette"]) - 1) < 1e-6 and set(g["z"]) == set(FEATURES)
+        # the saliency of the pseudo-class most of its members had in the last iteration
+        assert g["target"] == np.bincount(last[clusters == g["group"]]).argmax()
+        for name in (f"palette_{g['group']:02d}.png", f"saliency_{g['group']:02d}.png"):
+            assert (out / "profiles" / name).stat().st_size > 0
+    page = open_report(out / "report.html", "deepcluster_report.png")
+    assert page["sections"] == [f"group-{c}" for c in present] and page["requests"] == []
+    assert [i for i in page["images"] if not i["loaded"]] == []
+    alts = {i["alt"] for i in page["images"]}
+    assert {"per-iteration curves", "group sizes"} <= alts
+    for c in present:
+        assert {f"group {c} members", f"group {c} palette", f"group {c} saliency"} <= alts
+    assert all(g["words"] in page["text"] for g in profiles["groups"])
+    assert page["screenshot"].stat().st_size > 0
 
 
 def test_from_a_pack_in_a_bucket_into_the_bucket_a_killed_worker_resumes_from_there(ray_cluster, tmp_path, s3_bucket,
@@ -145,11 +175,21 @@ def test_from_a_pack_in_a_bucket_into_the_bucket_a_killed_worker_resumes_from_th
             "features/manifest.json"} <= listed and ".qdeep-unfinished" not in listed
     assert sorted(p for p in listed if p.startswith("grids/")) == [f"grids/cluster_{c:02d}.png" for c in range(3)]
     table = pq.read_table(f"{root}/assignments.parquet", filesystem=fs)
-    assert table.column_names == ["image", "cluster", "iter_1", "iter_2"]
+    assert table.column_names == ["image", "cluster", "distance", "iter_1", "iter_2"]
     assert set(table.column("image").to_pylist()) == {f"{c}/{c}_{i}.jpg" for c in SCENE_CLASSES for i in range(6)}
     labels_2 = np.load(BytesIO(io.read_bytes(f"{out}/iterations/iter_02/labels.npy")))
     assert np.array_equal(table.column("iter_2").to_numpy(), labels_2)
     assert not (tmp_path / "dc").exists()  # nothing of OUT on local disk
+    assert {"report.html", "profiles/profiles.json", "profiles/saliency_00.png"} <= listed
+
+    # `qdeep profile` rebuilds the profiles and the report in the bucket, from the pack, the same way
+    before = io.read_json(f"{out}/profiles/profiles.json")
+    fs.delete_dir(f"{root}/profiles")
+    fs.delete_file(f"{root}/report.html")
+    assert main(["profile", "--out", out, "--tracking-uri", sqlite_uri]) == 0
+    assert io.read_json(f"{out}/profiles/profiles.json") == before
+    assert io.read_text(f"{out}/report.html").count('<section class="group"') == len(before["groups"])
+    assert not io.exists(f"{out}/.qdeep-unfinished")
 
     capsys.readouterr()  # a rerun with another k is refused, from the record in the bucket
     assert main([*argv[2:argv.index("--k") + 1], "4", *argv[argv.index("--k") + 2:]]) == 2

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from qdeep.cli import main
 from qdeep.data.rasters import write_geotiff
@@ -101,6 +102,12 @@ def test_deepcluster_over_every_band(planet4, ray_cluster, tmp_path, sqlite_uri)
     assert manifest["model"]["bands"] == ["r", "g", "b", "nir"] and manifest["total_rows"] == 60
     assert pq.read_table(out / "assignments.parquet").num_rows == 60
     assert sorted(p.name for p in (out / "grids").iterdir()) == [f"cluster_{c:02d}.png" for c in range(3)]
+    # the report: the groups profiled on their pictures' RGB, the saliency of the 4-band network
+    groups = json.loads((out / "profiles" / "profiles.json").read_text())["groups"]
+    assert len(groups) == len(set(pq.read_table(out / "assignments.parquet")["cluster"].to_pylist()))
+    for g in groups:
+        with Image.open(out / "profiles" / f"saliency_{g['group']:02d}.png") as strip:
+            assert strip.size == (min(4, g["size"]) * 128, 128) and np.asarray(strip).std() > 0
 
 
 def test_a_pack_of_geotiffs_trains_predicts_and_fits_the_forest(planet4, ray_cluster, tmp_path, sqlite_uri, capsys):

@@ -39,6 +39,16 @@ def test_sweep_of_two_archs_by_two_freeze_depths(planet_dir, ray_cluster, s3_buc
         _check_sweep(out, sqlite_uri)
 
 
+def _open_report(out, screenshot: str, plots: list[str]) -> dict:
+    """OUT/report.html in Chromium: its plots, all loaded, nothing fetched."""
+    from browser import open_report
+
+    page = open_report(out / "report.html", screenshot)
+    assert [i["alt"] for i in page["images"]] == plots and all(i["loaded"] for i in page["images"])
+    assert page["requests"] == []
+    return page
+
+
 def _check_sweep(out, sqlite_uri):
     assert len({p.parent for p in (out / "ray_results").glob("sweep-*/checkpoint_*")}) == 4  # each trial's
     rows = _rows(out / "results.csv")
@@ -48,9 +58,12 @@ def _check_sweep(out, sqlite_uri):
     assert all(r["status"] == "completed" and 0 < float(r["val_f2"]) <= 1 and r["epochs"] == "1" for r in rows)
     assert [float(r["val_f2"]) for r in rows] == sorted((float(r["val_f2"]) for r in rows), reverse=True)
     assert "Best:" in (out / "report.md").read_text()
+    page = _open_report(out, "tune_report.png", ["best score per arch and freeze depth", "per-label scores of every trial"])
+    assert page["headings"] == ["Trials", "Settings"] and all(r["trial_id"] in page["text"] for r in rows)
     assert (out / "ladder.png").stat().st_size > 0 and (out / "per_label.png").stat().st_size > 0
     parents = _parents(sqlite_uri)
     assert len(parents) == 1
+    assert "report.html" in {a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id)}
     children = _children(sqlite_uri, parents[0].info.run_id)
     assert len(children) == 4  # exactly one per trial, none from workers
     assert all(c.info.status == "FINISHED" and "val_f2" in c.data.metrics for c in children)
@@ -137,10 +150,14 @@ def _check_ladder(out, sqlite_uri):
     md = (out / "ladder.md").read_text()
     assert "| winner |" in md and md.count("\n| ") >= 4 + 17
     assert (out / "ladder.png").stat().st_size > 0
+    page = _open_report(out, "ladder_report.png", ["score per rung", "per-label scores"])
+    assert page["headings"] == ["Rungs", "Per label", "Settings"]
+    assert all(r["name"] in page["text"] for r in rows) and "cloudy" in page["text"]
     # The fine-tuning rung started from the frozen rung's model (two-stage), and MLflow has the tree.
     assert '"freeze": "last:2"' in (out / "finetune" / "model" / "config.json").read_text()
     parents = _parents(sqlite_uri)
     assert [p.info.run_name for p in parents] == ["ladder"]
+    assert "report.html" in {a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id)}
     assert sorted(c.info.run_name for c in _children(sqlite_uri, parents[0].info.run_id)) == [
         "histogram_rf", "train-efficientnet_lite0", "train-efficientnet_lite0", "train-resnet18"]
     assert (out / "scratch" / "ray_results" / "scratch").is_dir()  # its checkpoints, in the bucket too

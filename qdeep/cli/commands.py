@@ -177,7 +177,16 @@ def cmd_deepcluster(args) -> None:
     if "nmi_true" in final:
         text += f", NMI {final['nmi_true']:.3f} / ARI {final['ari_true']:.3f} / purity {final['purity_true']:.3f}"
     print(text)
-    print(f"grids in {args.out}/grids/, assignments in {args.out}/assignments.parquet")
+    print(f"assignments in {args.out}/assignments.parquet; the report, with each group's grid and profile: "
+          f"{args.out}/report.html")
+
+
+def cmd_profile(args) -> None:
+    from qdeep.workflows.profile import run_profile
+
+    if args.images and not paths.is_pack_or_uri(args.images):
+        paths.image_dir(args.images, "--images")
+    run_profile(args.out, images=args.images, address=args.address, tracking_uri=args.tracking_uri)
 
 
 def cmd_predict(args) -> None:

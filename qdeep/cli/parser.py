@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "+ k-means into --k pseudo-labels, a fresh head and the network trained on them "
                                    "with Ray Train (ctrl split held out). Then the last network over-clusters into "
                                    "--final-k groups: OUT/assignments.parquet, metrics.json, grids/, curves.png, "
-                                   "sizes.png. Rerunning the same --out resumes after the last finished iteration. "
+                                   "sizes.png, profiles/ and report.html (`qdeep profile`). Rerunning the same --out resumes after the last finished iteration. "
                                    "--images and --out may be URIs (s3://...).")
     p.add_argument("--images", required=True, metavar="DIR|PACK",
                    help="a folder of images (recursive), or a pack (`qdeep pack`: a folder or an s3:// URI; "
@@ -191,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     _placement_args(p, "loop")
     _run_args(p)
     p.set_defaults(func=commands.cmd_deepcluster)
+
+    p = sub.add_parser("profile", help="rebuild a DeepCluster run's group profiles and OUT/report.html",
+                       description="For the finished DeepCluster run in --out: per group its palette, colour and "
+                                   "texture descriptors against the whole collection, in words, and Grad-CAM "
+                                   "saliency of its most central members; OUT/profiles/ and OUT/report.html, also "
+                                   "logged to the run's MLflow run. `qdeep deepcluster` writes them at its end.")
+    p.add_argument("--out", required=True, metavar="OUT", help="a DeepCluster run's output (a folder or a URI)")
+    p.add_argument("--images", metavar="DIR|PACK", help="where the run's images are now (default: where they were)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.set_defaults(func=commands.cmd_profile)
 
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory, e.g. OUT/model")

@@ -4,7 +4,8 @@ Each iteration: descriptors of every image with the current network (feature sto
 PCA-whitening + L2 + k-means -> pseudo-labels -> a fresh head trained on the train split's
 pseudo-labels, scored on the ctrl split it never trains on; every iteration inside one Ray Train
 run (`qdeep.distributed.deepcluster`). Then the last network over-clusters the collection with `final_k`
-groups (its descriptors through Ray Data), drawn as image grids.
+groups (its descriptors through Ray Data), each profiled and drawn in OUT/report.html
+(`workflows.profile`).
 
 OUT/iterations/iter_XX/ holds each finished iteration (metrics.json is written last, so a
 directory without it is redone); rerunning the same OUT resumes after the last finished one. OUT
@@ -40,12 +41,11 @@ from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tasks import check_images
 from qdeep.errors import QdeepError
-from qdeep.io import atomic_dir, atomic_path, child, filesystem, write_json
+from qdeep.io import atomic_path, child, filesystem, write_json
 from qdeep.parts import load_plugins
-from qdeep.report import cluster_grid, deepcluster_curves, deepcluster_sizes
+from qdeep.workflows.profile import report_files, write_report
 
 STATE_FILE = "deepcluster.json"
-GRID_SIZE = 16
 
 
 @dataclass
@@ -113,13 +113,15 @@ def run_deepcluster(out: str | Path, images: str | Path, config: DeepClusterConf
                         "startup_s": round(loop_s - sum(m["seconds"] for m in history[before:]), 2)}
             final, clustering = over_cluster(out, coll, config, history, use_gpu)
             metrics = {"iterations": history, "loop": loop, "final": final, "n_images": len(coll.ids),
+                       "images": coll.source, "bands": coll.bands.to_dict() if coll.bands else None,
+                       "config": config.as_dict(),
                        "n_skipped": coll.policy.n_skipped, "skipped": coll.policy.skipped,
                        "mlflow_run_id": run.info.run_id, "seconds": round(time.time() - started, 2)}
             with io.outputs(out) as folder:  # OUT itself, or a local folder uploaded into OUT
-                write_outputs(folder, out, coll, history, clustering, metrics)
+                write_outputs(folder, out, coll, history, clustering, metrics, progress)
                 tracking.log_metrics({f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))})
-                tracking.log_artifacts(folder / "metrics.json", folder / "assignments.parquet", folder / "curves.png",
-                                       folder / "sizes.png", folder / "grids")
+                tracking.log_artifacts(folder / "metrics.json", folder / "assignments.parquet", *report_files(folder))
+            progress(f"report: {child(out, 'report.html')}")
     return metrics
 
 
@@ -268,30 +270,20 @@ def over_cluster(out: str | Path, coll: Collection, config: DeepClusterConfig, h
 
 
 def write_outputs(folder: Path, out: str | Path, coll: Collection, history: list[dict], clustering: Clustering,
-                  metrics: dict) -> None:
-    """assignments.parquet, metrics.json, grids/cluster_XX.png, curves.png, sizes.png into `folder`
-    (the iterations' labels read from `out`)."""
+                  metrics: dict, progress=print) -> None:
+    """assignments.parquet (each image's group, its distance to the group's centre, its pseudo-label
+    of every iteration), the report (`workflows.profile`: grids/, profiles/, plots, report.html) and
+    metrics.json, last, into `folder` (the iterations' labels read from `out`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {"image": coll.ids, "cluster": clustering.labels.astype(np.int32)}
+    columns = {"image": coll.ids, "cluster": clustering.labels.astype(np.int32),
+               "distance": clustering.distances.astype(np.float32)}
     for h in history:
         columns[f"iter_{h['iteration']}"] = iteration_labels(out, h["iteration"]).astype(np.int32)
     with atomic_path(folder / "assignments.parquet") as tmp:
         pq.write_table(pa.table(columns), tmp)
-    shown = []  # per group: its members nearest to the centroid
-    for c in range(len(clustering.sizes)):
-        members = np.flatnonzero(clustering.labels == c)
-        shown.append((len(members), members[np.argsort(clustering.distances[members], kind="stable")][:GRID_SIZE]))
-    pack = coll.pack
-    images = pack.images([coll.ids[i] for _, nearest in shown for i in nearest]) if pack else None
-    with atomic_dir(folder / "grids") as grids:
-        for c, (size, nearest) in enumerate(shown):
-            refs = [images[coll.ids[i]] for i in nearest] if pack else [coll.paths[i] for i in nearest]
-            cluster_grid(refs, grids / f"cluster_{c:02d}.png", f"cluster {c}: {size} images",
-                         load=coll.bands.preview if coll.bands else load_rgb)
-    deepcluster_curves(history, folder / "curves.png")
-    deepcluster_sizes(history, metrics["final"]["sizes"], folder / "sizes.png")
+    write_report(folder, metrics, folder / "assignments.parquet", progress=progress)
     write_json(folder / "metrics.json", metrics)
 
 

@@ -31,6 +31,7 @@ from qdeep.distributed.prepare import TrainingData, prepare_data, settle
 from qdeep.distributed.session import log_in, ray_session
 from qdeep.distributed.storage import check_shared_tracking
 from qdeep.distributed.tasks import image_features
+from qdeep.html_report import ladder_report
 from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import per_label_heatmap, rung_chart
 from qdeep.workflows.train import run_train
@@ -64,7 +65,7 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                workers: int = LadderConfig.workers, trees: int = LadderConfig.trees, on_bad_image: str = "error",
                tracking_uri: str | None = None,
                address: str | None = None, plugins: list[str] | None = None) -> dict[str, dict]:
-    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png and each CNN rung's
+    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png, report.html and each CNN rung's
     `qdeep train` outputs in OUT/RUNG (OUT a folder or a URI)."""
     load_plugins(plugins)
     out = io.resolved(out)
@@ -105,7 +106,8 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                 results[rung] = {"score": m[prepared.score_metric], "per_label": m[f"per_label_{prefix}"]}
             tracking.log_metrics({f"{metric}_{rung}": r["score"] for rung, r in results.items()})
             with io.outputs(out) as local:
-                tracking.log_artifacts(*write_ladder(local, results, prepared.targets.vocabulary, metric, prefix))
+                tracking.log_artifacts(*write_ladder(local, results, prepared.targets.vocabulary, metric, prefix,
+                                                   params))
     return results
 
 
@@ -114,8 +116,9 @@ def winners(results: dict[str, dict], vocab: list[str]) -> dict[str, str]:
     return {t: max(results, key=lambda r: (results[r]["per_label"].get(t, 0.0), -RUNGS.index(r))) for t in vocab}
 
 
-def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str, prefix: str) -> list[Path]:
-    """ladder.csv, ladder.md and the two plots; returns their paths."""
+def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: str, prefix: str,
+                 settings: dict | None = None) -> list[Path]:
+    """ladder.csv, ladder.md, the two plots and report.html (`settings` on it); returns their paths."""
     io.write_csv(out / "ladder.csv", ["name", metric, *vocab],
                  ([rung, f"{r['score']:.6f}", *(f"{r['per_label'].get(t, 0.0):.6f}" for t in vocab)]
                   for rung, r in results.items()))
@@ -131,4 +134,5 @@ def write_ladder(out: Path, results: dict[str, dict], vocab: list[str], metric: 
     rung_chart({rung: r["score"] for rung, r in results.items()}, out / "ladder.png", f"{metric} (held-out split)")
     per_label_heatmap(list(results), [[r["per_label"].get(t, 0.0) for t in vocab] for r in results.values()], vocab,
                       out / "per_label.png", prefix.upper())
-    return [out / n for n in ("ladder.csv", "ladder.md", "ladder.png", "per_label.png")]
+    ladder_report(out, results, vocab, best, metric, prefix, settings or {})
+    return [out / n for n in ("ladder.csv", "ladder.md", "ladder.png", "per_label.png", "report.html")]

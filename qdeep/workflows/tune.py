@@ -21,6 +21,7 @@ from qdeep.distributed.storage import check_shared_storage, check_shared_trackin
 from qdeep.distributed.tune import TRIAL_RESOURCES, concurrency, param_space, scheduler, tune_trial
 from qdeep.errors import QdeepError
 from qdeep.parts import VALIDATIONS, load_plugins
+from qdeep.html_report import tune_report
 from qdeep.report import ladder_plot, per_label_heatmap
 
 SWEEP_FILE = "qdeep_sweep.json"  # the sweep's settings and MLflow parent run, beside its trials
@@ -29,7 +30,7 @@ SWEEP_FILE = "qdeep_sweep.json"  # the sweep's settings and MLflow parent run, b
 def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None, name: str = "sweep",
              storage_path: str | None = None, on_bad_image: str = "error", tracking_uri: str | None = None,
              address: str | None = None, plugins: list[str] | None = None) -> list[dict]:
-    """Run (or resume) the sweep; write OUT/results.csv, report.md, ladder.png, per_label.png (OUT a
+    """Run (or resume) the sweep; write OUT/results.csv, report.md, ladder.png, per_label.png, report.html (OUT a
     folder or a URI, where the trials go too unless `storage_path` says)."""
     from ray import tune
 
@@ -90,7 +91,7 @@ def run_tune(out: str | Path, sweep: Sweep, data=None, labels=None, images=None,
             tracking.log_metrics({f"best_{metric}": max((r[metric] for r in rows), default=0.0),
                                   "trials": len(rows), "seconds": time.time() - started})
             with io.outputs(out) as local:
-                tracking.log_artifacts(*write_reports(local, rows, vocab, metric, prefix))
+                tracking.log_artifacts(*write_reports(local, rows, vocab, metric, prefix, params))
     return rows
 
 
@@ -164,8 +165,9 @@ def _rows(grid, vocab: list[str], epochs: int, metric: str, prefix: str) -> list
     return sorted(rows, key=lambda r: -r[metric])
 
 
-def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str, prefix: str) -> list[Path]:
-    """results.csv, report.md and the two plots; returns their paths."""
+def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str, prefix: str,
+                  settings: dict | None = None) -> list[Path]:
+    """results.csv, report.md, the two plots and report.html (`settings` on it); returns their paths."""
     columns = ["trial_id", *SWEPT, metric, "epochs", "status", "seconds", *[f"{prefix}_{t}" for t in vocab]]
     io.write_csv(out / "results.csv", columns, ([r[c] for c in columns] for r in rows))
     lines = ["# Sweep results", "", f"| rank | trial | arch | weights | freeze | lr | {metric} | epochs | status |",
@@ -182,4 +184,5 @@ def write_reports(out: Path, rows: list[dict], vocab: list[str], metric: str, pr
     per_label_heatmap([f"{r['arch']}/{r['freeze']}/{r['lr']:g}" for r in rows],
                       [[r[f"{prefix}_{t}"] for t in vocab] for r in rows], vocab, out / "per_label.png",
                       prefix.upper())
-    return [out / n for n in ("results.csv", "report.md", "ladder.png", "per_label.png")]
+    tune_report(out, rows, metric, settings or {})
+    return [out / n for n in ("results.csv", "report.md", "ladder.png", "per_label.png", "report.html")]
