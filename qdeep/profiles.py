@@ -2,8 +2,8 @@
 apart from the whole collection, in numbers and in words.
 
 `describe_image` turns one RGB image into a few interpretable numbers (`FEATURES`: colour from
-CIELAB, texture from a grey-level co-occurrence matrix and Canny edges) and a sample of its pixels in
-CIELAB. `profile_groups` then summarises every group: a k-means `palette` of its sampled pixels, the
+CIELAB, texture from a grey-level co-occurrence matrix and Canny edges); `lab_pixels` samples its
+pixels in CIELAB. `profile_groups` then summarises every group: a k-means `palette` of its sampled pixels, the
 median and interquartile range of each feature, each median's z-score against the collection, and a
 short sentence (`describe`) such as "greener and smoother than the collection; few edges".
 `swatch_strip` draws a palette as a PNG strip. No Ray and no torch: scikit-image, scikit-learn, PIL.
@@ -20,7 +20,7 @@ from PIL import Image
 
 FEATURES: tuple[str, ...] = ("lightness", "greenness", "blueness", "chroma", "contrast", "homogeneity", "entropy",
                              "edge_density")
-TEXTURE_SIDE = 128  # images larger than this (longest side) are downscaled before the texture descriptors
+SIDE = 128  # images larger than this (longest side) are downscaled before the descriptors
 GREY_LEVELS = 32  # grey levels of the co-occurrence matrix
 ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
 
@@ -43,51 +43,50 @@ PHRASES = frozenset({"edge_density"})
 EDGE_SIGMA = 2.0
 
 
-def _texture(rgb: np.ndarray) -> tuple[float, float, float, float]:
-    """(contrast, homogeneity, entropy, edge_density) of an RGB image, downscaled to TEXTURE_SIDE first."""
-    from skimage.color import rgb2gray
-    from skimage.feature import canny, graycomatrix, graycoprops
-
+def _downscaled(rgb: np.ndarray) -> np.ndarray:
     h, w = rgb.shape[:2]
-    if max(h, w) > TEXTURE_SIDE:
-        scale = TEXTURE_SIDE / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-    grey = rgb2gray(rgb)  # floats in [0, 1]
-    levels = np.minimum((grey * GREY_LEVELS).astype(np.uint8), GREY_LEVELS - 1)
-    glcm = graycomatrix(levels, [1], ANGLES, levels=GREY_LEVELS, symmetric=True, normed=True)
-    contrast = float(graycoprops(glcm, "contrast").mean())
-    homogeneity = float(graycoprops(glcm, "homogeneity").mean())
-    p = glcm[:, :, 0, :].mean(axis=-1)
-    p = p[p > 0]
-    entropy = float(-(p * np.log2(p)).sum())
-    edge_density = float(canny(grey, sigma=EDGE_SIGMA).mean())
-    return contrast, homogeneity, entropy, edge_density
+    if max(h, w) <= SIDE:
+        return rgb
+    scale = SIDE / max(h, w)
+    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.BILINEAR))
 
 
-def describe_image(rgb: np.ndarray, n_pixels: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """rgb: (H, W, 3) uint8. Returns (features: float32 array of len(FEATURES), in FEATURES' order;
-    pixels: float32 (n, 3) CIELAB values of n = min(n_pixels, H*W) pixels sampled without replacement).
-
-    Colour (lightness = mean L*, greenness = -mean a*, blueness = -mean b*, chroma = mean of
-    sqrt(a*² + b*²)) uses the whole image; texture uses it downscaled to TEXTURE_SIDE (see `_texture`)."""
-    from skimage.color import rgb2lab
-
+def _checked(rgb) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
+    return rgb
+
+
+def describe_image(rgb: np.ndarray) -> np.ndarray:
+    """`FEATURES` of an (H, W, 3) uint8 image, downscaled to SIDE px first (float32): lightness = mean
+    L*, greenness = -mean a*, blueness = -mean b*, chroma = mean of sqrt(a*² + b*²); then the grey-level
+    co-occurrence matrix's contrast, homogeneity and entropy, and the share of Canny edge pixels."""
+    from skimage.color import rgb2gray, rgb2lab
+    from skimage.feature import canny, graycomatrix, graycoprops
+
+    rgb = _downscaled(_checked(rgb))
     lab = rgb2lab(rgb / 255.0).reshape(-1, 3)
     colour = (lab[:, 0].mean(), -lab[:, 1].mean(), -lab[:, 2].mean(), np.hypot(lab[:, 1], lab[:, 2]).mean())
-    features = np.asarray(colour + _texture(rgb), dtype=np.float32)
-    n = min(int(n_pixels), len(lab))
-    pixels = lab[rng.choice(len(lab), size=n, replace=False)].astype(np.float32)
-    return features, pixels
+    grey = rgb2gray(rgb)  # floats in [0, 1]
+    levels = np.minimum((grey * GREY_LEVELS).astype(np.uint8), GREY_LEVELS - 1)
+    glcm = graycomatrix(levels, [1], ANGLES, levels=GREY_LEVELS, symmetric=True, normed=True)
+    p = glcm[:, :, 0, :].mean(axis=-1)
+    p = p[p > 0]
+    texture = (graycoprops(glcm, "contrast").mean(), graycoprops(glcm, "homogeneity").mean(),
+               -(p * np.log2(p)).sum(), canny(grey, sigma=EDGE_SIGMA).mean())
+    return np.asarray(colour + texture, dtype=np.float32)
 
 
-def pixels_per_image(group_size: int, budget: int = 20_000, cap: int = 256) -> int:
-    """How many pixels to sample from each image of a group so that a group keeps at most about
-    `budget` pixels (at least 1, at most cap)."""
-    return int(max(1, min(cap, budget // max(1, int(group_size)))))
+def lab_pixels(rgb: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) float32 CIELAB values of n pixels of an (H, W, 3) uint8 image, drawn without replacement
+    (with, when it has fewer)."""
+    from skimage.color import rgb2lab
+
+    flat = _checked(rgb).reshape(-1, 3)
+    rows = rng.choice(len(flat), size=int(n), replace=len(flat) < n)
+    return rgb2lab(flat[rows][None] / 255.0)[0].astype(np.float32)
 
 
 def palette(lab_pixels: np.ndarray, n_colours: int = 5, seed: int = 0) -> list[dict]:

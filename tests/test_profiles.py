@@ -12,8 +12,8 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from qdeep.data.synth import write_synthetic_classes
-from qdeep.profiles import (FEATURES, TEXTURE_SIDE, WORDS, GroupProfile, describe, describe_image, palette,
-                            pixels_per_image, profile_groups, swatch_strip)
+from qdeep.profiles import (FEATURES, SIDE, WORDS, GroupProfile, describe, describe_image, lab_pixels, palette,
+                            profile_groups, swatch_strip)
 
 pytestmark = pytest.mark.unit
 
@@ -30,13 +30,12 @@ def scenes(tmp_path_factory) -> dict[str, GroupProfile]:
     for group, name in enumerate(CLASSES):
         files = sorted((root / name).glob("*.jpg"))
         assert len(files) == 20
-        n = pixels_per_image(len(files))
         sampled = []
         for path in files:
-            feats, pix = describe_image(np.asarray(Image.open(path).convert("RGB")), n, rng)
+            rgb = np.asarray(Image.open(path).convert("RGB"))
             labels.append(group)
-            features.append(feats)
-            sampled.append(pix)
+            features.append(describe_image(rgb))
+            sampled.append(lab_pixels(rgb, 256, rng))
         pixels[group] = np.concatenate(sampled)
     profiles = profile_groups(np.array(labels), np.array(features), pixels)
     assert [p.group for p in profiles] == list(range(len(CLASSES)))
@@ -127,44 +126,36 @@ def test_palette_two_colours():
     assert palette(np.empty((0, 3))) == []
 
 
-def test_pixels_per_image_bounds():
-    assert pixels_per_image(1) == 256 and pixels_per_image(20) == 256  # capped
-    assert pixels_per_image(100) == 200 and pixels_per_image(1000) == 20
-    assert pixels_per_image(10**6) == 1 and pixels_per_image(0) == 256  # at least 1
-    assert pixels_per_image(10, budget=50, cap=3) == 3
-
-
-def test_describe_image_shapes_and_downscaled_texture():
+def test_describe_image_on_the_image_downscaled():
     rng = np.random.default_rng(0)
     big = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).resize((300, 300)))
-    feats, pix = describe_image(big, 500, rng)
+    feats = describe_image(big)
     assert feats.shape == (len(FEATURES),) and feats.dtype == np.float32
-    assert pix.shape == (500, 3) and pix.dtype == np.float32
-    small = np.asarray(Image.fromarray(big).resize((TEXTURE_SIDE, TEXTURE_SIDE), Image.BILINEAR))
-    feats_small, _ = describe_image(small, 1, rng)
-    np.testing.assert_allclose(feats[4:], feats_small[4:], rtol=1e-6)  # texture: same downscaled image
-    wide = np.concatenate([big, big], axis=1)  # 300 x 600: texture on 64 x 128
-    half = np.asarray(Image.fromarray(wide).resize((TEXTURE_SIDE, TEXTURE_SIDE // 2), Image.BILINEAR))
-    np.testing.assert_allclose(describe_image(wide, 1, rng)[0][4:], describe_image(half, 1, rng)[0][4:], rtol=1e-6)
-
-
-def test_describe_image_pixels_without_replacement():
-    rgb = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)  # 256 distinct pixels
-    _, pix = describe_image(rgb, 10_000, np.random.default_rng(0))
-    assert pix.shape == (256, 3)
-    every = rgb2lab(rgb / 255.0).reshape(-1, 3).astype(np.float32)
-    assert sorted(map(tuple, pix)) == sorted(map(tuple, every))
+    small = np.asarray(Image.fromarray(big).resize((SIDE, SIDE), Image.BILINEAR))
+    np.testing.assert_allclose(feats, describe_image(small), rtol=1e-6)  # the same downscaled image
+    wide = np.concatenate([big, big], axis=1)  # 300 x 600: described at 64 x 128
+    half = np.asarray(Image.fromarray(wide).resize((SIDE, SIDE // 2), Image.BILINEAR))
+    np.testing.assert_allclose(describe_image(wide), describe_image(half), rtol=1e-6)
     with pytest.raises(ValueError):
-        describe_image(rgb.astype(np.float32), 10, np.random.default_rng(0))
+        describe_image(big.astype(np.float32))
+
+
+def test_lab_pixels_without_replacement_when_there_are_enough():
+    rgb = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)  # 256 distinct pixels
+    every = sorted(map(tuple, rgb2lab(rgb / 255.0).reshape(-1, 3).astype(np.float32)))
+    pix = lab_pixels(rgb, 256, np.random.default_rng(0))
+    assert pix.shape == (256, 3) and pix.dtype == np.float32 and sorted(map(tuple, pix)) == every
+    more = lab_pixels(rgb, 1000, np.random.default_rng(0))  # fewer pixels than asked: with replacement
+    assert more.shape == (1000, 3) and set(map(tuple, more)) <= set(every)
 
 
 def test_describe_image_flat_grey():
-    feats, pix = describe_image(np.full((50, 40, 3), 128, dtype=np.uint8), 20, np.random.default_rng(0))
-    f = dict(zip(FEATURES, feats.tolist()))
+    grey = np.full((50, 40, 3), 128, dtype=np.uint8)
+    f = dict(zip(FEATURES, describe_image(grey).tolist()))
     assert f["edge_density"] == 0 and f["contrast"] == 0 and f["entropy"] == 0 and f["homogeneity"] == 1
     assert f["lightness"] == pytest.approx(53.59, abs=0.01)  # L* of sRGB 128
     assert abs(f["greenness"]) < 0.01 and abs(f["blueness"]) < 0.01 and f["chroma"] < 0.01  # grey: neutral
-    assert pix.shape == (20, 3) and np.ptp(pix, axis=0).max() == 0
+    assert np.ptp(lab_pixels(grey, 20, np.random.default_rng(0)), axis=0).max() == 0
 
 
 def test_swatch_strip(tmp_path: Path):

@@ -35,15 +35,11 @@ GRID_SIZE = 16  # members on a group's grid
 
 
 def _descriptors(image) -> np.ndarray:
-    return profiles.describe_image(np.asarray(image.convert("RGB")), 1, np.random.default_rng(0))[0]
+    return profiles.describe_image(np.asarray(image.convert("RGB")))
 
 
-def _lab_pixels(image, n: int = PALETTE_PIXELS) -> np.ndarray:
-    from skimage.color import rgb2lab
-
-    flat = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    rows = np.random.default_rng(0).choice(len(flat), n, replace=len(flat) < n)
-    return rgb2lab(flat[rows].reshape(1, n, 3) / 255.0).astype(np.float32).ravel()
+def _lab_pixels(image) -> np.ndarray:
+    return profiles.lab_pixels(np.asarray(image.convert("RGB")), PALETTE_PIXELS, np.random.default_rng(0)).ravel()
 
 
 def run_profile(out: str | Path, images: str | None = None, address: str | None = None,
