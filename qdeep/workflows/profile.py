@@ -10,7 +10,6 @@ members (`qdeep.models.saliency`).
 
 from __future__ import annotations
 
-from collections import Counter
 from io import BytesIO
 from pathlib import Path
 
@@ -73,8 +72,7 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
 
     table = pq.read_table(assignments)
     ids, labels = table["image"].to_pylist(), table["cluster"].to_numpy()
-    order = np.argsort(table["distance"].to_numpy(), kind="stable") if "distance" in table.column_names \
-        else np.arange(len(ids))
+    distance = table["distance"].to_numpy() if "distance" in table.column_names else np.zeros(len(ids))
     history = metrics.get("iterations", [])
     last = table[f"iter_{history[-1]['iteration']}"].to_numpy() if history else None
     source = images or metrics.get("images")
@@ -97,13 +95,16 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
     pixels = {int(g): lab[[at[int(r)] for r in members]].reshape(-1, 3) for g, members in sampled.items()}
     groups = [p.to_dict() for p in profiles.profile_groups(labels, features, pixels)]
 
-    central = {g["group"]: [int(i) for i in order if labels[i] == g["group"]][:GRID_SIZE] for g in groups}
+    central = {}  # every group's members nearest to its centre first, an empty group's grid blank
+    for c in range(metrics["final"]["k"]):
+        members = np.flatnonzero(labels == c)
+        central[c] = members[np.argsort(distance[members], kind="stable")][:GRID_SIZE]
     wanted = sorted({ids[i] for members in central.values() for i in members})
     refs = pack.images(wanted) if pack else {i: str(Path(source) / i) for i in wanted}
     with atomic_dir(folder / "grids") as grids:
-        for g in groups:
-            cluster_grid([refs[ids[i]] for i in central[g["group"]]], grids / f"cluster_{g['group']:02d}.png",
-                         f"cluster {g['group']}: {g['size']} images", load=decode)
+        for c, members in central.items():
+            cluster_grid([refs[ids[i]] for i in members], grids / f"cluster_{c:02d}.png",
+                         f"cluster {c}: {int((labels == c).sum())} images", load=decode)
     deepcluster_curves(history, folder / "curves.png")
     deepcluster_sizes(history, metrics["final"]["sizes"], folder / "sizes.png")
     network = _last_network(metrics, bands) if history else None
@@ -114,7 +115,7 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
             profiles.swatch_strip(g["palette"], out / f"palette_{c:02d}.png")
             g.update(grid=folder / "grids" / f"cluster_{c:02d}.png", swatch=final / f"palette_{c:02d}.png")
             if network is not None:
-                g["target"] = Counter(int(last[i]) for i in np.flatnonzero(labels == c)).most_common(1)[0][0]
+                g["target"] = int(np.bincount(last[labels == c]).argmax())  # most members' last pseudo-class
                 _saliency_strip(network, [refs[ids[i]] for i in central[c][:CENTRAL]], g["target"], decode,
                                 out / f"saliency_{c:02d}.png")
                 g["saliency"] = final / f"saliency_{c:02d}.png"
