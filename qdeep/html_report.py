@@ -52,7 +52,7 @@ purity {{ "%.3f"|format(final.purity_true) }}.{% endif %}</p>
 <table><tr><th>feature</th><th>median</th><th>spread (IQR)</th><th>z vs collection</th></tr>
 {% for f in features %}<tr><td>{{ f }}</td><td>{{ "%.3g"|format(g.median[f]) }}</td><td>{{ "%.3g"|format(g.spread[f]) }}</td>
 <td>{{ "%+.2f"|format(g.z[f]) }}</td></tr>{% endfor %}</table>
-{% if g.saliency %}<p>Where the last network sees pseudo-class {{ g.target }} in the most central members:</p>
+{% if g.saliency is defined %}<p>Where the last network sees pseudo-class {{ g.target }} in the most central members:</p>
 <img alt="group {{ g.group }} saliency" src="{{ g.saliency }}">{% endif %}
 </div></div></section>{% endfor %}
 {% endblock %}"""

@@ -236,6 +236,11 @@ def test_a_relative_weights_path_is_resolved_where_the_command_runs(ray_cluster,
                  "--image-size", "32", "--k", "3", "--iterations", "0", "--final-k", "3", "--loader-workers", "0",
                  "--out", str(out), "--tracking-uri", sqlite_uri]) == 0
     assert json.loads((out / "metrics.json").read_text())["final"]["weights"] == str(tmp_path / "w" / "r18.pt")
+    # no iteration, no pseudo-label head: the report has every group without saliency
+    groups = json.loads((out / "profiles" / "profiles.json").read_text())["groups"]
+    assert groups and not any("target" in g for g in groups) and not list((out / "profiles").glob("saliency_*"))
+    report = (out / "report.html").read_text()
+    assert report.count('<section class="group"') == len(groups) and "No iteration" in report
 
 
 def _errors(stderr: str) -> list[str]:
