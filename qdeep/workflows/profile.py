@@ -2,8 +2,8 @@
 writes them at its end; `qdeep profile --out OUT` rebuilds them for a finished run).
 
 Per group (`qdeep.profiles`): its palette (k-means in CIELAB on pixels of up to PALETTE_MEMBERS
-members), the median and spread of colour and texture descriptors of every member (Ray tasks over the
-collection, a progress bar; a few numbers per image in memory), those as z-scores against the whole
+members, decoded here), the median and spread of colour and texture descriptors of every member (Ray
+tasks over the collection, a progress bar; a few numbers per image in memory), those as z-scores against the whole
 collection and in words, and a Grad-CAM of the last network's pseudo-label head on its most central
 members (`qdeep.models.saliency`).
 """
@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from qdeep import io, profiles, tracking
 from qdeep.data import BadInputPolicy, load_rgb
@@ -86,21 +87,18 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
     progress(f"profiles of {len(np.unique(labels))} groups over {len(ids)} images")
     features, _ = image_features(_descriptors, collection, BadInputPolicy(), "group profiles: colour and texture",
                                  pack=pack and pack.uri, decode=decode)
+    central, sampled = {}, {}  # per group: its members nearest to its centre first; a random few
     rng = np.random.default_rng(0)
-    sampled = {g: rng.permutation(np.flatnonzero(labels == g))[:PALETTE_MEMBERS] for g in np.unique(labels)}
-    rows = np.concatenate(list(sampled.values()))
-    lab, _ = image_features(_lab_pixels, collection.subset(np.isin(np.arange(len(ids)), rows).tolist()),
-                            BadInputPolicy(), "group profiles: palettes", pack=pack and pack.uri, decode=decode)
-    at = {int(r): i for i, r in enumerate(np.sort(rows))}
-    pixels = {int(g): lab[[at[int(r)] for r in members]].reshape(-1, 3) for g, members in sampled.items()}
-    groups = [p.to_dict() for p in profiles.profile_groups(labels, features, pixels)]
-
-    central = {}  # every group's members nearest to its centre first, an empty group's grid blank
-    for c in range(metrics["final"]["k"]):
+    for c in range(metrics["final"]["k"]):  # an empty group gets a blank grid
         members = np.flatnonzero(labels == c)
         central[c] = members[np.argsort(distance[members], kind="stable")][:GRID_SIZE]
-    wanted = sorted({ids[i] for members in central.values() for i in members})
+        sampled[c] = rng.permutation(members)[:PALETTE_MEMBERS]
+    wanted = sorted({ids[i] for rows in (*central.values(), *sampled.values()) for i in rows})
     refs = pack.images(wanted) if pack else {i: str(Path(source) / i) for i in wanted}
+    pixels = {c: np.concatenate([_lab_pixels(decode(refs[ids[i]])) for i in rows]).reshape(-1, 3)
+              for c, rows in tqdm(sampled.items(), desc="group profiles: palettes", unit="group") if len(rows)}
+    groups = [p.to_dict() for p in profiles.profile_groups(labels, features, pixels)]
+
     with atomic_dir(folder / "grids") as grids:
         for c, members in central.items():
             cluster_grid([refs[ids[i]] for i in members], grids / f"cluster_{c:02d}.png",
