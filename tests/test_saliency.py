@@ -59,3 +59,11 @@ def test_overlay_blends_the_map_over_the_photo():
     assert out.shape == (40, 40, 3)
     hot, cold = out[5, 5].astype(int), out[35, 35].astype(int)  # jet's dark red, 60 % over black; the photo
     assert hot[0] > 60 and hot[1] == hot[2] == 0 and cold.tolist() == [0, 0, 0]
+
+
+def test_the_map_is_the_deepest_of_at_least_four_cells_a_side():
+    model = build_model("resnet18", 4, "none", "none").eval()
+    assert last_spatial_layer(model, torch.zeros(1, 3, 224, 224)) is model.layer4  # 7 x 7
+    assert last_spatial_layer(model, torch.zeros(1, 3, 64, 64)) is model.layer3  # layer4 is 2 x 2 there
+    assert last_spatial_layer(model, torch.zeros(1, 3, 32, 32)) is model.layer2  # 4 x 4
+    assert last_spatial_layer(model, torch.zeros(1, 3, 64, 64), min_side=100) is model.layer4  # none: the last

@@ -1,6 +1,6 @@
 """Where in an image a network looks for a class: Grad-CAM (Selvaraju et al. 2017) through Captum.
 
-The deepest feature maps of any network, weighted by the
+The deepest feature maps (of at least MIN_SIDE cells a side) of any network, weighted by the
 class logit's gradient, upsampled to the input and scaled to [0, 1]; `overlay` draws one on the photo.
 """
 
@@ -14,14 +14,20 @@ from torch import nn
 from qdeep.models.freeze import unwrap
 
 
-def last_spatial_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The module that finishes last with a spatial map (B, C, H, W with H * W > 1) when `model` runs
-    on `x`: the deepest feature maps (ResNet's layer4, AlexNet's features, EfficientNet's last norm)."""
-    last = []
+MIN_SIDE = 4  # Grad-CAM's map: the deepest one at least this many cells a side (ResNet's last is 2 x 2 at 64 px)
+
+
+def last_spatial_layer(model: nn.Module, x: torch.Tensor, min_side: int = MIN_SIDE) -> nn.Module:
+    """The module that finishes last with a spatial map (B, C, H, W) of at least `min_side` cells a
+    side when `model` runs on `x` (else the last with more than one cell): the deepest feature maps,
+    such as ResNet's layer4 or EfficientNet's last norm at 224 px; a stage earlier on small images."""
+    deepest, fine = [], []
 
     def keep(module, _inputs, output):
         if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
-            last[:] = [module]
+            deepest[:] = [module]
+            if min(output.shape[-2:]) >= min_side:
+                fine[:] = [module]
 
     hooks = [m.register_forward_hook(keep) for m in model.modules() if m is not model]
     try:
@@ -30,9 +36,9 @@ def last_spatial_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
     finally:
         for hook in hooks:
             hook.remove()
-    if not last:
+    if not deepest:
         raise ValueError(f"{type(model).__name__} makes no spatial feature map at {tuple(x.shape[-2:])} px")
-    return last[0]
+    return (fine or deepest)[0]
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, targets: list[int] | torch.Tensor,
