@@ -31,10 +31,11 @@ def _encoding_arg(p) -> None:
                    help="text encoding of the CSVs (default utf-8, with or without a BOM), e.g. latin-1")
 
 
-def _run_args(p, tracking: bool = True) -> None:
+def _run_args(p, tracking: bool = True, bad_input: bool = True) -> None:
     """Bad-input policy, Ray cluster and MLflow store: every command that reads images."""
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
-                   help="error: stop at the first bad file or CSV line (default); skip: skip, count and report")
+    if bad_input:
+        p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                       help="error: stop at the first bad file or CSV line (default); skip: skip, count and report")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     if tracking:
         p.add_argument("--tracking-uri",
@@ -200,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logged to the run's MLflow run. `qdeep deepcluster` writes them at its end.")
     p.add_argument("--out", required=True, metavar="OUT", help="a DeepCluster run's output (a folder or a URI)")
     p.add_argument("--images", metavar="DIR|PACK", help="where the run's images are now (default: where they were)")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    _run_args(p, bad_input=False)  # the run's images were checked when it ran
     p.set_defaults(func=commands.cmd_profile)
 
     p = sub.add_parser("predict", help="predict tags with a saved model and write a submission CSV")

@@ -126,15 +126,12 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
 
 
 def _last_network(metrics: dict, bands: InputBands | None):
-    """The last iteration's network with its pseudo-label head, and what it is fed."""
-    import torch
-
+    """The last iteration's network with its pseudo-label head (a file or a URI), and what it is fed."""
     from qdeep.models import build_model
 
-    config, weights = metrics["config"], metrics["final"]["weights"]
-    state = torch.load(BytesIO(io.read_bytes(weights)), map_location="cpu", weights_only=True)
-    model = build_model(config["arch"], config["k"], "none", "none", bands and bands.names, config["band_init"])
-    model.load_state_dict(state)
+    config = metrics["config"]
+    model = build_model(config["arch"], config["k"], metrics["final"]["weights"], "none", bands and bands.names,
+                        config["band_init"])
     return model.eval(), model_input(model.qdeep_arch, config.get("image_size"), bands)
 
 
