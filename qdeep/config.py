@@ -75,7 +75,8 @@ class TrainConfig:
     validation: str | None = option(None, "f2 | accuracy | a plugin's (default: the task's own)")
     fit_strategy: str = option("single", "single | two-stage: head only on a frozen backbone for --head-epochs, "
                                "then --freeze's blocks too at --finetune-lr-factor x --lr")
-    head_epochs: int = option(1, "two-stage: head-only epochs first", positive_int)
+    head_epochs: float = option(0.25, "two-stage: head-only epochs first (a fraction ends the stage within an epoch)",
+                                positive_float)
     finetune_lr_factor: float = option(1.0, "two-stage: the second stage's lr as a factor of --lr", positive_float)
     discriminative_lr: float = option(1.0, "each block below the head trains at this factor of the lr above it "
                                       "(1: off)", positive_float)

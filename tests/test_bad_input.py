@@ -97,7 +97,7 @@ BAD_OPTIONS = [
     ("train", "--min-lr-factor", "2", "a fraction from 0 to 1"),
     ("train", "--warmup-steps", "-1", "an integer >= 0"),
     ("train", "--loader-workers", "-1", "an integer >= 0"),
-    ("train", "--head-epochs", "0", "an integer >= 1"),
+    ("train", "--head-epochs", "0", "a number > 0"),
     ("train", "--finetune-lr-factor", "0", "a number > 0"),
     ("train", "--discriminative-lr", "-1", "a number > 0"),
     ("train", "--max-failures", "-1", "an integer >= 0"),

@@ -10,7 +10,7 @@ import torch
 from qdeep.errors import QdeepError
 from qdeep.models import apply_freeze, build_model
 from qdeep.parts import FIT_STRATEGIES, FORMATTERS, TARGETS, VALIDATIONS, infer_task
-from qdeep.parts.fit import param_groups, stage_of
+from qdeep.parts.fit import epoch_pieces, param_groups
 from qdeep.parts.targets import load_targets
 
 pytestmark = pytest.mark.unit  # no Ray
@@ -68,10 +68,25 @@ def test_two_stage_plan_and_refusal():
     config = {"epochs": 4, "freeze": "last:2", "lr": 1e-2, "head_epochs": 1, "finetune_lr_factor": 0.1}
     stages = FIT_STRATEGIES.get("two-stage")().stages(config)
     assert [(s.start, s.end, s.freeze) for s in stages] == [(0, 1, "head"), (1, 4, "last:2")]
-    assert stages[1].lr == pytest.approx(1e-3) and [stage_of(stages, e) for e in range(4)] == [0, 1, 1, 1]
+    assert stages[1].lr == pytest.approx(1e-3)
+    assert [epoch_pieces(stages, e, 10) for e in range(4)] == [[(0, None)], [(1, None)], [(1, None)], [(1, None)]]
     with pytest.raises(QdeepError, match="two-stage"):
         FIT_STRATEGIES.get("two-stage")().stages({**config, "freeze": "head"})
     assert len(FIT_STRATEGIES.get("single")().stages(config)) == 1
+
+
+def test_a_head_stage_shorter_than_an_epoch_ends_within_the_first():
+    stages = FIT_STRATEGIES.get("two-stage")().stages(
+        {"epochs": 3, "freeze": "last:2", "lr": 1e-3, "head_epochs": 0.3, "finetune_lr_factor": 1.0})
+    assert [(s.start, s.end, s.freeze) for s in stages] == [(0, 0.3, "head"), (0.3, 3, "last:2")]
+    # 3 of the first epoch's 10 steps train the head; the rest of that epoch (however many
+    # batches the shard has) and the later epochs train the blocks too
+    assert [epoch_pieces(stages, e, 10) for e in range(3)] == [[(0, 3), (1, None)], [(1, None)], [(1, None)]]
+    assert epoch_pieces(stages, 0, 1) == [(1, None)]  # too short to hold a step: no head stage
+    assert epoch_pieces(stages, 0, 0) == [(1, None)]
+    longer = FIT_STRATEGIES.get("two-stage")().stages(
+        {"epochs": 2, "freeze": "none", "lr": 1e-3, "head_epochs": 1.5, "finetune_lr_factor": 1.0})
+    assert [epoch_pieces(longer, e, 4) for e in range(2)] == [[(0, None)], [(0, 2), (1, None)]]
 
 
 def test_discriminative_learning_rates_decay_down_the_blocks():

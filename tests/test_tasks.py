@@ -99,9 +99,12 @@ def test_a_plugin_module_registers_a_format_used_by_name(multiclass_model, scene
 
 
 def test_two_stage_unfreezes_at_the_right_epoch_at_a_lower_rate(planet_dir, ray_cluster, tmp_path, sqlite_uri):
+    """The head stage ends halfway through the second epoch: the blocks unfreeze (and DDP is
+    re-wrapped) between two steps of an epoch."""
     out = tmp_path / "two"
     assert main(["--plugin", "qdeep_test_hooks", "train", "--data", str(planet_dir), "--out", str(out),
-                 "--tracking-uri", sqlite_uri, "--epochs", "3", "--lr", "1e-2", "--fit-strategy", "two-stage", "--head-epochs", "1",
+                 "--tracking-uri", sqlite_uri, "--epochs", "3", "--lr", "1e-2", "--fit-strategy", "two-stage",
+                 "--head-epochs", "1.5",
                  "--freeze", "last:1", "--finetune-lr-factor", "0.1", *TINY]) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from qdeep.distributed.tasks import not_visible
 from qdeep.models import apply_freeze, build_model, set_train_mode
 from qdeep.parts import FIT_STRATEGIES, TARGETS, VALIDATIONS, load_plugins
 from qdeep.parts.callbacks import callbacks
-from qdeep.parts.fit import param_groups, stage_of
+from qdeep.parts.fit import epoch_pieces, param_groups
 from qdeep.parts.validation import Score
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -74,20 +75,24 @@ def train_func(config: dict) -> None:
 
     stage_index = None
     for epoch in range(start_epoch, config["epochs"]):
-        if stage_of(stages, epoch) != stage_index:  # a new stage: what trains, and at which rate
-            stage_index = stage_of(stages, epoch)
-            stage = stages[stage_index]
-            model, optimizer, scaler = start_stage(bare, stage.freeze, stage.lr, config, device)
-            if resumed and resumed.get("stage") == stage_index and epoch == start_epoch:
-                load_optimizer_state(optimizer, bare, resumed["optimizer"])
-                if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
-                    scaler.load_state_dict(resumed["scaler"])
         for callback in hooks:
             callback.on_epoch_start(rank, epoch)
         started = time.time()
-        loss_sum, correct, seen = train_one_epoch(model, visible(augmented(shard_batches("train", batch, True), epoch)),
-                                                  optimizer, scaler, loss_fn, device,
-                                                  lambda i: schedule(epoch * steps + i), stage.bn_stats)
+        batches = visible(augmented(shard_batches("train", batch, True), epoch))
+        loss_sum, correct, seen, done = 0.0, 0, 0, 0
+        for index, n_steps in epoch_pieces(stages, epoch, steps):
+            if index != stage_index:  # a new stage: what trains, and at which rate
+                stage_index, stage = index, stages[index]
+                model, optimizer, scaler = start_stage(bare, stage.freeze, stage.lr, config, device)
+                if resumed and resumed.get("stage") == stage_index and epoch == start_epoch and done == 0:
+                    load_optimizer_state(optimizer, bare, resumed["optimizer"])
+                    if resumed["scaler"]:  # a CPU run's scaler is disabled and saves nothing
+                        scaler.load_state_dict(resumed["scaler"])
+            piece = train_one_epoch(model, batches if n_steps is None else islice(batches, n_steps), optimizer,
+                                    scaler, loss_fn, device, lambda i, at=epoch * steps + done: schedule(at + i),
+                                    stage.bn_stats)
+            loss_sum, correct, seen = loss_sum + piece[0], correct + piece[1], seen + piece[2]
+            done += n_steps or 0
         loss_total, correct_total, seen_total, images_per_s = sum_across_workers(
             [loss_sum, correct, seen, seen / (time.time() - started)], device)
         val = validate(model, visible(plain(shard_batches("val", batch, False))), loss_fn, device, config["n_val"],
