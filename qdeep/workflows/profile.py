@@ -39,7 +39,7 @@ def _descriptors(image) -> np.ndarray:
 
 
 def _lab_pixels(image) -> np.ndarray:
-    return profiles.lab_pixels(np.asarray(image.convert("RGB")), PALETTE_PIXELS, np.random.default_rng(0)).ravel()
+    return profiles.lab_pixels(np.asarray(image.convert("RGB")), PALETTE_PIXELS, np.random.default_rng(0))
 
 
 def run_profile(out: str | Path, images: str | None = None, address: str | None = None,
@@ -95,7 +95,7 @@ def write_report(folder: Path, metrics: dict, assignments, images: str | None = 
         sampled[c] = rng.permutation(members)[:PALETTE_MEMBERS]
     wanted = sorted({ids[i] for rows in (*central.values(), *sampled.values()) for i in rows})
     refs = pack.images(wanted) if pack else {i: str(Path(source) / i) for i in wanted}
-    pixels = {c: np.concatenate([_lab_pixels(decode(refs[ids[i]])) for i in rows]).reshape(-1, 3)
+    pixels = {c: np.concatenate([_lab_pixels(decode(refs[ids[i]])) for i in rows])
               for c, rows in tqdm(sampled.items(), desc="group profiles: palettes", unit="group") if len(rows)}
     groups = [p.to_dict() for p in profiles.profile_groups(labels, features, pixels)]
 
