@@ -58,3 +58,42 @@ def test_cluster_store_streams_shards_and_matches_the_in_memory_step(tmp_path, m
     # whitened rows are unit vectors: a squared distance to the centre lies in [0, 4]
     assert (streamed.distances >= 0).all() and (streamed.distances <= 4).all()
     assert streamed.score == pytest.approx(-streamed.distances.mean())
+
+
+def test_cluster_store_also_starts_from_the_previous_partition(tmp_path):
+    """`previous` (id -> label) is one more k-means start: on separated blobs every start finds the
+    same groups and the previous one wins the tie, numbers included, whatever the order of the
+    ids; on overlapping blobs the lowest objective of all starts wins, so it is never worse than
+    the random starts alone."""
+    from qdeep.clustering.deepcluster import cluster_store, partition_means
+    from qdeep.clustering.store import FeatureStore, StoreWriter
+
+    def store_of(x, name):
+        ids = [f"img_{i}.jpg" for i in range(len(x))]
+        with StoreWriter(tmp_path / name, x.shape[1], {"arch": "test", "weights": "none", "weights_sha256": "0" * 64},
+                         rows_per_shard=200) as writer:
+            writer.write(ids, x.astype(np.float32))
+        return FeatureStore(tmp_path / name), ids
+
+    x, truth = make_blobs(n_samples=900, centers=5, n_features=32, cluster_std=1.0, random_state=1)
+    store, ids = store_of(x, "separated")
+    renamed = (truth + 2) % 5  # other numbers for the same groups
+    previous = {ids[i]: int(renamed[i]) for i in np.random.default_rng(0).permutation(len(ids))}
+    for seed in range(3):
+        images, clustering = cluster_store(store, k=5, pca_dim=4, seed=seed, previous=previous)
+        np.testing.assert_array_equal(clustering.labels, [previous[i] for i in images])
+
+    x, _ = make_blobs(n_samples=900, centers=8, n_features=8, cluster_std=3.0, random_state=2)
+    store, ids = store_of(x, "overlapping")
+    _, first = cluster_store(store, k=8, pca_dim=6, seed=0)
+    previous = dict(zip(ids, first.labels.tolist()))
+    for seed in range(1, 4):
+        _, cold = cluster_store(store, k=8, pca_dim=6, seed=seed)
+        _, warm = cluster_store(store, k=8, pca_dim=6, seed=seed, previous=previous)
+        assert warm.score >= cold.score - 1e-6 and warm.score >= first.score - 1e-6
+
+    # a label with no row in the sample starts from a random row of it
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    means = partition_means(rows, np.array([0, 0, 1, 1, 1, 1]), 3, seed=0)
+    np.testing.assert_allclose(means[:2], [[1, 2], [7, 8]])
+    assert any((means[2] == row).all() for row in rows)

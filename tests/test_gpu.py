@@ -49,6 +49,10 @@ def test_faiss_kmeans_on_the_gpu_finds_the_cpu_partition():
     assert gpu.obj_[-1] == pytest.approx(obj[-1], rel=1e-3)
     # random rows as initial centroids leave a few blobs shared, on either device
     assert nmi(gpu.labels_, truth) > 0.9 and nmi(cpu.labels_, truth) > 0.9
+    # a start from the CPU partition's means (DeepCluster's warm start) stays on it on the GPU
+    means = np.stack([x[cpu.labels_ == c].mean(axis=0) for c in range(100)])
+    warm = KMeans(100, nredo=0, init=means, use_gpu=True).fit(x)
+    assert warm.gpu_ is True and nmi(warm.labels_, cpu.labels_) > 0.99
 
 
 def _checkpoints(run_dir) -> list[dict]:

@@ -78,6 +78,51 @@ def test_restarts_keep_the_lowest_objective():
     assert best.inertia_ <= min(run.inertia_ for run in runs) * (1 + 1e-4)
 
 
+def test_a_start_from_a_partitions_means_keeps_that_partition():
+    """Overlapping blobs have several k-means partitions of about the same objective: random starts
+    move between them with the seed, a start from the means of one partition stays on it (what
+    DeepCluster's warm start relies on), on the CPU loop and the torch loop alike."""
+    import torch
+
+    from qdeep.clustering.kmeans import faiss_lloyd, torch_lloyd
+
+    x, _ = blobs(n=3000, k=10, d=8, sep=1.0, seed=3)
+    cold = [KMeans(10, seed=s).fit(x).labels_ for s in range(3)]
+    assert min(nmi(cold[0], other) for other in cold[1:]) < 0.9  # the seeds find different partitions
+    means = np.stack([x[cold[0] == c].mean(axis=0) for c in range(10)])
+    for seed in range(3):
+        warm = KMeans(10, nredo=0, seed=seed, init=means).fit(x)  # the start from `means` only
+        assert nmi(warm.labels_, cold[0]) > 0.97 and warm.obj_[-1] <= warm.obj_[0] * (1 + 1e-6)
+        # with random starts beside it, the lowest objective of all of them wins
+        both, random_only = KMeans(10, nredo=2, seed=seed, init=means).fit(x), KMeans(10, nredo=2, seed=seed).fit(x)
+        assert both.obj_[-1] == min(warm.obj_[-1], random_only.obj_[-1])
+    cpu = flat_search(x, faiss_lloyd(x, 10, 20, seed=1, init=means)[0])
+    on_torch = flat_search(x, torch_lloyd(torch.from_numpy(x), 10, 20, seed=1, init=means)[0])
+    assert nmi(cpu, on_torch) > 0.99
+    with pytest.raises(ValueError, match=r"init must be \(k, d\) = \(10, 8\)"):
+        KMeans(10, init=means[:, :4]).fit(x)
+    with pytest.raises(ValueError, match=r"nredo >= 0 with init"):
+        KMeans(10, nredo=0).fit(x)
+
+
+def test_the_torch_loop_is_faiss_contrib_kmeans_step_for_step():
+    """torch_lloyd from random rows (init=None) is faiss' own torch k-means, which it replaced to
+    take a start: the same seed gives the same centroids and objectives."""
+    import torch
+    from faiss.contrib.clustering import kmeans
+    from faiss.contrib.torch.clustering import DatasetAssign
+
+    from qdeep.clustering.kmeans import torch_lloyd
+
+    x, _ = blobs(n=2000, k=40, d=8, sep=1.0, seed=4)  # 40 clusters on 8 dims: empty ones get split
+    tensor = torch.from_numpy(x)
+    centroids, obj, nsplit = torch_lloyd(tensor, 40, 15, seed=7)
+    theirs, stats = kmeans(40, DatasetAssign(tensor), niter=15, seed=7, verbose=False, return_stats=True)
+    np.testing.assert_allclose(centroids, theirs.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(obj, [s["obj"] for s in stats], rtol=1e-5)
+    assert nsplit == sum(s["nsplit"] for s in stats)
+
+
 @pytest.mark.parametrize("sep, d", [(1.0, 32), (8.0, 64)])
 def test_deterministic_for_a_seed(sep, d):
     x, _ = blobs(n=1500, k=20, d=d, sep=sep)  # sep 1: overlapping blobs, many equally good local minima
@@ -132,7 +177,8 @@ def test_kmeans_is_a_scikit_learn_estimator():
     from sklearn.base import clone
 
     km = KMeans(7, niter=5, nredo=2, seed=3, use_gpu=False)
-    assert km.get_params() == {"k": 7, "niter": 5, "nredo": 2, "seed": 3, "use_gpu": False, "verbose": False}
+    assert km.get_params() == {"k": 7, "niter": 5, "nredo": 2, "seed": 3, "init": None, "use_gpu": False,
+                               "verbose": False}
     copy = clone(km).set_params(k=4)
     assert copy.k == 4 and km.k == 7 and not hasattr(copy, "centroids_")
     x, _ = blobs(n=500, k=4)

@@ -161,7 +161,7 @@ def test_cluster_store_trains_kmeans_on_every_sampled_row(tmp_path, monkeypatch)
         writer.write([f"img{i}" for i in range(900)], x.astype(np.float32))
     seen = []
     original = deepcluster.new_kmeans
-    monkeypatch.setattr(deepcluster, "new_kmeans", lambda k, seed, n: seen.append(original(k, seed, n)) or seen[-1])
+    monkeypatch.setattr(deepcluster, "new_kmeans", lambda *args: seen.append(original(*args)) or seen[-1])
     deepcluster.cluster_store(FeatureStore(tmp_path / "store"), k=3, pca_dim=2)
     assert seen[0].labels_.shape == (900,)  # fitted on the whole sample: every row of this small store
 

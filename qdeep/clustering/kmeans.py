@@ -6,12 +6,12 @@ The PCA dimension is chosen from the data size (`choose_pca_dim`): the reference
 NMI badly on a few thousand images. On real descriptors plain faiss k-means was within 1 % of the
 best inertia measured, in no more time than any other method using every row (the hand-written
 k-means it replaced, k-means++/AFK-MC2 seeding, MiniBatchKMeans: `scripts/bench_kmeans.py`). On a
-GPU the Lloyd loop is faiss' own torch one over a CUDA tensor, so it stays on the GPU.
+GPU the Lloyd loop is faiss' torch one over a CUDA tensor, so it stays on the GPU. A run can also
+start from given centroids (DeepCluster's previous partition: `KMeans(init=...)`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
@@ -89,53 +89,72 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def faiss_lloyd(x: np.ndarray, k: int, niter: int, seed: int, verbose: bool = False):
+def faiss_lloyd(x: np.ndarray, k: int, niter: int, seed: int, verbose: bool = False, init=None):
     """One faiss k-means run on the CPU over every row: (centroids, objective per iteration, splits).
-    faiss stops once an iteration no longer lowers the objective, and refills an empty cluster by
-    splitting a large one."""
+    It starts from `init` (k, d) when given, else from k random rows. faiss stops once an iteration
+    no longer lowers the objective, and refills an empty cluster by splitting a large one."""
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=verbose, max_points_per_centroid=EVERY_ROW,
                       min_points_per_centroid=1)
-    km.train(x)
+    km.train(x, init_centroids=None if init is None else _as_f32(init))
     return km.centroids, list(km.obj), sum(s["nsplit"] for s in km.iteration_stats)
 
 
-def torch_lloyd(x, k: int, niter: int, seed: int, verbose: bool = False):
-    """The same with faiss' torch k-means over the tensor `x`, all `niter` iterations. On a CUDA
-    tensor the search (`faiss.knn_gpu`), the sums and the centroids stay on the GPU; only each
-    iteration's labels come back, for faiss' split of empty clusters."""
-    from faiss.contrib.clustering import kmeans
+def torch_lloyd(x, k: int, niter: int, seed: int, verbose: bool = False, init=None):
+    """The same over the tensor `x`, all `niter` iterations: faiss' torch k-means
+    (`faiss.contrib.clustering.kmeans`, whose loop this is, step for step) with a start from `init`,
+    which it lacks. On a CUDA tensor the search (`faiss.knn_gpu`), the sums and the centroids stay
+    on the GPU; only each iteration's labels come back, for faiss' split of empty clusters."""
+    import torch
+    from faiss.contrib.clustering import reassign_centroids
     from faiss.contrib.torch.clustering import DatasetAssign, DatasetAssignGPU
 
     data = DatasetAssignGPU(faiss.StandardGpuResources(), x) if x.is_cuda else DatasetAssign(x)
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(None):  # it prints "preproc..." always
-        centroids, stats = kmeans(k, data, niter=niter, seed=seed, verbose=verbose, return_stats=True)
-    return centroids.cpu().numpy(), [s["obj"] for s in stats], sum(s["nsplit"] for s in stats)
+    rs = np.random.RandomState(seed)
+    perm = rs.choice(len(x), size=k, replace=False)  # drawn either way: the splits' random state follows it
+    centroids = data.get_subset(perm) if init is None else torch.as_tensor(_as_f32(init), device=x.device)
+    obj, nsplit = [], 0
+    for i in range(niter):
+        assign, distances, sums = data.assign_to(centroids)
+        obj.append(distances.sum().item())
+        sizes = np.bincount(assign, minlength=k)
+        centroids = sums / torch.from_numpy(np.maximum(sizes, 1).astype(np.float32)).to(sums.device)[:, None]
+        nsplit += reassign_centroids(sizes, centroids, rs)
+        if verbose:
+            print(f"  Iteration {i}: objective={obj[-1]:g} nsplit={nsplit}")
+    return centroids.cpu().numpy(), obj, nsplit
 
 
 class KMeans(ClusterMixin, BaseEstimator):
-    """k-means on float32 rows, scikit-learn style: faiss on every row given, from random rows.
+    """k-means on float32 rows, scikit-learn style: faiss on every row given, from random rows
+    (and from given centroids).
 
-    k: clusters. niter: Lloyd iterations at most. nredo: runs with seeds seed, seed + 1, ...; the
-    lowest final objective wins. seed: on the CPU the same seed gives the same centroids and labels
-    (for a given number of threads). use_gpu: "auto" (a GPU when faiss and torch see one), True
-    (require one) or False; GPU runs are not bit-for-bit reproducible. verbose: faiss' iterations.
+    k: clusters. niter: Lloyd iterations at most. nredo: runs from random rows, with seeds seed,
+    seed + 1, ...; the lowest final objective wins. init: None, or (k, d) centroids that one more
+    run starts from, winning ties (DeepCluster's previous groups, whose numbers then stay; nredo
+    may then be 0). seed: on the CPU the same seed gives the same centroids and labels (for a given
+    number of threads). use_gpu: "auto" (a GPU when faiss and torch see one), True (require one)
+    or False; GPU runs are not bit-for-bit reproducible. verbose: faiss' iterations.
 
     After `fit`: centroids_ (k, d) float32; labels_ (n,) int64, every row's nearest centroid;
     inertia_ (sum of the rows' squared distances to it); obj_ (the winning run's objective per
     iteration); n_split_ (empty clusters refilled by a split); imbalance_factor_, n_empty_; gpu_.
     """
 
-    def __init__(self, k: int = 8, niter: int = 20, nredo: int = 1, seed: int = 0,
+    def __init__(self, k: int = 8, niter: int = 20, nredo: int = 1, seed: int = 0, init: np.ndarray | None = None,
                  use_gpu: bool | str = "auto", verbose: bool = False):
-        self.k, self.niter, self.nredo, self.seed, self.use_gpu, self.verbose = k, niter, nredo, seed, use_gpu, verbose
+        self.k, self.niter, self.nredo, self.seed, self.init = k, niter, nredo, seed, init
+        self.use_gpu, self.verbose = use_gpu, verbose
 
     def fit(self, x: np.ndarray, y=None) -> KMeans:
         """Learn `k` centroids from every row of `x` (n, d), then label every row."""
         x = _as_f32(x)
-        if min(self.k, self.niter, self.nredo) < 1:
-            raise ValueError(f"k, niter and nredo must be >= 1, got {self.k}, {self.niter}, {self.nredo}")
+        if min(self.k, self.niter) < 1 or self.nredo < (0 if self.init is not None else 1):
+            raise ValueError(f"k, niter and nredo must be >= 1 (nredo >= 0 with init), got {self.k}, {self.niter}, "
+                             f"{self.nredo}")
         if len(x) < self.k:
             raise ValueError(f"k-means needs at least k={self.k} rows, got {len(x)}")
+        if self.init is not None and np.shape(self.init) != (self.k, x.shape[1]):
+            raise ValueError(f"init must be (k, d) = ({self.k}, {x.shape[1]}) centroids, got {np.shape(self.init)}")
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be 'auto', True or False, got {self.use_gpu!r}")
         self.gpu_ = self.use_gpu is not False and gpu_available()
@@ -147,7 +166,9 @@ class KMeans(ClusterMixin, BaseEstimator):
             data, lloyd = torch.from_numpy(x).cuda(), torch_lloyd
         else:
             data, lloyd = x, faiss_lloyd
-        runs = (lloyd(data, int(self.k), int(self.niter), int(self.seed) + r, self.verbose) for r in range(self.nredo))
+        starts = [(int(self.seed), self.init)] if self.init is not None else []  # first: it wins ties
+        starts += [(int(self.seed) + r, None) for r in range(self.nredo)]
+        runs = (lloyd(data, int(self.k), int(self.niter), seed, self.verbose, init) for seed, init in starts)
         centroids, obj, self.n_split_ = min(runs, key=lambda run: run[1][-1])
         del data  # the GPU copy
         self.centroids_, self.obj_ = np.ascontiguousarray(centroids, dtype=np.float32), np.asarray(obj, np.float64)

@@ -2,8 +2,9 @@
 
 Each iteration, every worker embeds its share of the images with the current network into the
 iteration's feature store (one shard file per worker), rank 0 clusters the store (PCA-whitening +
-faiss k-means, on its own GPU or CPUs while the others wait: a Ray task could not get the resources
-the worker group holds) and broadcasts the pseudo-labels, then the workers train a fresh
+faiss k-means, from random rows and from the previous iteration's groups, on its own GPU or CPUs
+while the others wait: a Ray task could not get the resources the worker group holds) and
+broadcasts the pseudo-labels, then the workers train a fresh
 head and the network on them with DDP, the body's optimizer kept from the iteration before, as
 the reference keeps it across epochs. One worker group, one model load and one set of loader
 processes serve every iteration: starting them per iteration cost about a third of it.
@@ -90,12 +91,12 @@ def kmeans_options(n_rows: int, dim: int, k: int, pca: int | None, use_gpu: bool
     return {**options, "num_cpus": max(1, int(cpus))}
 
 
-def cluster_placed(store, k: int, pca: int | None, seed: int,
-                   use_gpu: bool | None) -> tuple[list[str], Clustering, str]:
+def cluster_placed(store, k: int, pca: int | None, seed: int, use_gpu: bool | None,
+                   previous: dict[str, int] | None = None) -> tuple[list[str], Clustering, str]:
     """`cluster_store` where it belongs: in this process on a plain local Ray (one machine: its GPU,
     if any, is this process's too), else as a Ray task with `kmeans_options`, on a GPU node or a
     node with the memory, rather than on the driver's CPU head. Also returns where it ran
-    ("driver" for this process, or "task on IP")."""
+    ("driver" for this process, or "task on IP"). `previous`: as `cluster_store`'s."""
     import ray
 
     from qdeep.distributed.driver import cluster_has_gpus
@@ -103,18 +104,19 @@ def cluster_placed(store, k: int, pca: int | None, seed: int,
     from qdeep.distributed.storage import alive_nodes
 
     if is_local_ray(alive_nodes()):
-        return *cluster_store(store, k, pca, seed=seed), "driver"
+        return *cluster_store(store, k, pca, seed=seed, previous=previous), "driver"
     gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     shard_rows = max((s.rows for s in store.shards), default=0)
     task = ray.remote(_cluster_task).options(**kmeans_options(store.total_rows, store.dim, k, pca, gpu, shard_rows))
-    ids, clustering, node = ray.get(task.remote(str(store.path), k, pca, seed))
+    ids, clustering, node = ray.get(task.remote(str(store.path), k, pca, seed, previous))
     return ids, clustering, f"task on {node}"
 
 
-def _cluster_task(store_path: str, k: int, pca: int | None, seed: int):
+def _cluster_task(store_path: str, k: int, pca: int | None, seed: int, previous: dict[str, int] | None):
     import ray
 
-    return *cluster_store(FeatureStore(store_path), k, pca, seed=seed), ray.util.get_node_ip_address()
+    ids, clustering = cluster_store(FeatureStore(store_path), k, pca, seed=seed, previous=previous)
+    return ids, clustering, ray.util.get_node_ip_address()
 
 
 def in_order(ids: list[str], clustering: Clustering, order_ids: list[str]) -> Clustering:
@@ -213,8 +215,10 @@ def deepcluster_func(config: dict) -> None:
                                   "weights_sha256": weights_sha256(bare), "image_size": read.size})
         embedded = time.time()
         clustering, where = None, None
-        if rank == 0:
-            store_ids, clustering = cluster_store(store, k, config["pca"], seed=config["seed"] + t)
+        if rank == 0:  # k-means also starts from the partition before (`labels`; on a resume, its file)
+            before = None if t == 1 else labels if t > first else iteration_labels(out, t - 1)
+            previous = None if before is None else dict(zip(ids, before.tolist()))
+            store_ids, clustering = cluster_store(store, k, config["pca"], seed=config["seed"] + t, previous=previous)
             clustering, where = in_order(store_ids, clustering, ids), f"rank 0 on {ray.util.get_node_ip_address()}"
             io.remove_dir(io.child(folder, "features"))  # descriptors change every iteration; labels are kept
         labels[:] = broadcast_from_rank0(None if clustering is None else clustering.labels)

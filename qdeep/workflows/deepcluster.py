@@ -198,16 +198,19 @@ def finished_iterations(out: str | Path) -> list[dict]:
 
 
 def cluster_with(coll: Collection, config: DeepClusterConfig, weights: str, store_dir: str, k: int, seed: int,
-                 use_gpu: bool | None = None, max_gpus: int = 1) -> tuple[Clustering, str]:
+                 use_gpu: bool | None = None, max_gpus: int = 1,
+                 previous: np.ndarray | None = None) -> tuple[Clustering, str]:
     """Descriptors of every image with `weights` into a feature store (Ray Data; on up to `max_gpus`
     GPU actors when GPUs are used), clustered shard by shard into k groups, in the collection's order;
-    and where k-means ran (`cluster_placed`)."""
+    and where k-means ran (`cluster_placed`). `previous`: k labels in the collection's order that
+    k-means also starts from."""
     pack = coll.pack
     rows = pack_images(pack) if pack else folder_rows(Path(coll.source), coll.paths)
     store = embed_images(rows, len(coll.ids), coll.source, config.train.arch, weights, store_dir, batch_size=64,
                          image_size=config.train.image_size, use_gpu=use_gpu, max_gpu_actors=max_gpus,
                          bands=coll.bands, band_init=config.train.band_init)
-    ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu)
+    previous = None if previous is None else dict(zip(coll.ids, previous.tolist()))
+    ids, clustering, where = cluster_placed(store, k, config.pca, seed, use_gpu, previous)
     return in_order(ids, clustering, coll.ids), where
 
 
@@ -258,10 +261,12 @@ def _remove_run(storage_path: str, name: str) -> None:
 
 def over_cluster(out: str | Path, coll: Collection, config: DeepClusterConfig, history: list[dict],
                  use_gpu: bool | None = None) -> tuple[dict, Clustering]:
-    """`final_k` groups from the last network's descriptors (kept in OUT/features)."""
+    """`final_k` groups from the last network's descriptors (kept in OUT/features); with
+    final_k = k, k-means also starts from the last iteration's groups."""
     weights = network(out, config.train.weights, len(history) + 1)
+    last = iteration_labels(out, len(history)) if history and config.final_k == config.k else None
     clustering, where = cluster_with(coll, config, weights, child(out, "features"), config.final_k,
-                                     config.train.seed, use_gpu)
+                                     config.train.seed, use_gpu, previous=last)
     final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl),
              **truth_scores(clustering.labels, coll.truth), "kmeans_on": where}
     if history:
