@@ -13,6 +13,9 @@ the per-turn ratios over the rounds that follow a warm-up round:
   decode-only PIL   load_rgb(BytesIO(bytes)) over the same bytes
   worker, memory    decode + augment over the same bytes: the ceiling of the worker's transform
   worker, tv decode the same with decode_jpeg instead of load_rgb (not what qdeep does)
+  tv decode+collate decode_jpeg, then torch.stack into a uint8 (B, 3, H, W) batch: no augment, no
+                    float; what a worker would hand out if the device did the rest
+  tv decode+coll.HWC the same stacked as (B, H, W, 3), the layout decode_jpeg's pixels are in
   folder, loop      path -> load_rgb(path) -> augment (what a DataLoader worker does today)
   pack, worker      read_parquet(pack.files(), filesystem=pack.fs).select_columns(["data"]) ->
                     iter_batches, decode + augment in the consuming (driver) process: "decode in
@@ -115,6 +118,16 @@ def decode_batch(batch: dict, size: int) -> dict:
     return {"x": np.stack([train_input(s, i, size).numpy() for i, s in enumerate(srcs)])}
 
 
+def collated(tensors, batch_size: int, hwc: bool):
+    """decode_jpeg, then the batch stacked, nothing else: the ceiling of any worker that hands out
+    uint8 batches and leaves augmentation and normalisation to the device. decode_jpeg returns a
+    (3, H, W) view of (H, W, 3) pixels, so a (B, 3, H, W) batch pays a strided copy; with `hwc` the
+    batch stays (B, H, W, 3), a plain copy (channels-last, which the device would permute as a view)."""
+    for start in range(0, len(tensors), batch_size):
+        images = [decode_jpeg(t) for t in tensors[start : start + batch_size]]
+        yield len(torch.stack([i.permute(1, 2, 0) for i in images] if hwc else images))
+
+
 def chunks(make, items, batch_size: int):
     """A plain loop, yielding how many it made every batch_size items."""
     for start in range(0, len(items), batch_size):
@@ -149,6 +162,8 @@ def sides(blobs, paths, pack, args) -> dict:
         "decode-only PIL": (1, False, lambda: chunks(lambda i, b: load_rgb(io.BytesIO(b)), blobs, bs)),
         "worker, memory": (1, False, lambda: chunks(lambda i, b: train_input(io.BytesIO(b), i, s), blobs, bs)),
         "worker, tv decode": (1, False, lambda: chunks(train_input_tv, tensors, bs)),
+        "tv decode+collate": (1, False, lambda: collated(tensors, bs, hwc=False)),
+        "tv decode+coll.HWC": (1, False, lambda: collated(tensors, bs, hwc=True)),
         "folder, loop": (1, False, lambda: chunks(lambda i, p: train_input(p, i, s), paths, bs)),
         "pack, worker": (1, True, pack_worker),
         "pack, Ray Data": (cpus, True, lambda: decoded(read_pack())),

@@ -220,3 +220,9 @@ def test_the_kmeans_task_runs_on_the_cluster_like_the_driver(ray_cluster, tmp_pa
     local_ids, local = cluster_store(store, 4, 4, seed=0)
     assert node == "127.0.0.1" and ids == local_ids
     assert np.array_equal(remote.labels, local.labels) and np.allclose(remote.distances, local.distances)
+    # with the previous groups (renumbered) as one more start, as the final clustering passes them
+    previous = dict(zip(local_ids, ((local.labels + 1) % 4).tolist()))
+    _, remote = ray_cluster.get(task.remote(str(store.path), 4, 4, 1, previous))[:2]
+    _, local = cluster_store(store, 4, 4, seed=1, previous=previous)
+    assert np.array_equal(remote.labels, local.labels)
+    assert np.array_equal(local.labels, [previous[i] for i in local_ids])  # the same groups, their numbers kept

@@ -112,7 +112,7 @@ def cluster_placed(store, k: int, pca: int | None, seed: int, use_gpu: bool | No
     return ids, clustering, f"task on {node}"
 
 
-def _cluster_task(store_path: str, k: int, pca: int | None, seed: int, previous: dict[str, int] | None):
+def _cluster_task(store_path: str, k: int, pca: int | None, seed: int, previous: dict[str, int] | None = None):
     import ray
 
     ids, clustering = cluster_store(FeatureStore(store_path), k, pca, seed=seed, previous=previous)
