@@ -55,6 +55,10 @@ pack, Ray Data        2   1230    615      0.07x  0.06-0.09      1054  0.11x  0.
 pack, Ray Data V2     2    705    352      0.04x  0.03-0.04       936  0.10x  0.09-0.10     4.85s
 folder, Ray Data      2    922    461      0.05x  0.04-0.06       828  0.08x  0.07-0.10     0.53s
 
+With the decode+collate sides (2026-12-07, 3 rounds, quiet machine, img/CPU-s): decode-only tv
+11326, worker memory 0.26x, tv decode 0.32x, tv decode+collate 0.71x, tv decode+coll.HWC 0.88x,
+pack worker 0.12x, pack Ray Data 0.13x.
+
 One round at --n 16000 --shard-mb 8 (20,000 images, 12 shards), img/CPU-s: decode-only tv 10432,
 PIL 6619, worker memory 2190, tv decode 2622, folder loop 2108, pack worker 1655, pack Ray Data
 1056, V2 1283 (first batch after 8.2 s), folder Ray Data 1069.
