@@ -182,8 +182,10 @@ def deepcluster_func(config: dict) -> None:
         body_state = torch.load(BytesIO(state), map_location="cpu", weights_only=True)
 
     # One set of loaders for the whole run: they yield row indices, and targets are looked up in
-    # this process, so the loader processes live across iterations while the labels change.
-    labels = np.zeros(len(ids), dtype=np.int64)
+    # this process, so the loader processes live across iterations while the labels change. Before
+    # each clustering `labels` holds the partition before, which k-means also starts from (on a
+    # resume, the last finished iteration's).
+    labels = iteration_labels(out, first - 1) if first > 1 else np.zeros(len(ids), dtype=np.int64)
     batch = worker_batch(config["batch_size"], world)
     loader_args = dict(workers=config["loader_workers"], world_size=world, rank=rank, seed=config["seed"])
     every = make_loader(ImageDataset(refs, None, read), batch, shuffle=False, **loader_args)
@@ -215,9 +217,8 @@ def deepcluster_func(config: dict) -> None:
                                   "weights_sha256": weights_sha256(bare), "image_size": read.size})
         embedded = time.time()
         clustering, where = None, None
-        if rank == 0:  # k-means also starts from the partition before (`labels`; on a resume, its file)
-            before = None if t == 1 else labels if t > first else iteration_labels(out, t - 1)
-            previous = None if before is None else dict(zip(ids, before.tolist()))
+        if rank == 0:
+            previous = dict(zip(ids, labels.tolist())) if t > 1 else None
             store_ids, clustering = cluster_store(store, k, config["pca"], seed=config["seed"] + t, previous=previous)
             clustering, where = in_order(store_ids, clustering, ids), f"rank 0 on {ray.util.get_node_ip_address()}"
             io.remove_dir(io.child(folder, "features"))  # descriptors change every iteration; labels are kept

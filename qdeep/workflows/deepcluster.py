@@ -264,13 +264,13 @@ def over_cluster(out: str | Path, coll: Collection, config: DeepClusterConfig, h
     """`final_k` groups from the last network's descriptors (kept in OUT/features); with
     final_k = k, k-means also starts from the last iteration's groups."""
     weights = network(out, config.train.weights, len(history) + 1)
-    last = iteration_labels(out, len(history)) if history and config.final_k == config.k else None
+    last = iteration_labels(out, len(history)) if history else None
     clustering, where = cluster_with(coll, config, weights, child(out, "features"), config.final_k,
-                                     config.train.seed, use_gpu, previous=last)
+                                     config.train.seed, use_gpu, previous=last if config.final_k == config.k else None)
     final = {"weights": weights, **cluster_stats(clustering, coll.is_ctrl),
              **truth_scores(clustering.labels, coll.truth), "kmeans_on": where}
-    if history:
-        final["nmi_last_iteration"] = nmi(clustering.labels, iteration_labels(out, len(history)))
+    if last is not None:
+        final["nmi_last_iteration"] = nmi(clustering.labels, last)
     return final, clustering
 
 
