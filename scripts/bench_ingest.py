@@ -1,29 +1,34 @@
-"""Ingest benchmark (issue 15): training-input images/s per core, decode + augment + normalize as a
-training worker does it (`ImageDataset.__getitem__`: `data.transforms.train_input`, which was
-to_unit -> augment(d4) -> normalize on floats when the figures below were measured, and now flips and
-rotates uint8 pixels before one fused float conversion: 1.23x faster, see README), from a pack vs
-from a folder of JPEGs, against the decode-only limit.
+"""Ingest benchmark (issue 15): training-input images/s per core, as a training worker makes its
+batches, from a pack vs from a folder of JPEGs, against the decode-only limit.
+
+A worker's `data.loader.Decoder` decodes JPEGs with torchvision's `decode_jpeg` (`images.rgb_pixels`:
+Pillow's pixels, 1.1-1.7x its speed) and hands out, for RGB images with flips and rotations (`d4`,
+`flip`, `none`) and no crop, a `transforms.PixelBatch`: the uint8 (B, H, W, 3) pixels and each
+image's symmetry code; its `.to(device)` flips, rotates, converts and normalises them there, as the
+network's first step (the same tensor as the CPU path, bit for bit). Bands, `strong` and crops are
+still made in floats on the CPU (`memory, floats`).
 
 Sides, each over every image of one synthetic Planet data set (train + test), each run in turns
 with the baseline in the same process (baseline, side / side, baseline, alternating); medians of
 the per-turn ratios over the rounds that follow a warm-up round:
 
   decode-only tv    torchvision.io.decode_jpeg over the bytes, in memory, in a plain loop: THE
-                    BASELINE, the decode-only limit (faster than PIL here)
-  decode-only PIL   load_rgb(BytesIO(bytes)) over the same bytes
-  worker, memory    decode + augment over the same bytes: the ceiling of the worker's transform
-  worker, tv decode the same with decode_jpeg instead of load_rgb (not what qdeep does)
-  tv decode+collate decode_jpeg, then torch.stack into a uint8 (B, 3, H, W) batch: no augment, no
-                    float; what a worker would hand out if the device did the rest
-  tv decode+coll.HWC the same stacked as (B, H, W, 3), the layout decode_jpeg's pixels are in
-  folder, loop      path -> load_rgb(path) -> augment (what a DataLoader worker does today)
-  pack, worker      read_parquet(pack.files(), filesystem=pack.fs).select_columns(["data"]) ->
-                    iter_batches, decode + augment in the consuming (driver) process: "decode in
-                    the worker" (1 core; the read tasks run beside it)
+                    BASELINE, the decode-only limit
+  decode-only PIL   load_rgb(bytes) over the same bytes
+  tv decode+coll.HWC decode_jpeg, then the batch stacked as uint8 (B, H, W, 3), nothing else: the
+                    ceiling of a worker that leaves augmentation and normalisation to the device
+  memory, floats    batches made in floats on the CPU (RGBInput per image, stacked): the worker
+                    before the device finished its batches
+  memory, worker    the product's Decoder (d4, no threads) over the bytes in memory: PixelBatches
+  memory, w.+finish the same, each batch also finished `.to("cpu")`: a CPU-only worker's whole cost
+  folder, worker    the Decoder over the files' paths (read, decode)
+  pack, worker      the pack's rows as a training worker streams them (`ingest.pack_join`, the
+                    shards read and joined to their targets in Ray Data tasks, one streaming_split
+                    as Ray Train hands a worker its share, iter_batches with the worker's local
+                    shuffle buffer), then the Decoder: what a GPU worker's CPU does per image
+  pack, w.+finish   the same, finished on the CPU
   pack, Ray Data    read_parquet -> map_batches(decode + augment -> float32) -> iter_torch_batches:
-                    "decode in Ray Data" (--num-cpus cores)
-  pack, Ray Data V2 the same through Ray 2.60's default Parquet reader (see below)
-  folder, Ray Data  from_items(paths) -> map_batches(read + decode + augment) -> iter_torch_batches
+                    "decode in Ray Data" (--num-cpus cores), the design not taken
 
 Per core = images/s divided by the cores the side may use (a plain loop: 1; Ray Data: --num-cpus,
 the driver's own work coming on top). Torch runs one thread in the driver, as in a DataLoader
@@ -34,59 +39,64 @@ is small so that the pack has several shards: Ray Data reads one Parquet file in
 Usage: python scripts/bench_ingest.py [--n 4000] [--size 128] [--image-size 128] [--rounds 5]
                                       [--num-cpus 2] [--shard-mb 2] [--batch-size 64]
 
-Besides images/s, each side's CPU time is counted (this process, and for the sides on Ray every
-process of the Ray it started, from /proc): images per CPU-second is the per-core figure that the
-other sessions' load on a shared machine disturbs least. Ray Data reads the pack with its V1 Parquet
-reader (DataContext.use_datasource_v2 = False), except "pack, Ray Data V2", Ray 2.60's default.
+Columns: images/s (wall) and per core; img/CPU-s: images per CPU-second of this process (the
+worker's own cores: on Ray, the reading runs in other processes, on other cores), the per-core
+figure that a shared machine's load disturbs least; all CPU-s: counting every process of the Ray
+it started too (from /proc; processes that end during a turn drop out of the sum, so it can come out
+wrong, even negative, for the Ray sides); 1st batch: seconds to the first batch (an epoch's start).
 
-Measured 2026-12 on the 2-core shared dev VM (other sessions' test suites running, load 7 -> 22
-during the run: wall-clock figures are very noisy, CPU-second figures less so), default options:
-5,000 JPEGs of 128 px (5.0 kB each), a pack of 12 shards, 128 px float32 tensors, Ray Data on 2
-CPUs, 5 rounds after a warm-up, medians of per-turn ratios (min-max over the rounds); 4 min:
+Measured 2026-12-07, quiet 2-core VM (load 0.7-2), 3 rounds after a warm-up, defaults (5,000 JPEGs
+of 128 px, 5.0 kB each, a pack of 12 shards, 128 px tensors, Ray Data on 2 CPUs):
 
-                  cores  img/s  /core ratio/core  (min-max) img/CPU-s  ratio  (min-max) 1st batch
-decode-only tv        1   9738   9738      1.00x  1.00-1.00     10095  1.00x  1.00-1.00     0.01s
-decode-only PIL       1   5074   5074      0.60x  0.39-0.78      5187  0.59x  0.46-0.79     0.01s
-worker, memory        1   1867   1867      0.18x  0.14-0.42      2359  0.26x  0.21-0.28     0.02s
-worker, tv decode     1   3087   3087      0.31x  0.27-0.34      3131  0.31x  0.27-0.33     0.02s
-folder, loop          1   2146   2146      0.22x  0.15-0.27      2240  0.23x  0.20-0.27     0.03s
-pack, worker          1   1454   1454      0.16x  0.13-0.29      1326  0.14x  0.12-0.17     0.18s
-pack, Ray Data        2   1230    615      0.07x  0.06-0.09      1054  0.11x  0.10-0.13     0.74s
-pack, Ray Data V2     2    705    352      0.04x  0.03-0.04       936  0.10x  0.09-0.10     4.85s
-folder, Ray Data      2    922    461      0.05x  0.04-0.06       828  0.08x  0.07-0.10     0.53s
+                  cores  img/s  /core  ratio img/CPU-s  ratio  (min-max) all CPU-s  ratio 1st batch
+decode-only tv        1  11959  11959  1.00x     11941  1.00x  1.00-1.00     11940  1.00x     0.01s
+decode-only PIL       1   7130   7130  0.60x      7123  0.60x  0.48-0.77      7123  0.60x     0.01s
+tv decode+coll.HWC    1  11202  11202  0.93x     11198  0.93x  0.92-0.95     11198  0.93x     0.01s
+memory, floats        1   4813   4813  0.41x      4802  0.41x  0.40-0.42      4802  0.41x     0.01s
+memory, worker        1   9217   9217  0.78x      9207  0.78x  0.68-0.79      9207  0.78x     0.01s
+memory, w.+finish     1   6245   6245  0.52x      6241  0.52x  0.52-0.53      6241  0.52x     0.02s
+folder, worker        1   7339   7339  0.61x      7333  0.61x  0.61-0.62      7332  0.61x     0.02s
+pack, worker          1   2751   2751  0.23x      7145  0.60x  0.58-0.61      2101  0.18x     1.14s
+pack, w.+finish       1   2419   2419  0.21x      5271  0.44x  0.42-0.45      1806  0.15x     1.18s
+pack, Ray Data        2   1587    794  0.07x      5864  0.48x  0.47-1.27      3196  0.27x     2.52s
 
-With the decode+collate sides (2026-12-07, 3 rounds, quiet machine, img/CPU-s): decode-only tv
-11326, worker memory 0.26x, tv decode 0.32x, tv decode+collate 0.71x, tv decode+coll.HWC 0.88x,
-pack worker 0.12x, pack Ray Data 0.13x.
+At Planet's own image size, --n 16000 --size 256 --image-size 256 --shard-mb 32 --rounds 2 (20,000
+JPEGs of 256 px, 16.5 kB each, 10 shards; load 1.0-3.3):
 
-One round at --n 16000 --shard-mb 8 (20,000 images, 12 shards), img/CPU-s: decode-only tv 10432,
-PIL 6619, worker memory 2190, tv decode 2622, folder loop 2108, pack worker 1655, pack Ray Data
-1056, V2 1283 (first batch after 8.2 s), folder Ray Data 1069.
+decode-only tv        1   4086   4086  1.00x      4079  1.00x  1.00-1.00      4079  1.00x     0.02s
+decode-only PIL       1   3645   3645  0.89x      3641  0.89x  0.89-0.89      3641  0.89x     0.02s
+tv decode+coll.HWC    1   3885   3885  0.95x      3880  0.95x  0.95-0.96      3880  0.95x     0.02s
+memory, floats        1   1007   1007  0.24x      1006  0.24x  0.24-0.24      1006  0.24x     0.06s
+memory, worker        1   3576   3576  0.87x      3571  0.87x  0.87-0.87      3571  0.87x     0.03s
+memory, w.+finish     1   1191   1191  0.29x      1190  0.29x  0.29-0.29      1190  0.29x     0.07s
+folder, worker        1   3129   3129  0.77x      3138  0.78x  0.77-0.78      3138  0.78x     0.04s
+pack, worker          1   2423   2423  0.61x      3042  0.76x  0.75-0.77     (wrong)          1.27s
+pack, w.+finish       1   1025   1025  0.25x      1105  0.27x  0.27-0.28      1554  0.39x     1.27s
+pack, Ray Data        2   1137    568  0.14x      7526  1.86x  1.82-1.90       706  0.17x     5.61s
 
-- The goal (>= 0.8x the decode-only limit from a pack) is far off, and not because of the pack:
-  the worker's own transform, on bytes already in memory, reaches 0.23-0.31x of decode_jpeg
-  (0.4x of PIL's decode). Per image (one-off breakdown, same VM): PIL decode ~200 us, then
-  to_unit's float conversion, the d4 augment and normalize ~100 us each on a 3x128x128 float
-  tensor. torchvision's decoder is 1.7-1.9x faster than load_rgb but buys the worker only 1.2-1.3x.
-- Decode in the worker beats decode in Ray Data per core: 1.3-1.6x per CPU-second (1326 vs 1054;
-  1655 vs 1056 at 20,000 images) and 2.4x per nominal core (Ray Data's 2 CPUs share this VM's two
-  cores with the driver). Decoding in Ray Data ships float32 tensors (196 kB an image, 40x the
-  JPEG) through the object store and re-batches them, and an epoch starts 0.7-1.4 s later.
-- Pack vs folder, on a local disk with the files in the page cache: in the worker, the folder is
-  cheaper here (2240 vs 1326 img/CPU-s; 2108 vs 1655 at 20,000 images: the Ray Data read's fixed
-  cost per epoch shrinks with the epoch); decoded in Ray Data they are about even (1054 vs 828,
-  1056 vs 1069). What a pack is for (listing and opening many small objects in a bucket, any node
-  reading) is not measured here.
-- Ray 2.60's default Parquet reader (V2) bin-packs files into read tasks of up to 128 MiB
-  (RAY_DATA_PARQUET_BIN_PACKING_BYTES): a pack smaller than that is read, and with map_batches
-  fused into the read also decoded, by one task on one core, and its first batch comes after
-  2.5-8 s against 0.2-1.4 s with V1. Shards above 128 MiB (`qdeep pack`'s 256 MB) get a task each.
+- The goal (>= 0.8x the decode-only limit from a pack) is met in memory at 256 px (0.87x) and not
+  from a pack: 0.60x of the worker's CPU at 128 px, 0.76x at 256 px (before the device finished
+  the batches: 0.12-0.14x). The pack's rows cost the worker 30-50 us each beyond the decode (Ray
+  Data's iterator, its threads, the shuffle buffer, the bytes objects), about a third of a 128 px
+  JPEG's decode; iterated alone they cost 7-10 us a row, so the rest is their threads and the
+  decode contending on two cores. Neither the pyarrow batch format (338 against 325-344 us a row at 256
+  px) nor dropping the shuffle buffer (~10 us) closes it.
+- On a CPU-only worker the finish (conversion, flips, normalisation) stays on the CPU: 0.52x at 128
+  px, against 0.41x for the float path it replaces. At 256 px both pay for a fresh 50 MB float batch
+  (page faults): 0.29x against 0.24x.
+- Decoding in Ray Data ships float32 tensors (40x the JPEG) through the object store: 0.48x of one
+  core per CPU-second, and the slowest to an epoch's first batch.
+
+Before the PixelBatch (2026-12, loaded machine, img/CPU-s against decode-only tv's 10,095): the
+worker's float transform 0.26x, a folder loop 0.23x, the pack read by Ray Data and decoded in the
+consuming process 0.14x, decoded in Ray Data 0.11x (0.10x with Ray 2.60's default Parquet reader,
+which bin-packs files into read tasks of up to 128 MiB, so a small pack is read by one task and its
+first batch comes 2.5-8 s later), a folder through Ray Data 0.08x.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import random
@@ -96,40 +106,40 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import decode_jpeg
 
 from qdeep.data.images import load_rgb
-from qdeep.data.transforms import augment_pixels, pixels_to_input, train_input as worker_transform
+from qdeep.data.inputs import RGBInput
+from qdeep.data.loader import Decoder
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as the models use
 
 
 def train_input(src, key: int, size: int) -> torch.Tensor:
-    """One training image as a worker makes it (ImageDataset.__getitem__, train=True, crop 0, d4)."""
-    return worker_transform(load_rgb(src), size, MEAN, STD, random.Random(key), 0.0, "d4")
-
-
-def train_input_tv(key: int, data: torch.Tensor) -> torch.Tensor:
-    """The same with torchvision's decoder (not what qdeep does: no resize, a JPEG-only decoder)."""
-    pixels = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True).numpy()
-    return pixels_to_input(augment_pixels(pixels, random.Random(key), "d4"), MEAN, STD)
+    """One training image made on the CPU, float tensor out, as a worker made every image before
+    the device finished them (and still makes bands, `strong` and crops): `RGBInput.__call__`."""
+    return RGBInput(size, MEAN, STD)(src, random.Random(key), 0.0, "d4")
 
 
 def decode_batch(batch: dict, size: int) -> dict:
-    """map_batches: encoded bytes ("data") or file paths ("path") -> float32 (B, 3, size, size)."""
-    srcs = [io.BytesIO(b) for b in batch["data"]] if "data" in batch else list(batch["path"])
-    return {"x": np.stack([train_input(s, i, size).numpy() for i, s in enumerate(srcs)])}
+    """map_batches: encoded bytes ("data") -> float32 (B, 3, size, size)."""
+    return {"x": np.stack([train_input(b, i, size).numpy() for i, b in enumerate(batch["data"])])}
 
 
-def collated(tensors, batch_size: int, hwc: bool):
-    """decode_jpeg, then the batch stacked, nothing else: the ceiling of any worker that hands out
-    uint8 batches and leaves augmentation and normalisation to the device. decode_jpeg returns a
-    (3, H, W) view of (H, W, 3) pixels, so a (B, 3, H, W) batch pays a strided copy; with `hwc` the
-    batch stays (B, H, W, 3), a plain copy (channels-last, which the device would permute as a view)."""
+def collated(tensors, batch_size: int):
+    """decode_jpeg, then the batch stacked as (B, H, W, 3) uint8, nothing else: the ceiling of any
+    worker that leaves augmentation and normalisation to the device."""
     for start in range(0, len(tensors), batch_size):
-        images = [decode_jpeg(t) for t in tensors[start : start + batch_size]]
-        yield len(torch.stack([i.permute(1, 2, 0) for i in images] if hwc else images))
+        yield len(torch.stack([decode_jpeg(t).permute(1, 2, 0) for t in tensors[start : start + batch_size]]))
+
+
+def floats(blobs, size: int, batch_size: int):
+    """Batches made on the CPU, float tensors stacked, as the worker's `Decoder` made them before
+    the device finished them (and still does for bands, `strong` and crops)."""
+    for start in range(0, len(blobs), batch_size):
+        yield len(torch.stack([train_input(b, start + i, size) for i, b in enumerate(blobs[start : start + batch_size])]))
 
 
 def chunks(make, items, batch_size: int):
@@ -138,41 +148,56 @@ def chunks(make, items, batch_size: int):
         yield len([make(start + i, item) for i, item in enumerate(items[start : start + batch_size])])
 
 
+def worker(batches, size: int, finish: bool):
+    """What a training worker makes of `batches` of rows ({"row", "ref", "y"}): the product's
+    `Decoder` (train=True, d4, no threads), whose uint8 `PixelBatch`es a GPU worker moves to its
+    device; with `finish`, also `.to("cpu")`: the conversion, normalisation and flips that a
+    CPU-only worker then does itself."""
+    for _, x, _ in Decoder(RGBInput(size, MEAN, STD), train=True, seed=0, augment="d4")(batches, epoch=1):
+        yield len(x.to("cpu") if finish else x)
+
+
+def in_batches(refs, batch_size: int):
+    for start in range(0, len(refs), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(refs)))
+        yield {"row": rows, "ref": refs[start : start + batch_size], "y": np.zeros(len(rows), np.float32)}
+
+
 def sides(blobs, paths, pack, args) -> dict:
     """name -> (cores, on Ray, a generator function yielding the size of each batch of training inputs)."""
     import ray.data
 
+    from qdeep.distributed.ingest import MIN_SHUFFLE_BUFFER, SHUFFLE_BUFFER_BATCHES, pack_join
+
     s, bs, cpus = args.image_size, args.batch_size, args.num_cpus
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    context = ray.data.DataContext.get_current()
+    names = [Path(p).stem for p in paths]
+    wanted = pa.table({"row": np.arange(len(names)), "image": pa.array(names, pa.string()),
+                       "y": np.zeros(len(names), np.float32)})
 
-    def read_pack(v2: bool = False):
-        """The pack's bytes; through Ray 2.60's default Parquet reader (V2) only with v2 (see above)."""
-        context.use_datasource_v2 = v2  # a dataset keeps a copy of the context it was made under
-        return ray.data.read_parquet(pack.files(), filesystem=pack.fs).select_columns(["data"])
+    def pack_rows():  # a training run's rows from the pack, as a worker's `ingest.shard_batches` streams
+        # them: Ray Train hands each worker a streaming_split of the dataset, whose execution runs in
+        # a coordinator actor, not in the worker
+        buffer = max(SHUFFLE_BUFFER_BATCHES * bs, MIN_SHUFFLE_BUFFER)
+        shard = pack_join(pack, wanted).streaming_split(1, equal=True)[0]
+        return shard.iter_batches(batch_size=bs, batch_format="numpy", local_shuffle_buffer_size=buffer)
 
-    def decoded(ds):  # "decode in Ray Data": the worker gets float32 tensors
+    def decoded():  # "decode in Ray Data": the worker gets float32 tensors
+        ds = ray.data.read_parquet(pack.files(), filesystem=pack.fs).select_columns(["data"])
         ds = ds.map_batches(decode_batch, batch_size=bs, batch_format="numpy", fn_kwargs={"size": s})
         return (len(batch["x"]) for batch in ds.iter_torch_batches(batch_size=bs))
 
-    def pack_worker():  # "decode in the worker": the worker gets the bytes
-        n = 0
-        for batch in read_pack().iter_batches(batch_size=bs, batch_format="numpy"):
-            yield len([train_input(io.BytesIO(b), n + i, s) for i, b in enumerate(batch["data"])])
-            n += len(batch["data"])
-
     return {
         "decode-only tv": (1, False, lambda: chunks(lambda i, t: decode_jpeg(t), tensors, bs)),
-        "decode-only PIL": (1, False, lambda: chunks(lambda i, b: load_rgb(io.BytesIO(b)), blobs, bs)),
-        "worker, memory": (1, False, lambda: chunks(lambda i, b: train_input(io.BytesIO(b), i, s), blobs, bs)),
-        "worker, tv decode": (1, False, lambda: chunks(train_input_tv, tensors, bs)),
-        "tv decode+collate": (1, False, lambda: collated(tensors, bs, hwc=False)),
-        "tv decode+coll.HWC": (1, False, lambda: collated(tensors, bs, hwc=True)),
-        "folder, loop": (1, False, lambda: chunks(lambda i, p: train_input(p, i, s), paths, bs)),
-        "pack, worker": (1, True, pack_worker),
-        "pack, Ray Data": (cpus, True, lambda: decoded(read_pack())),
-        "pack, Ray Data V2": (cpus, True, lambda: decoded(read_pack(v2=True))),
-        "folder, Ray Data": (cpus, True, lambda: decoded(ray.data.from_items([{"path": p} for p in paths]))),
+        "decode-only PIL": (1, False, lambda: chunks(lambda i, b: load_rgb(b), blobs, bs)),
+        "tv decode+coll.HWC": (1, False, lambda: collated(tensors, bs)),
+        "memory, floats": (1, False, lambda: floats(blobs, s, bs)),
+        "memory, worker": (1, False, lambda: worker(in_batches(blobs, bs), s, False)),
+        "memory, w.+finish": (1, False, lambda: worker(in_batches(blobs, bs), s, True)),
+        "folder, worker": (1, False, lambda: worker(in_batches(paths, bs), s, False)),
+        "pack, worker": (1, True, lambda: worker(pack_rows(), s, False)),
+        "pack, w.+finish": (1, True, lambda: worker(pack_rows(), s, True)),
+        "pack, Ray Data": (cpus, True, decoded),
     }
 
 
@@ -198,15 +223,18 @@ def cpu_seconds(tree: bool) -> float:
     return time.process_time() + sum(used.get(p, 0) for p in tree_pids - {os.getpid()})
 
 
-def timed(side, on_ray: bool, expect: int) -> tuple[float, float, float]:
-    """(images/s, images per CPU-second, seconds to the first batch)."""
-    cpu, start, n, first = cpu_seconds(on_ray), time.perf_counter(), 0, None
+def timed(side, on_ray: bool, expect: int) -> tuple[float, float, float, float]:
+    """(images/s, images per CPU-second of this process, the same counting every process of the Ray
+    it started, seconds to the first batch)."""
+    own, tree = time.process_time(), cpu_seconds(on_ray)
+    start, n, first = time.perf_counter(), 0, None
     for k in side():
         n += k
         first = first or time.perf_counter()
-    wall, cpu = time.perf_counter() - start, cpu_seconds(on_ray) - cpu
+    wall = time.perf_counter() - start
+    own, tree = time.process_time() - own, cpu_seconds(on_ray) - tree
     assert n == expect, f"made {n} training inputs, expected {expect}"
-    return n / wall, n / cpu, first - start
+    return n / wall, n / own, n / tree, first - start
 
 
 def main() -> None:
@@ -247,8 +275,8 @@ def main() -> None:
             table = sides(blobs, paths, pack, args)
             base_name = next(iter(table))
             base = table.pop(base_name)
-            got = {name: [] for name in [base_name, *table]}  # (img/s, img/CPU-s, 1st batch s) per turn
-            ratios = {name: ([], []) for name in table}  # to the baseline's turn beside it: per core, per CPU-s
+            got = {name: [] for name in [base_name, *table]}  # timed()'s figures per turn
+            ratios = {name: ([], [], []) for name in table}  # to the baseline's turn beside it
             for r in range(args.rounds + 1):
                 for k, (name, side) in enumerate(table.items()):
                     order = [base, side] if (r + k) % 2 == 0 else [side, base]
@@ -259,18 +287,19 @@ def main() -> None:
                         got[name].append(x)
                         ratios[name][0].append(x[0] / side[0] / b[0])
                         ratios[name][1].append(x[1] / b[1])
+                        ratios[name][2].append(x[2] / b[2])
             print(f"load {os.getloadavg()[0]:.1f} at the end\n")
             med = statistics.median
-            print(f"{'':18}{'cores':>5}{'img/s':>7}{'/core':>7}{'ratio/core':>11}{'(min-max)':>11}"
-                  f"{'img/CPU-s':>10}{'ratio':>7}{'(min-max)':>11}{'1st batch':>10}")
-            rows = [(base_name, 1, [t[0] for t in got[base_name]], [1], [t[1] for t in got[base_name]], [1])]
-            rows += [(n, c, [t[0] for t in got[n]], ratios[n][0], [t[1] for t in got[n]], ratios[n][1])
-                     for n, (c, _, _) in table.items()]
-            for name, cores, rate, per_core, cpu_rate, per_cpu in rows:
-                first = med([t[2] for t in got[name]])
-                print(f"{name:18}{cores:>5}{med(rate):>7.0f}{med(rate) / cores:>7.0f}{med(per_core):>10.2f}x"
-                      f"{min(per_core):>6.2f}-{max(per_core):<4.2f}{med(cpu_rate):>10.0f}{med(per_cpu):>6.2f}x"
-                      f"{min(per_cpu):>6.2f}-{max(per_cpu):<4.2f}{first:>9.2f}s")
+            print(f"{'':18}{'cores':>5}{'img/s':>7}{'/core':>7}{'ratio':>7}{'img/CPU-s':>10}{'ratio':>7}{'(min-max)':>11}"
+                  f"{'all CPU-s':>10}{'ratio':>7}{'1st batch':>10}")
+            one = ([1], [1], [1])
+            for name in got:
+                cores = 1 if name == base_name else table[name][0]
+                rate, own, tree = (med([t[i] for t in got[name]]) for i in range(3))
+                per_core, per_own, per_tree = ratios.get(name, one)
+                print(f"{name:18}{cores:>5}{rate:>7.0f}{rate / cores:>7.0f}{med(per_core):>6.2f}x{own:>10.0f}"
+                      f"{med(per_own):>6.2f}x{min(per_own):>6.2f}-{max(per_own):<4.2f}{tree:>10.0f}{med(per_tree):>6.2f}x"
+                      f"{med([t[3] for t in got[name]]):>9.2f}s")
         finally:
             ray.shutdown()
 

@@ -256,3 +256,42 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size):
     # 1: red left; 3 (180 degrees): red right; 6 (90 degrees clockwise to view): red on top; 8: red at the bottom
     where = {1: red[:, :5].all(), 3: red[:, -5:].all(), 6: red[:5].all(), 8: red[-5:].all()}[orientation]
     assert where and red.mean() == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated"])
+def test_rgb_pixels_errors_name_the_file_as_load_rgb_does(tmp_path, case):
+    """The torchvision JPEG path refuses these; Pillow's verdict, naming the file or the bytes' name, stands."""
+    from qdeep.data.images import rgb_pixels
+
+    root = _planet(tmp_path / "d", GOOD)
+    fragment = _bad_cases()[case](root)
+    with pytest.raises(ImageDecodeError, match=fragment):
+        rgb_pixels(root / "train-jpg" / "train_1.jpg")
+    with pytest.raises(ImageDecodeError, match=fragment):
+        rgb_pixels((root / "train-jpg" / "train_1.jpg").read_bytes(), "train_1.jpg")
+    with pytest.raises(FileNotFoundError):
+        rgb_pixels(root / "train-jpg" / "gone.jpg")
+
+
+def test_rgb_pixels_are_load_rgbs_for_every_kind_of_jpeg_and_other_formats(tmp_path):
+    """JPEGs decoded by torchvision (colour at every chroma subsampling, greyscale, CMYK, EXIF-rotated)
+    and other formats decoded by Pillow: the pixels load_rgb gives, from a path or the bytes."""
+    from PIL import ImageFilter
+
+    from qdeep.data.images import rgb_pixels
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    rotated = photo.getexif()
+    rotated[0x0112] = 6
+    cases = {f"sub{s}.jpg": (photo, {"quality": 90, "subsampling": s}) for s in (0, 1, 2)}
+    cases |= {"grey.jpg": (photo.convert("L"), {}), "cmyk.jpg": (photo.convert("CMYK"), {}),
+              "exif.jpg": (photo, {"exif": rotated}), "rgba.png": (photo.convert("RGBA"), {}),
+              "palette.png": (photo.convert("P"), {}), "photo.tif": (photo, {})}
+    for name, (image, options) in cases.items():
+        image.save(tmp_path / name, **options)
+        want = np.asarray(load_rgb(tmp_path / name))
+        for src in (tmp_path / name, (tmp_path / name).read_bytes()):
+            got = rgb_pixels(src)
+            assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want), name
+    assert rgb_pixels(tmp_path / "exif.jpg").shape == (40, 30, 3)  # turned upright

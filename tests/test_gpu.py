@@ -55,6 +55,18 @@ def test_faiss_kmeans_on_the_gpu_finds_the_cpu_partition():
     assert warm.gpu_ is True and nmi(warm.labels_, cpu.labels_) > 0.99
 
 
+def test_a_pixel_batch_finishes_on_the_gpu_as_on_the_cpu():
+    """A worker's uint8 PixelBatch moved to a GPU is flipped, rotated and normalised there (the
+    batched form): the CPU's batch, to float32 rounding of the two in-place steps."""
+    from qdeep.data.transforms import PixelBatch
+
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    batch = PixelBatch(pixels, torch.arange(64) % 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    on_gpu = batch.to(torch.device("cuda"), non_blocking=True)
+    assert on_gpu.is_cuda and on_gpu.is_contiguous() and on_gpu.shape == (64, 3, 32, 32)
+    torch.testing.assert_close(on_gpu.cpu(), batch.to("cpu"), rtol=0, atol=1e-6)
+
+
 def _checkpoints(run_dir) -> list[dict]:
     return [torch.load(p / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
             for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists()]

@@ -181,3 +181,70 @@ def test_image_dataset_decodes_paths_or_a_packs_bytes_alike(tmp_path):
             (i, x, _), (j, y, _) = from_files[key], from_bytes[key]
             assert i == j and x.shape == (3, 8, 8)
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("augment, crop, size", [("d4", 0.0, 16), ("d4", 0.0, 12), ("flip", 0.0, 16),
+                                                 ("none", 0.0, 16), ("d4", 0.2, 16), ("strong", 0.0, 16)])
+def test_a_workers_batches_finish_on_the_device_as_the_cpu_made_them(tmp_path, augment, crop, size):
+    """The training Decoder hands out RGB images with flips and rotations as uint8 PixelBatches whose
+    .to(device) is, bit for bit, the batch of each image's CPU-made input (RGBInput: the draws, the
+    resize, the normalisation); with crops, `strong` or for bands it hands out that float batch itself.
+    Validation batches (train=False) are never augmented."""
+    import random
+
+    import torch
+    from PIL import Image
+
+    from qdeep.data.inputs import RGBInput
+    from qdeep.data.loader import Decoder
+    from qdeep.data.transforms import PixelBatch
+
+    rng = np.random.default_rng(0)
+    refs = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+        refs.append(str(tmp_path / f"{i}.jpg") if i % 2 else (tmp_path / f"{i}.jpg").read_bytes())
+    read = RGBInput(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    batches = [{"row": np.arange(s, min(s + 16, 40)) + 100, "ref": refs[s : s + 16], "y": np.ones(min(16, 40 - s))}
+               for s in range(0, 40, 16)]
+    for train in (True, False):
+        on_device = not train or crop == 0 and augment != "strong"
+        seen = set()
+        for rows, x, y in Decoder(read, train=train, crop=crop, seed=7, augment=augment)(batches, epoch=3):
+            assert isinstance(x, PixelBatch) is on_device and len(x) == len(rows) == len(y)
+            got = x.to("cpu")
+            want = torch.stack([read(refs[r - 100], random.Random(hash((7, 3, r))) if train else None, crop, augment)
+                                for r in rows.tolist()])
+            assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, want)
+            seen |= {img.numpy().tobytes() for img in got}
+            if on_device:
+                assert x.pixels.dtype == torch.uint8 and x.pixels.shape == (len(rows), size, size, 3)
+                assert (x.codes is None) == (not train or augment == "none")
+        if train and augment == "d4" and not crop:  # the flips and rotations did happen, per image
+            assert len({c for c in range(16)} & set(Decoder(read, True, seed=7).one(refs[0], 0, e)[1]
+                                                    for e in range(40))) >= 6
+        assert len(seen) == 40 or train and augment != "none"
+
+
+def test_the_batched_device_form_of_the_finish_is_the_cpus():
+    """`finish_in_groups` (what a GPU runs) and `finish` on the CPU (image by image, numpy views) give
+    the same batch for every one of the 16 codes and without codes, each image turned as
+    `augment_pixels` turns it and normalised as `pixels_to_input` does."""
+    import random
+
+    import torch
+
+    from qdeep.data.transforms import augment_pixels, finish, finish_in_groups, pixels_to_input, symmetry
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 6, 6, 3), dtype=np.uint8))
+    codes = torch.tensor([i % 16 for i in range(40)])  # image i has code i % 16
+    cpu = finish(pixels, codes, mean, std)
+    assert cpu.is_contiguous() and torch.equal(finish_in_groups(pixels, codes, mean, std), cpu)
+    for seed in range(32):  # the code drawn from a generator is the turn augment_pixels draws from it
+        i = symmetry(random.Random(seed))
+        want = pixels_to_input(augment_pixels(pixels[i].permute(2, 0, 1).numpy(), random.Random(seed)), mean, std)
+        assert torch.equal(cpu[i], want)
+    plain = torch.stack([pixels_to_input(p.permute(2, 0, 1).numpy(), mean, std) for p in pixels])
+    assert torch.equal(finish(pixels, None, mean, std), plain)
+    assert torch.equal(finish_in_groups(pixels, None, mean, std), plain)

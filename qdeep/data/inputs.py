@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from qdeep.config import IMAGE_FORMATS
-from qdeep.data.images import load_rgb
+from qdeep.data.images import rgb_pixels
 from qdeep.data.rasters import (BandLayout, BandStats, Raster, band_indices, band_names, band_statistics,
                                 raster_input, read_raster, sample_rasters, training_sample)
-from qdeep.data.transforms import train_input
+from qdeep.data.transforms import resized, train_input
 from qdeep.errors import QdeepError
 
 
@@ -111,7 +111,16 @@ class RGBInput:
                  name: str = "image bytes") -> torch.Tensor:
         """The input tensor of the image at `ref` (a path, or its bytes, called `name` in errors),
         augmented with `rng` (none without one)."""
-        return train_input(load_rgb(ref, name), self.size, self.mean, self.std, rng, crop, augment)
+        return train_input(rgb_pixels(ref, name), self.size, self.mean, self.std, rng, crop, augment)
+
+    def pixels(self, ref, name: str = "image bytes") -> np.ndarray:
+        """The image at `ref` as (size, size, 3) uint8 pixels, for a `transforms.PixelBatch`."""
+        return resized(rgb_pixels(ref, name), self.size)
+
+    def finishes_on_device(self, augment: str, crop: float) -> bool:
+        """Whether a batch can leave the CPU as pixels (`transforms.PixelBatch`) to be converted,
+        normalised and augmented on the device: with flips and rotations only, no crop."""
+        return augment in ("d4", "flip", "none") and not crop
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,9 @@ class RasterInput:
         raster = self.bands.read(ref, name)
         stats = BandStats(self.bands.mean, self.bands.std, (), ())
         return raster_input(raster, self.bands.index, self.size, stats, rng, augment, crop)
+
+    def finishes_on_device(self, augment: str, crop: float) -> bool:
+        return False  # bands of any dtype, normalised per band on the CPU
 
 
 def model_input(arch_spec, size: int | None, bands: InputBands | None):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qdeep.data.inputs import RasterInput, RGBInput
+from qdeep.data.transforms import PixelBatch, symmetry
 
 
 class ImageDataset(Dataset):
@@ -100,17 +101,33 @@ class Decoder:
     `iter_batches` yields them, -> (row, input, target) tensors, decoded and augmented in `threads`
     threads of this process (PIL and torch let go of the GIL; 0: inline), one batch ahead of the
     one being trained on. A row's augmentation is drawn from (seed, epoch, row): every epoch sees
-    other flips and crops, the same on a rerun."""
+    other flips and crops, the same on a rerun. RGB images with flips and rotations only come out
+    as a `transforms.PixelBatch` of uint8 pixels, which its `.to(device)` finishes there, to the
+    same tensor; other inputs (bands, `strong`, crops) as float tensors made here."""
 
     def __init__(self, read: RGBInput | RasterInput, train: bool = False, crop: float = 0.0, seed: int = 0,
                  augment: str = "d4", threads: int = 0, y_dtype=np.float32):
         self.read = read  # an image's input tensor (data.inputs)
         self.train, self.crop, self.seed, self.augment, self.y_dtype = train, crop, seed, augment, y_dtype
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 0 else None
+        # uint8 pixels and symmetry codes out, the rest on the device (`transforms.PixelBatch`): the
+        # CPU's share of an image is then its decode and one copy (scripts/bench_ingest.py)
+        self.raw = read.finishes_on_device(augment if train else "none", crop if train else 0.0)
+        self.codes = self.raw and train and augment != "none"
 
-    def one(self, ref, row: int, epoch: int) -> torch.Tensor:
+    def one(self, ref, row: int, epoch: int):
         rng = random.Random(hash((self.seed, epoch, row))) if self.train else None
+        if self.raw:
+            return self.read.pixels(ref), symmetry(rng, self.augment) if self.codes else 0
         return self.read(ref, rng, self.crop, self.augment)
+
+    def collate(self, made: list):
+        """The batch of `one`'s outputs: a (B, C, H, W) float tensor, or a `PixelBatch`."""
+        if not self.raw:
+            return torch.stack(made)
+        pixels = torch.from_numpy(np.stack([p for p, _ in made]))
+        codes = torch.tensor([c for _, c in made], dtype=torch.int64) if self.codes else None
+        return PixelBatch(pixels, codes, self.read.mean, self.read.std)
 
     def __call__(self, batches: Iterable[dict], epoch: int = 0) -> Iterator[tuple]:
         def start(batch):
@@ -121,7 +138,7 @@ class Decoder:
 
         def finish(started):
             rows, xs, y = started
-            x = torch.stack([f.result() for f in xs] if self.pool else xs)
+            x = self.collate([f.result() for f in xs] if self.pool else xs)
             return torch.from_numpy(rows), x, torch.from_numpy(np.array(y, dtype=self.y_dtype))  # a copy: Ray's is read-only
 
         ahead: deque = deque()

@@ -21,7 +21,7 @@ from qdeep.clustering.shards import features_to_numpy, write_shard
 from qdeep.clustering.store import (DEFAULT_ROWS_PER_SHARD, RESERVED, SUFFIX, FeatureStore, check_store_args,
                                     finish_store, shard_table, staging_dir)
 from qdeep.config import DEFAULT_BAND_INIT
-from qdeep.data.images import load_rgb
+from qdeep.data.images import rgb_pixels
 from qdeep.data.inputs import InputBands, RasterInput
 from qdeep.data.pack import Pack
 from qdeep.data.transforms import to_uint8
@@ -46,7 +46,7 @@ def decode(batch: dict, size: int, bands: InputBands | None = None) -> dict:
     GPU actors, or fuses it into each CPU actor. The actor normalises RGB pixels on its device."""
     sources = batch["path"] if "path" in batch else batch["data"]
     read = (lambda source, name: RasterInput(size, bands)(source, name=name).numpy()) if bands else \
-        (lambda source, name: to_uint8(load_rgb(source, name), size))
+        (lambda source, name: to_uint8(rgb_pixels(source, name), size))
     try:
         pixels = np.stack([read(source, name) for source, name in zip(sources, batch["image"])])
     except FileNotFoundError as exc:

@@ -170,7 +170,8 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, device, lr_at=Non
                     bn_stats: str | None = None) -> tuple[float, int, int]:
     """One pass over this worker's shard: (summed loss, correct class predictions, images). AMP on
     CUDA. `lr_at(i)` is the learning-rate factor for the epoch's i-th step (of the whole run's schedule),
-    applied to each group's `base_lr`."""
+    applied to each group's `base_lr`. A batch's `x` is a float tensor or a `transforms.PixelBatch`,
+    whose `.to(device)` converts, normalises and augments it there."""
     set_train_mode(model, bn_stats)
     loss_sum, correct, seen = 0.0, 0, 0
     for i, (_, x, y) in enumerate(loader):
