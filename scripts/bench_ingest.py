@@ -1,8 +1,8 @@
 """Ingest benchmark (issue 15): training-input images/s per core, as a training worker makes its
 batches, from a pack vs from a folder of JPEGs, against the decode-only limit.
 
-A worker's `data.loader.Decoder` decodes JPEGs with torchvision's `decode_jpeg` (`images.rgb_pixels`:
-Pillow's pixels, 1.1-1.7x its speed) and hands out, for RGB images with flips and rotations (`d4`,
+A worker's `data.loader.Decoder` decodes JPEGs with TorchCodec's `decode_jpeg` (`images.rgb_pixels`:
+Pillow's pixels, 1.1-1.7x its speed; the same libjpeg-turbo as torchvision's, which is the baseline) and hands out, for RGB images with flips and rotations (`d4`,
 `flip`, `none`) and no crop, a `transforms.PixelBatch`: the uint8 (B, H, W, 3) pixels and each
 image's symmetry code; its `.to(device)` flips, rotates, converts and normalises them there, as the
 network's first step (the same tensor as the CPU path, bit for bit). Bands, `strong` and crops are

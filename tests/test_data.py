@@ -260,7 +260,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size):
 
 @pytest.mark.parametrize("case", ["corrupt", "truncated"])
 def test_rgb_pixels_errors_name_the_file_as_load_rgb_does(tmp_path, case):
-    """The torchvision JPEG path refuses these; Pillow's verdict, naming the file or the bytes' name, stands."""
+    """TorchCodec refuses these JPEGs; Pillow's verdict, naming the file or the bytes' name, stands."""
     from qdeep.data.images import rgb_pixels
 
     root = _planet(tmp_path / "d", GOOD)
@@ -274,7 +274,7 @@ def test_rgb_pixels_errors_name_the_file_as_load_rgb_does(tmp_path, case):
 
 
 def test_rgb_pixels_are_load_rgbs_for_every_kind_of_jpeg_and_other_formats(tmp_path):
-    """JPEGs decoded by torchvision (colour at every chroma subsampling, greyscale, CMYK, EXIF-rotated)
+    """JPEGs decoded by TorchCodec (colour at every chroma subsampling, greyscale, CMYK, EXIF-rotated)
     and other formats decoded by Pillow: the pixels load_rgb gives, from a path or the bytes."""
     from PIL import ImageFilter
 
