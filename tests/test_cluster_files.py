@@ -147,7 +147,7 @@ def test_docker_image_is_the_one_the_readmes_build():
 
 
 def constraint_pins() -> dict[str, str]:
-    """name -> version of constraints.txt, the one place torch and torchvision are pinned."""
+    """name -> version of constraints.txt, the one place torch, torchvision and torchcodec are pinned."""
     reqs = [Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
     return {canonicalize_name(r.name): str(r.specifier) for r in reqs}
@@ -159,7 +159,7 @@ def _code(path: Path) -> str:
 
 
 def test_torch_is_pinned_in_constraints_txt_alone_and_both_installs_use_it():
-    assert constraint_pins() == {"torch": "==2.14.1", "torchvision": "==0.29.1"}
+    assert constraint_pins() == {"torch": "==2.14.1", "torchvision": "==0.29.1", "torchcodec": "==0.17.0"}
     makefile, dockerfile = _code(REPO / "Makefile"), _code(DOCKERFILE)
     for name, text in (("Makefile", makefile), ("docker/Dockerfile", dockerfile)):
         assert not re.search(r"torch(vision)?\s*[=<>~!]=", text), f"{name} pins torch itself: constraints.txt does"
