@@ -2,8 +2,9 @@
 batches, from a pack vs from a folder of JPEGs, against the decode-only limit.
 
 A worker's `data.loader.Decoder` decodes JPEGs with TorchCodec's `decode_jpeg` (`images.rgb_pixels`:
-Pillow's pixels, 1.1-1.7x its speed; the same libjpeg-turbo as torchvision's, which is the baseline) and hands out, for RGB images with flips and rotations (`d4`,
-`flip`, `none`) and no crop, a `transforms.PixelBatch`: the uint8 (B, H, W, 3) pixels and each
+Pillow's pixels, 1.1-1.7x its speed; the same libjpeg-turbo as torchvision's, which is the baseline)
+and hands out, for RGB images with flips and rotations (`d4`, `flip`, `none`) and no crop, a
+`transforms.PixelBatch`: the uint8 (B, H, W, 3) pixels and each
 image's symmetry code; its `.to(device)` flips, rotates, converts and normalises them there, as the
 network's first step (the same tensor as the CPU path, bit for bit). Bands, `strong` and crops are
 still made in floats on the CPU (`memory, floats`).
@@ -101,21 +102,24 @@ memory, w.+finish     1    992    992  0.28x       990  0.28x  0.27-0.28       9
 folder, worker        1   2487   2487  0.70x      2579  0.73x  0.72-0.75      2579  0.73x     0.04s
 pack, worker          1   2118   2118  0.63x      2716  0.81x  0.75-0.87     (wrong)          1.62s
 pack, w.+finish       1    887    887  0.23x       984  0.26x  0.25-0.27       813  0.21x     1.87s
-pack, Ray Data        2   1053    527  0.06x      5992  1.58x  1.52-1.64       680  0.18x     5.04s
+pack, Ray Data        2   1053    527  0.14x      5992  1.58x  1.52-1.64       680  0.18x     5.04s
 
 - The goal (>= 0.8x the decode-only limit from a pack) is met in memory at 256 px (0.83-0.87x), at
   its edge from a pack at 256 px (0.76x and 0.81x of the worker's CPU) and not met at 128 px
   (0.52-0.60x); before the device finished the batches: 0.12-0.14x. Against PIL's decode-only,
-  the issue's other named limit: 0.81-1.04x. The pack's rows cost the worker 30-50 us each beyond the decode (Ray
-  Data's iterator, its threads, the shuffle buffer, the bytes objects), about a third of a 128 px
-  JPEG's decode; iterated alone they cost 7-10 us a row, so the rest is their threads and the
-  decode contending on two cores. Neither the pyarrow batch format (338 against 325-344 us a row at 256
-  px) nor dropping the shuffle buffer (~10 us) closes it.
-- On a CPU-only worker the finish (conversion, flips, normalisation) stays on the CPU: 0.52x at 128
-  px, against 0.41x for the float path it replaces. At 256 px both pay for a fresh 50 MB float batch
-  (page faults): 0.29x against 0.24x.
-- Decoding in Ray Data ships float32 tensors (40x the JPEG) through the object store: 0.48x of one
-  core per CPU-second, and the slowest to an epoch's first batch.
+  the issue's other named limit: 0.81-1.04x. The pack's rows cost the worker 30-50 us each beyond
+  the decode (Ray Data's iterator, its threads, the shuffle buffer, the bytes objects), about a
+  third of a 128 px JPEG's decode; iterated alone they cost 7-10 us a row, so the rest is their
+  threads and the decode contending on two cores (a profile of the consuming thread shows it
+  waiting, not working). Neither the pyarrow batch format (338 against 325-344 us a row at 256 px),
+  nor dropping the shuffle buffer (~10 us), nor prefetch_batches 0, 1 or 2 (170 us a row each at
+  128 px) closes it.
+- On a CPU-only worker the finish (conversion, flips, normalisation) stays on the CPU: 0.50-0.52x
+  at 128 px, against 0.38-0.41x for the float path it replaces. At 256 px both pay for a fresh
+  50 MB float batch (page faults): 0.28-0.29x against 0.24x.
+- Decoding in Ray Data ships float32 tensors (40x the JPEG) through the object store: 0.45-0.48x
+  per CPU-second of the consuming process at 128 px (the decoding runs in other processes), and
+  the slowest to an epoch's first batch.
 
 Before the PixelBatch (2026-12, loaded machine, img/CPU-s against decode-only tv's 10,095): the
 worker's float transform 0.26x, a folder loop 0.23x, the pack read by Ray Data and decoded in the
