@@ -28,10 +28,8 @@ def resized(pixels: np.ndarray, size: int) -> np.ndarray:
 def to_uint8(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """Resize (any input size) to (3, size, size) uint8 pixels: what travels between processes.
     `image`: a PIL RGB image, or its (H, W, 3) uint8 pixels (`images.rgb_pixels`)."""
-    if isinstance(image, Image.Image):
-        image = image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
-        image = np.asarray(image, dtype=np.uint8)
-    return np.ascontiguousarray(resized(image, size).transpose(2, 0, 1))
+    pixels = np.asarray(image, dtype=np.uint8) if isinstance(image, Image.Image) else image
+    return np.ascontiguousarray(resized(pixels, size).transpose(2, 0, 1))
 
 
 def to_unit(image: Image.Image, size: int) -> torch.Tensor:
@@ -87,12 +85,13 @@ def symmetry(rng: random.Random, kind: str = "d4") -> int:
 
 def augment_pixels(pixels: np.ndarray, rng: random.Random, kind: str = "d4") -> np.ndarray:
     """`augment`'s flips and rotations (`d4`, `flip`) on (3, H, W) pixels of any dtype, as views."""
-    code = symmetry(rng, kind)
-    if code & 1:
-        pixels = pixels[:, :, ::-1]
-    if code & 2:
-        pixels = pixels[:, ::-1, :]
-    return np.rot90(pixels, code >> 2, axes=(1, 2))
+    return turned(pixels, symmetry(rng, kind))
+
+
+def turned(pixels: np.ndarray, code: int) -> np.ndarray:
+    """(C, H, W) pixels flipped and rotated as the `symmetry` code says, as a view."""
+    pixels = pixels[:, :, ::-1] if code & 1 else pixels
+    return np.rot90(pixels[:, ::-1] if code & 2 else pixels, code >> 2, axes=(1, 2))
 
 
 def finish(pixels: torch.Tensor, codes: torch.Tensor | None, mean: Sequence[float], std: Sequence[float]
@@ -108,8 +107,7 @@ def finish(pixels: torch.Tensor, codes: torch.Tensor | None, mean: Sequence[floa
     views = pixels.numpy().transpose(0, 3, 1, 2)
     out = torch.empty(views.shape, dtype=torch.float32)
     for i, code in enumerate(codes.tolist() if codes is not None else [0] * len(views)):
-        view = views[i][:, :, ::-1] if code & 1 else views[i]
-        np.copyto(out[i].numpy(), np.rot90(view[:, ::-1] if code & 2 else view, code >> 2, axes=(1, 2)))
+        np.copyto(out[i].numpy(), turned(views[i], code))
         out[i].mul_(scale).sub_(shift)
     return out
 
